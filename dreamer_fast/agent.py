@@ -1,0 +1,273 @@
+"""The DreamerV3 agent: world model, actor, critic, one loss, one optimizer (SPEC 1-3).
+
+Pure step functions on tensors (STYLE 3): `policy_step` (acting with a carried latent),
+`train_step` (one update on 65-step windows, returns metrics and fresh latents) and
+`report_step` (open-loop predictions). Metrics are detached 0-d device tensors (no sync).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dreamer_fast import losses as L
+from dreamer_fast.config import AgentConfig, ConfigError, NetConfig
+from dreamer_fast.dists import symexp
+from dreamer_fast.heads import Actor, ContinueHead, TwohotHead
+from dreamer_fast.optim import LaProp
+from dreamer_fast.rssm import RSSM, Decoder, Encoder
+from kernels import get_ops
+
+LOSSES = tuple(f.name for f in dataclasses.fields(AgentConfig().loss))
+TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")
+
+
+def resolve_kernels(impl: str, device: torch.device) -> str:
+    """'auto' -> triton on CUDA, ref elsewhere; triton off CUDA needs TRITON_INTERPRET=1."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "ref"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("invalid config: agent.kernels='triton' on a non-CUDA device; allowed: "
+                          "ref or auto (or set TRITON_INTERPRET=1 to run kernels interpreted)")
+    return impl
+
+
+class Agent(nn.Module):
+    """DreamerV3. obs_space: {key: (shape, dtype)}; act_space: has .discrete and .size."""
+
+    def __init__(self, obs_space: dict, act_space, net: NetConfig, cfg: AgentConfig,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.net, self.cfg, self.act_space = net, cfg, act_space
+        self.ops = ops = get_ops(resolve_kernels(cfg.kernels, device))
+        self.obs_space = {k: v for k, v in obs_space.items() if k not in
+                          ("reward", "is_first", "is_last", "is_terminal")}
+        if act_space.size <= 0:
+            raise ConfigError(f"invalid action space: size={act_space.size}; allowed: >= 1")
+        if net.classes > 32767:
+            raise ConfigError(f"invalid config: net.classes={net.classes}; allowed: <= 32767")
+        with torch.device(device):
+            self._build(net, act_space, ops)
+            self.register_buffer("retnorm_lo", torch.zeros(()))
+            self.register_buffer("retnorm_hi", torch.zeros(()))
+            self.register_buffer("nonfinite", torch.zeros(len(LOSSES), dtype=torch.bool))
+            self.opt = LaProp(self.trained_parameters(), cfg.optim)
+        self.feat_size = net.deter + net.stoch * net.classes
+
+    def _build(self, n: NetConfig, act, ops) -> None:
+        self.enc = Encoder(self.obs_space, n.units, n.depth, n.enc_layers, ops)
+        self.dyn = RSSM(n.deter, n.hidden, n.stoch, n.classes, n.blocks, act.size,
+                        self.enc.out_size, n.dyn_layers, n.prior_layers, n.post_layers,
+                        n.unimix, not act.discrete, ops)
+        latent, feat = n.stoch * n.classes, n.deter + n.stoch * n.classes
+        self.dec = Decoder(self.obs_space, n.deter, latent, n.units, n.depth, n.blocks,
+                           n.dec_layers, ops)
+        self.rew = TwohotHead(feat, n.units, n.rew_layers, n.bins, ops)
+        self.con = ContinueHead(feat, n.units, n.con_layers, ops)
+        self.pol = Actor(feat, n.units, n.actor_layers, act.size, act.discrete,
+                         n.actor_unimix if act.discrete else 0.0, n.minstd, n.maxstd, ops)
+        self.val = TwohotHead(feat, n.units, n.critic_layers, n.bins, ops)
+        self.slowval = copy.deepcopy(self.val).requires_grad_(False)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Every optimised parameter (all modules but the slow critic)."""
+        return [p for name in TRAINED for p in getattr(self, name).parameters()]
+
+    @property
+    def device(self) -> torch.device:
+        return self.retnorm_lo.device
+
+    def feat(self, deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([deter, stoch.reshape(*stoch.shape[:-2], -1)], -1)
+
+    # ----------------------------------------------------------------- acting
+
+    def initial_carry(self, n: int) -> dict[str, torch.Tensor]:
+        """Zero latent and previous action for n envs (reset on is_first anyway)."""
+        z = lambda *s: torch.zeros(n, *s, device=self.device)
+        return {"deter": z(self.net.deter), "stoch": z(self.net.stoch, self.net.classes),
+                "action": z(self.act_space.size)}
+
+    @torch.no_grad()
+    def policy_step(self, carry: dict, obs: dict, greedy: bool = False):
+        """One acting step for N envs.
+
+        carry: {deter (N, D), stoch (N, S, K), action (N, A)}; obs: {key: (N, *shape),
+        is_first (N,) bool}. Returns (action (N, A) float: one-hot or raw continuous sample,
+        new carry, latent {deter (N, D) bf16, stoch (N, S) int16} to store with this step).
+        """
+        tokens = self.enc(obs)
+        deter, stoch, _ = self.dyn.obs_step(carry["deter"], carry["stoch"], carry["action"],
+                                            tokens, obs["is_first"])
+        dist = self.pol(self.feat(deter, stoch))
+        action = dist.mode() if greedy else dist.sample()
+        latent = {"deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.int16)}
+        return action, {"deter": deter, "stoch": stoch, "action": action}, latent
+
+    # --------------------------------------------------------------- training
+
+    def train_step(self, batch: dict[str, torch.Tensor]):
+        """One update on a batch of (B, T+1) windows.
+
+        batch: obs keys (B, T+1, *shape), action (B, T+1, A), reward/is_first/is_last/
+        is_terminal (B, T+1), deter (B, T+1, D) and stoch (B, T+1, S) stored latents; index 0
+        is context (its latent and action start the scan). Returns (metrics {name: 0-d
+        tensor}, latents {deter (B, T, D) bf16, stoch (B, T, S) int16} for steps 1..T).
+        """
+        self.opt.zero_grad()
+        loss, metrics, latents = self.loss(batch)
+        loss.backward()
+        metrics.update(self.opt.step())
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.slowval.parameters()), list(self.val.parameters()),
+                                 self.cfg.slow_rate)
+        return metrics, latents
+
+    def loss(self, batch: dict[str, torch.Tensor]):
+        """Total loss (one scalar), metrics and fresh latents for a batch (see train_step)."""
+        n, cfg = self.net, self.cfg
+        obs = {k: batch[k][:, 1:] for k in self.obs_space}
+        B, T = batch["reward"].shape[0], batch["reward"].shape[1] - 1
+        stoch0 = F.one_hot(batch["stoch"][:, 0].long(), n.classes).float()
+        deters, stochs, post = self.dyn.observe(
+            batch["deter"][:, 0].float(), stoch0, batch["action"][:, :-1],
+            self.enc(obs), batch["is_first"][:, 1:])
+        feat = self.feat(deters, stochs)
+        losses, metrics = self._world_losses(batch, obs, deters, stochs, post, feat)
+        imag_feat, imag_act = self.imagine(deters.detach().reshape(B * T, n.deter),
+                                           stochs.detach().reshape(B * T, n.stoch, n.classes))
+        losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, imag_act, metrics)
+        losses["repval"] = self._repval_loss(batch, feat, ret0.reshape(B, T))
+        total = self._total(losses, metrics)
+        latents = {"deter": deters.detach().to(torch.bfloat16),
+                   "stoch": stochs.detach().argmax(-1).to(torch.int16)}
+        return total, metrics, latents
+
+    def _world_losses(self, batch, obs, deters, stochs, post, feat):
+        """Per-step world-model losses (rec per key, rew, con, dyn, rep), averaged."""
+        n, cfg = self.net, self.cfg
+        dyn, rep = self.ops.kl_free(post, self.dyn.prior_logits(deters), n.unimix,
+                                    cfg.free_nats)
+        recs = self.dec.loss(self.dec(deters, stochs), obs)
+        rew = self.rew.loss(self.rew(feat), batch["reward"][:, 1:])
+        con_target = (~batch["is_terminal"][:, 1:]).float() * cfg.discount
+        con = F.binary_cross_entropy_with_logits(self.con(feat), con_target, reduction="none")
+        metrics = {f"loss/rec/{k}": v.mean().detach() for k, v in recs.items()}
+        losses = {"rec": sum(v.mean() for v in recs.values()), "rew": rew.mean(),
+                  "con": con.mean(), "dyn": dyn.mean(), "rep": rep.mean()}
+        return losses, metrics
+
+    @torch.no_grad()
+    def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
+        """Roll out H steps of the prior under the policy from N start states (no gradient).
+
+        Returns feats (N, H+1, F) including the start, and actions (N, H+1, A): action i is
+        taken in state i (the last one is only sampled for shape).
+        """
+        feats, acts = [], []
+        for _ in range(self.cfg.imag_horizon):
+            feats.append(self.feat(deter, stoch))
+            acts.append(self.pol(feats[-1]).sample())
+            deter, stoch = self.dyn.img_step(deter, stoch, acts[-1])
+        feats.append(self.feat(deter, stoch))
+        acts.append(self.pol(feats[-1]).sample())
+        return torch.stack(feats, 1), torch.stack(acts, 1)
+
+    def _imag_losses(self, feat, act, metrics):
+        """Actor and critic losses on imagined trajectories (SPEC 2.3-2.6).
+
+        Returns (policy loss, value loss, lambda-return R_0 of every start (N,)).
+        """
+        cfg = self.cfg
+        with torch.no_grad():
+            rew = self.rew.mean(self.rew(feat))
+            con = torch.sigmoid(self.con(feat))
+            slowval = self.slowval.mean(self.slowval(feat))
+        val_logits = self.val(feat)
+        val = self.val.mean(val_logits).detach()
+        weight = torch.cumprod(con, 1)[:, :-1]
+        ret = L.lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)
+        scale = L.percentile_scale(ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
+                                   cfg.perclo, cfg.perchi, cfg.retnorm_limit)
+        adv = (ret - val[:, :-1]) / scale
+        dist = self.pol(feat[:, :-1])
+        ent = dist.entropy()
+        policy = L.policy_loss(dist.log_prob(act[:, :-1]), ent, adv, weight, cfg.actent)
+        value = L.value_loss(self.val.loss(val_logits[:, :-1], ret),
+                             self.val.loss(val_logits[:, :-1], slowval[:, :-1]), weight,
+                             cfg.slowreg)
+        metrics.update({"imag/ret": ret.mean(), "imag/adv": adv.abs().mean(),
+                        "imag/ent": ent.mean().detach(), "imag/val": val.mean(),
+                        "imag/rew": rew.mean(), "imag/con": con.mean(),
+                        "retnorm/lo": self.retnorm_lo.clone(), "retnorm/hi": self.retnorm_hi.clone()})
+        return policy, value, ret[:, 0]
+
+    def _repval_loss(self, batch, feat, boot):
+        """Critic loss on the replayed sequence, bootstrapped by imagined returns (SPEC 2.7)."""
+        cfg = self.cfg
+        last, term = batch["is_last"][:, 1:], batch["is_terminal"][:, 1:]
+        ret = L.lambda_return(last, term, batch["reward"][:, 1:], boot.detach(), cfg.discount,
+                              cfg.lam)
+        logits = self.val(feat)[:, :-1]
+        with torch.no_grad():
+            slowval = self.slowval.mean(self.slowval(feat[:, :-1]))
+        weight = (~last[:, :-1]).float()
+        return L.value_loss(self.val.loss(logits, ret), self.val.loss(logits, slowval), weight,
+                            cfg.slowreg)
+
+    def _total(self, losses, metrics):
+        """Weighted sum of the named losses; flags non-finite ones without a host sync."""
+        assert tuple(losses) == LOSSES, f"loss keys {tuple(losses)} != loss scales {LOSSES}"
+        stacked = torch.stack([losses[k] for k in LOSSES])
+        with torch.no_grad():
+            self.nonfinite |= ~torch.isfinite(stacked.detach())
+        metrics.update({f"loss/{k}": v.detach() for k, v in zip(LOSSES, stacked)})
+        scales = dataclasses.asdict(self.cfg.loss)
+        return sum(scales[k] * losses[k] for k in LOSSES)
+
+    def nonfinite_losses(self) -> list[str]:
+        """Names of losses that were NaN/inf in any update so far (reads the flags: a sync)."""
+        flags = self.nonfinite.cpu().tolist()  # deliberate host sync, called at log time
+        return [k for k, bad in zip(LOSSES, flags) if bad]
+
+    # ---------------------------------------------------------------- report
+
+    @torch.no_grad()
+    def report_step(self, batch: dict[str, torch.Tensor], context: int | None = None) -> dict:
+        """Open-loop predictions: observe `context` steps, then imagine with the true actions.
+
+        batch as in train_step. Returns {key: (truth, model)} each (B, T, *shape) in
+        observation units (images uint8-scaled floats in [0, 1]; vectors symlog-decoded) and
+        'openloop/<key>' mean squared errors of the imagined part.
+        """
+        n = self.net
+        obs = {k: batch[k][:, 1:] for k in self.obs_space}
+        T = batch["reward"].shape[1] - 1
+        context = T // 2 if context is None else context
+        stoch0 = F.one_hot(batch["stoch"][:, 0].long(), n.classes).float()
+        deters, stochs, _ = self.dyn.observe(
+            batch["deter"][:, 0].float(), stoch0, batch["action"][:, :context],
+            self.enc({k: v[:, :context] for k, v in obs.items()}), batch["is_first"][:, 1:context + 1])
+        deter, stoch = deters[:, -1], stochs[:, -1]
+        img_d, img_s = [], []
+        for t in range(context, T):
+            deter, stoch = self.dyn.img_step(deter, stoch, batch["action"][:, t])
+            img_d.append(deter)
+            img_s.append(stoch)
+        deters = torch.cat([deters, torch.stack(img_d, 1)], 1)
+        stochs = torch.cat([stochs, torch.stack(img_s, 1)], 1)
+        pred = self.dec(deters, stochs)
+        out = {}
+        for k in self.obs_space:
+            truth = obs[k].float() / 255.0 if obs[k].dtype == torch.uint8 else obs[k].float()
+            model = pred[k] if obs[k].dtype == torch.uint8 else symexp(pred[k])
+            out[k] = (truth, model)
+            out[f"openloop/{k}"] = (truth - model)[:, context:].square().mean()
+        return out
+

@@ -1,0 +1,390 @@
+"""Every setting of dreamer_fast, as typed tyro dataclasses, plus the named presets.
+
+Model size presets (SPEC 4) are `NetConfig` instances in `SIZES`; domain presets (SPEC 5.4)
+are full `Config` instances in `DOMAINS`. `parse(argv)` picks the domain from the env id (or
+`--preset`), the size from the domain (or `--model`), then lets any field be overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import tyro
+
+
+DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "debug")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what is allowed."""
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {name}={value!r}; allowed: {allowed}")
+
+
+def _positive(obj, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, f"{prefix}{name}", value, "a positive number")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Network widths and layer counts (SPEC 1, 4). Fields are module constructor arguments."""
+
+    deter: int = 8192
+    """Recurrent (deterministic) state size D of the block GRU."""
+    hidden: int = 1024
+    """Hidden size Hd of the RSSM embeddings and prior/posterior MLPs."""
+    stoch: int = 32
+    """Number S of categorical latent groups."""
+    classes: int = 64
+    """Classes K per latent group."""
+    blocks: int = 8
+    """Blocks G of the block-diagonal GRU and decoder projection."""
+    depth: int = 64
+    """CNN base depth d; stage channels are [2d, 3d, 4d, 4d]."""
+    units: int = 1024
+    """MLP units U of encoder, decoder and heads."""
+    enc_layers: int = 3
+    """Hidden layers of the vector encoder MLP."""
+    dec_layers: int = 3
+    """Hidden layers of the vector decoder MLP."""
+    rew_layers: int = 1
+    """Hidden layers of the reward head."""
+    con_layers: int = 1
+    """Hidden layers of the continue head."""
+    actor_layers: int = 3
+    """Hidden layers of the actor."""
+    critic_layers: int = 3
+    """Hidden layers of the critic (and slow critic)."""
+    prior_layers: int = 2
+    """Hidden layers of the prior (dynamics predictor) MLP."""
+    post_layers: int = 1
+    """Hidden layers of the posterior (representation) MLP."""
+    dyn_layers: int = 1
+    """Hidden BlockLinear layers inside the GRU cell."""
+    bins: int = 255
+    """Bins of the symexp twohot reward and critic heads (odd, symmetric around 0)."""
+    unimix: float = 0.01
+    """Uniform mixture of the latent categoricals (prior and posterior)."""
+    actor_unimix: float = 0.01
+    """Uniform mixture of the discrete actor (paper and 2024-04 code; 0 = current code)."""
+    minstd: float = 0.1
+    """Lower bound of the continuous actor's standard deviation."""
+    maxstd: float = 1.0
+    """Upper bound of the continuous actor's standard deviation."""
+
+    def __post_init__(self):
+        _positive(self, "net.", ("deter", "hidden", "stoch", "classes", "blocks", "depth",
+                                 "units", "bins"))
+        for name in ("enc_layers", "dec_layers", "rew_layers", "con_layers", "actor_layers",
+                     "critic_layers", "prior_layers", "post_layers", "dyn_layers"):
+            _check(getattr(self, name) >= 0, f"net.{name}", getattr(self, name), "an int >= 0")
+        _check(self.deter % self.blocks == 0, "net.deter", self.deter,
+               f"a multiple of net.blocks={self.blocks}")
+        _check(self.depth * 4 % self.blocks == 0, "net.depth", self.depth,
+               f"a value with 4*depth divisible by net.blocks={self.blocks}")
+        _check(self.bins % 2 == 1 and self.bins >= 3, "net.bins", self.bins, "an odd int >= 3")
+        for name in ("unimix", "actor_unimix"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"net.{name}", getattr(self, name), "[0, 1)")
+        _check(0 < self.minstd < self.maxstd, "net.minstd/maxstd", (self.minstd, self.maxstd),
+               "0 < minstd < maxstd")
+
+
+def _size(deter: int, hidden: int, classes: int, depth: int, units: int) -> NetConfig:
+    return NetConfig(deter=deter, hidden=hidden, classes=classes, depth=depth, units=units)
+
+
+SIZES: dict[str, NetConfig] = {
+    "debug": _size(deter=64, hidden=32, classes=4, depth=4, units=32),
+    "size1m": _size(deter=512, hidden=64, classes=4, depth=4, units=64),
+    "size12m": _size(deter=2048, hidden=256, classes=16, depth=16, units=256),
+    "size25m": _size(deter=3072, hidden=384, classes=24, depth=24, units=384),
+    "size50m": _size(deter=4096, hidden=512, classes=32, depth=32, units=512),
+    "size100m": _size(deter=6144, hidden=768, classes=48, depth=48, units=768),
+    "size200m": _size(deter=8192, hidden=1024, classes=64, depth=64, units=1024),
+    "size400m": _size(deter=12288, hidden=1536, classes=96, depth=96, units=1536),
+}
+"""Model size presets (SPEC 4). 'debug' is a tiny width for tests and CPU smoke runs."""
+
+
+@dataclass(frozen=True)
+class LossScales:
+    """Scale of every loss term (SPEC 2.8); the total loss is their weighted sum."""
+
+    rec: float = 1.0
+    """Reconstruction of every decoded observation key."""
+    rew: float = 1.0
+    """Reward head twohot cross-entropy."""
+    con: float = 1.0
+    """Continue head binary cross-entropy."""
+    dyn: float = 1.0
+    """Dynamics KL (trains the prior)."""
+    rep: float = 0.1
+    """Representation KL (trains the posterior)."""
+    policy: float = 1.0
+    """REINFORCE actor loss in imagination."""
+    value: float = 1.0
+    """Critic loss in imagination."""
+    repval: float = 0.3
+    """Critic loss on replayed sequences (gradient reaches the world model)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) >= 0, f"agent.loss.{f.name}", getattr(self, f.name),
+                   "a float >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AGC -> LaProp -> momentum -> warmed-up learning rate (SPEC 3)."""
+
+    lr: float = 4e-5
+    """Learning rate after warmup."""
+    warmup: int = 1000
+    """Updates of linear learning-rate warmup from 0."""
+    agc: float = 0.3
+    """Adaptive gradient clipping ratio per parameter tensor."""
+    pmin: float = 1e-3
+    """Floor of the parameter norm inside AGC."""
+    beta2: float = 0.999
+    """Decay of the squared-gradient average."""
+    eps: float = 1e-20
+    """Epsilon added to the RMS denominator."""
+    momentum: float = 0.9
+    """Momentum on the normalised update."""
+
+    def __post_init__(self):
+        _positive(self, "agent.optim.", ("lr", "agc", "pmin", "eps"))
+        _check(self.warmup >= 0, "agent.optim.warmup", self.warmup, "an int >= 0")
+        for name in ("beta2", "momentum"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"agent.optim.{name}", getattr(self, name),
+                   "[0, 1)")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The learning algorithm: losses, imagination, return normalisation (SPEC 2)."""
+
+    batch_size: int = 16
+    """Sequences per update (per process)."""
+    batch_length: int = 64
+    """Trained steps per sequence; each sample holds one more context step."""
+    imag_horizon: int = 15
+    """Imagination rollout length H."""
+    horizon: int = 333
+    """Discount horizon; gamma = 1 - 1/horizon is folded into the continue target."""
+    lam: float = 0.95
+    """Lambda of the lambda-returns."""
+    free_nats: float = 1.0
+    """Free bits on the KL summed over latent groups."""
+    actent: float = 3e-4
+    """Actor entropy regulariser."""
+    slowreg: float = 1.0
+    """Weight of the critic's regulariser towards the slow critic."""
+    slow_rate: float = 0.02
+    """EMA rate of the slow critic, applied every update."""
+    retnorm_rate: float = 0.01
+    """EMA rate of the return percentiles."""
+    retnorm_limit: float = 1.0
+    """Lower bound of the return scale."""
+    perclo: float = 5.0
+    """Lower return percentile."""
+    perchi: float = 95.0
+    """Upper return percentile."""
+    kernels: Literal["auto", "triton", "ref"] = "auto"
+    """Fused ops: Triton kernels or their PyTorch references; auto = triton on CUDA, ref on CPU."""
+    loss: LossScales = field(default_factory=LossScales)
+    """Loss scales."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+
+    def __post_init__(self):
+        _positive(self, "agent.", ("batch_size", "batch_length", "imag_horizon", "horizon",
+                                   "retnorm_limit"))
+        for name in ("lam", "slow_rate", "retnorm_rate"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"agent.{name}", getattr(self, name),
+                   "[0, 1]")
+        _check(0 <= self.perclo < self.perchi <= 100, "agent.perclo/perchi",
+               (self.perclo, self.perchi), "0 <= perclo < perchi <= 100")
+        _check(self.kernels in ("auto", "triton", "ref"), "agent.kernels", self.kernels,
+               "auto, triton, ref")
+
+    @property
+    def discount(self) -> float:
+        return 1.0 - 1.0 / self.horizon
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """How the environment is built (SPEC 5.4)."""
+
+    repeat: int = 4
+    """Action repeat (frame skip) of Atari; DMC uses 1."""
+    image_size: int = 64
+    """Side of square image observations."""
+    gray: bool = False
+    """Grayscale images (Atari-57 setting) instead of RGB."""
+    sticky: float = 0.25
+    """Sticky-action probability (Atari)."""
+    full_action_space: bool = True
+    """Full 18-action set on Atari; minimal set otherwise."""
+    noops: int = 30
+    """Maximum random no-ops at reset (Atari)."""
+    time_limit: int = 27000
+    """Agent steps per episode before truncation (Atari); 0 keeps the env's own limit."""
+    pixels: bool = False
+    """DMC: observe 64x64 camera images instead of proprioceptive vectors."""
+    camera: int = -1
+    """DMC camera id; -1 picks per SPEC 5.4 (0; quadruped 2; rodent 4)."""
+    batch_size: int = 0
+    """EnvPool async batch (envs returned per recv); 0 = num_envs (synchronous)."""
+
+    def __post_init__(self):
+        _positive(self, "env_opts.", ("repeat", "image_size"))
+        _check(0.0 <= self.sticky <= 1.0, "env_opts.sticky", self.sticky, "[0, 1]")
+        for name in ("noops", "time_limit", "batch_size"):
+            _check(getattr(self, name) >= 0, f"env_opts.{name}", getattr(self, name),
+                   "an int >= 0")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """The shared-memory ring buffer (SPEC 5.2, DESIGN 3.8)."""
+
+    capacity: int = 5_000_000
+    """Capacity in agent steps over all env streams."""
+    online: bool = True
+    """Train on every fresh non-overlapping window first, then sample uniformly."""
+
+    def __post_init__(self):
+        _positive(self, "replay.", ("capacity",))
+
+
+@dataclass(frozen=True)
+class Config:
+    """dreamer_fast: DreamerV3 with an asynchronous actor-learner per device."""
+
+    env: str = "Pong-v5"
+    """Environment id: an EnvPool Atari or DMC id, or any registered Gymnasium id."""
+    num_envs: int = 16
+    """Parallel environments."""
+    preset: str | None = None
+    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, debug); default from --env."""
+    model: str | None = None
+    """Model size preset (debug, size1m ... size400m); default from the domain preset."""
+    steps: int = 51_000_000
+    """Agent steps to train for (after action repeat)."""
+    train_ratio: float = 32.0
+    """Replayed steps per agent step; updates per agent step = ratio / (batch_size*length)."""
+    seed: int = 0
+    """Random seed."""
+    logdir: str | None = None
+    """Run folder; default logdir/<env>-<timestamp>. Rerun with the same one to resume."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:N."""
+    net: NetConfig = field(default_factory=lambda: SIZES["size200m"])
+    """Network sizes (set from --model; any field can be overridden)."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Learning algorithm."""
+    env_opts: EnvConfig = field(default_factory=EnvConfig)
+    """Environment options."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay buffer."""
+    log_every: float = 120.0
+    """Seconds between metric logs."""
+    report_every: float = 300.0
+    """Seconds between reports (open-loop video predictions)."""
+    save_every: float = 900.0
+    """Seconds between checkpoints."""
+
+    def __post_init__(self):
+        _check(bool(self.env), "env", self.env, "a non-empty environment id")
+        _positive(self, "", ("num_envs", "steps", "train_ratio", "log_every", "report_every",
+                             "save_every"))
+        _check(self.preset is None or self.preset in DOMAIN_NAMES, "preset", self.preset,
+               ", ".join(DOMAIN_NAMES))
+        _check(self.model is None or self.model in SIZES, "model", self.model, ", ".join(SIZES))
+
+    @property
+    def updates_per_step(self) -> float:
+        """Learner updates per agent step (SPEC 5.1)."""
+        return self.train_ratio / (self.agent.batch_size * self.agent.batch_length)
+
+
+_ATARI = EnvConfig(repeat=4, image_size=96, gray=True, sticky=0.25, full_action_space=True)
+_ATARI100K = EnvConfig(repeat=4, image_size=64, gray=False, sticky=0.0,
+                       full_action_space=False)
+_DMC = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
+
+DOMAINS: dict[str, Config] = {
+    "atari": Config(env="Pong-v5", num_envs=16, steps=51_000_000, train_ratio=32.0,
+                    net=SIZES["size200m"], env_opts=_ATARI, preset="atari", model="size200m"),
+    "atari100k": Config(env="Pong-v5", num_envs=1, steps=110_000, train_ratio=256.0,
+                        net=SIZES["size200m"], env_opts=_ATARI100K, preset="atari100k",
+                        model="size200m"),
+    "dmc_proprio": Config(env="WalkerWalk-v1", num_envs=16, steps=1_100_000,
+                          train_ratio=1024.0, net=SIZES["size1m"], env_opts=_DMC,
+                          preset="dmc_proprio", model="size1m"),
+    "dmc_vision": Config(env="WalkerWalk-v1", num_envs=16, steps=1_100_000, train_ratio=256.0,
+                         net=SIZES["size200m"], env_opts=replace(_DMC, pixels=True),
+                         preset="dmc_vision", model="size200m"),
+    "debug": Config(env="CartPole-v1", num_envs=4, steps=10_000, train_ratio=64.0,
+                    net=SIZES["debug"], agent=AgentConfig(batch_size=4, batch_length=16,
+                                                          imag_horizon=5),
+                    env_opts=_DMC, replay=ReplayConfig(capacity=100_000), log_every=10.0,
+                    report_every=60.0, save_every=60.0, preset="debug", model="debug"),
+}
+"""Domain presets (SPEC 5.4), each a full Config."""
+
+
+def domain_for_env(env: str) -> str:
+    """Default domain preset of an env id: EnvPool Atari -> atari, DMC -> dmc_proprio."""
+    if env.endswith("-v5"):
+        return "atari"
+    name = env.split("-")[0]
+    if env.endswith("-v1") and any(name.startswith(d) for d in _DMC_DOMAINS):
+        return "dmc_proprio"
+    return "debug"
+
+
+_DMC_DOMAINS = ("Acrobot", "BallInCup", "Cartpole", "Cheetah", "Finger", "Fish", "Hopper",
+                "Humanoid", "Manipulator", "Pendulum", "PointMass", "Reacher", "Swimmer",
+                "Walker", "Quadruped")
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """Value of `--name X` or `--name=X` in argv (last one wins), without parsing the rest."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """Build the Config from command-line flags.
+
+    The domain preset comes from `--preset` or the env id, the model size from `--model` or
+    the domain; every field can then be overridden (`--net.deter 1024`, `--agent.lam 0.9`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a.replace("--num_envs", "--num-envs").replace("--train_ratio", "--train-ratio")
+            for a in argv]
+    env = _flag(argv, "env") or Config.env
+    preset = _flag(argv, "preset") or domain_for_env(env)
+    if preset not in DOMAINS:
+        raise ConfigError(f"invalid config: preset={preset!r}; allowed: {', '.join(DOMAINS)}")
+    model = _flag(argv, "model") or DOMAINS[preset].model
+    if model not in SIZES:
+        raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
+    default = replace(DOMAINS[preset], env=env, preset=preset, model=model, net=SIZES[model])
+    return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)

@@ -1,0 +1,68 @@
+"""Distributions and transforms (SPEC 1.5): symlog/symexp, the actor's action distributions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * ln(1 + |x|)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * (exp(|x|) - 1), the inverse of symlog."""
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class OneHotCategorical:
+    """Categorical over the last axis with a uniform mixture; actions are one-hot vectors."""
+
+    def __init__(self, logits: torch.Tensor, unimix: float = 0.0):
+        probs = torch.softmax(logits.float(), -1)
+        if unimix > 0:
+            probs = (1.0 - unimix) * probs + unimix / logits.shape[-1]
+        self.probs = probs
+        self.logprobs = torch.log(probs)
+
+    def sample(self) -> torch.Tensor:
+        """A one-hot sample (no gradient)."""
+        flat = self.probs.detach().reshape(-1, self.probs.shape[-1])
+        index = torch.multinomial(flat, 1)[:, 0].reshape(self.probs.shape[:-1])
+        return F.one_hot(index, self.probs.shape[-1]).float()
+
+    def mode(self) -> torch.Tensor:
+        return F.one_hot(self.probs.argmax(-1), self.probs.shape[-1]).float()
+
+    def log_prob(self, action: torch.Tensor) -> torch.Tensor:
+        return (action * self.logprobs).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return -(self.probs * self.logprobs).sum(-1)
+
+
+class BoundedNormal:
+    """Independent normal per action dim: mean tanh(m), std in (minstd, maxstd) (SPEC 1.5).
+
+    Samples are not squashed; log-prob and entropy are summed over action dims.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, minstd: float, maxstd: float):
+        self.mean = torch.tanh(mean.float())
+        self.std = (maxstd - minstd) * torch.sigmoid(std.float() + 2.0) + minstd
+
+    def sample(self) -> torch.Tensor:
+        return (self.mean + self.std * torch.randn_like(self.mean)).detach()
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, action: torch.Tensor) -> torch.Tensor:
+        z = (action - self.mean) / self.std
+        return (-0.5 * z.square() - torch.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.std)).sum(-1)

@@ -1,0 +1,101 @@
+"""Building blocks (SPEC 1.1): fan-in truncated-normal Linear, BlockLinear, RMSNorm+SiLU, MLP.
+
+Every hidden layer is Linear -> RMSNorm -> SiLU (no residuals). The norm+activation goes through
+`ops.rms_silu` so the Triton kernel and its reference share one call site.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def init_trunc_normal_(weight: torch.Tensor, fan_in: int, outscale: float = 1.0) -> None:
+    """Truncated normal cut at +-2 std, scaled to std 1/sqrt(fan_in) (1.1368 undoes the cut)."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(weight, 0.0, 1.0, -2.0, 2.0)
+        weight.mul_(1.1368 / math.sqrt(fan_in) * outscale)
+
+
+class Linear(nn.Linear):
+    """y = xW + b with the fan-in init; outscale multiplies the initial W (0 gives W = 0)."""
+
+    def __init__(self, inp: int, out: int, outscale: float = 1.0):
+        super().__init__(inp, out)
+        init_trunc_normal_(self.weight, inp, outscale)
+        nn.init.zeros_(self.bias)
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear: the input's G contiguous chunks each get their own matrix.
+
+    x: (..., inp) -> (..., out), outputs concatenated in block order, one bias of size out.
+    Init uses the full fan-in `inp` (SPEC 1.1), not inp / G.
+    """
+
+    def __init__(self, inp: int, out: int, blocks: int, outscale: float = 1.0):
+        super().__init__()
+        if inp % blocks or out % blocks:
+            raise ValueError(f"BlockLinear sizes {inp}->{out} not divisible by blocks={blocks}")
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, inp // blocks, out // blocks))
+        self.bias = nn.Parameter(torch.zeros(out))
+        init_trunc_normal_(self.weight, inp, outscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)
+        y = torch.bmm(x, self.weight.to(x.dtype)).transpose(0, 1)
+        return y.reshape(*lead, -1) + self.bias.to(y.dtype)
+
+
+class NormAct(nn.Module):
+    """SiLU(RMSNorm(x)) over the last axis; learnable scale, no bias, eps 1e-4, float32 math."""
+
+    def __init__(self, size: int, ops, eps: float = 1e-4):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_silu(x, self.scale, self.eps)
+
+
+class NormAct2d(NormAct):
+    """NormAct over the channels of an NCHW map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MLP(nn.Module):
+    """`layers` x [Linear(units) -> RMSNorm -> SiLU]; with 0 layers it is the identity."""
+
+    def __init__(self, inp: int, units: int, layers: int, ops):
+        super().__init__()
+        mods = []
+        for i in range(layers):
+            mods += [Linear(inp if i == 0 else units, units), NormAct(units, ops)]
+        self.layers = nn.Sequential(*mods)
+        self.out_size = units if layers else inp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Conv(nn.Conv2d):
+    """5x5 'same' convolution, stride 1, bias, fan-in init over 5*5*C_in (NCHW)."""
+
+    def __init__(self, inp: int, out: int, outscale: float = 1.0):
+        super().__init__(inp, out, 5, padding=2)
+        init_trunc_normal_(self.weight, 25 * inp, outscale)
+        nn.init.zeros_(self.bias)
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of an NCHW map."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")

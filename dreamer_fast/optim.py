@@ -1,0 +1,71 @@
+"""AGC -> LaProp -> momentum -> warmed-up lr (SPEC 3), capturable: all state on the device.
+
+Step count and learning rate are device tensors updated by foreach ops, with no host sync
+and no data-dependent Python control flow, so a CUDA graph can capture `step` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dreamer_fast.config import OptimConfig
+
+
+class LaProp:
+    """One optimizer over a list of parameters.
+
+    Per step t (from 1): g <- g * min(1, agc * max(pmin, |p|) / |g|) (per tensor);
+    nu <- b2 nu + (1 - b2) g^2; u = g / (sqrt(nu / (1 - b2^t)) + eps);
+    mu <- m mu + (1 - m) u; p <- p - lr * min(1, t / warmup) * mu / (1 - m^t).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
+        self.params = list(params)
+        self.cfg = cfg
+        device = self.params[0].device
+        self.count = torch.zeros((), dtype=torch.float32, device=device)
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.nu = [torch.zeros_like(p) for p in self.params]
+        self.mu = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> dict[str, torch.Tensor]:
+        """Apply one update from the params' .grad; returns 0-d metrics (no host sync)."""
+        c = self.cfg
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.count.add_(1.0)
+        gnorm = torch._foreach_norm(grads)
+        pnorm = torch._foreach_norm(self.params)
+        limit = torch._foreach_mul(torch._foreach_clamp_min(pnorm, c.pmin), c.agc)
+        ratio = torch._foreach_clamp_max(torch._foreach_div(limit, gnorm), 1.0)
+        grads = torch._foreach_mul(grads, ratio)
+        torch._foreach_mul_(self.nu, c.beta2)
+        torch._foreach_addcmul_(self.nu, grads, grads, 1.0 - c.beta2)
+        nu_corr = 1.0 - torch.pow(c.beta2, self.count)
+        denom = torch._foreach_sqrt(torch._foreach_div(self.nu, nu_corr))
+        torch._foreach_add_(denom, c.eps)
+        updates = torch._foreach_div(grads, denom)
+        torch._foreach_mul_(self.mu, c.momentum)
+        torch._foreach_add_(self.mu, updates, alpha=1.0 - c.momentum)
+        mu_corr = 1.0 - torch.pow(c.momentum, self.count)
+        warm = (self.count / c.warmup).clamp(max=1.0) if c.warmup else torch.ones_like(self.count)
+        self.lr.copy_(c.lr * warm)
+        torch._foreach_add_(self.params, torch._foreach_mul(self.mu, -self.lr / mu_corr))
+        return {"opt/grad_norm": torch.linalg.vector_norm(torch.stack(gnorm)),
+                "opt/lr": self.lr.clone(), "opt/clipped": (torch.stack(ratio) < 1).float().mean()}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "nu": self.nu, "mu": self.mu}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["nu"]) != len(self.params) or any(
+                a.shape != p.shape for a, p in zip(state["nu"], self.params)):
+            raise ValueError("optimizer state does not match the model's parameters "
+                             "(different model size or observation/action space)")
+        self.count.copy_(state["count"])
+        for dst, src in zip(self.nu + self.mu, state["nu"] + state["mu"]):
+            dst.copy_(src)

@@ -1,0 +1,229 @@
+"""World model networks (SPEC 1.2-1.4): Encoder, block-GRU RSSM, Decoder.
+
+Observation spaces are dicts name -> (shape, dtype). Vector keys are rank-1 float arrays;
+image keys are rank-3 uint8 arrays, channels first (C, H, W), with H = W divisible by 16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dreamer_fast.dists import symlog
+from dreamer_fast.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
+
+RESERVED = ("reward", "is_first", "is_last", "is_terminal")
+
+
+def split_keys(obs_space: dict) -> tuple[list[str], list[str]]:
+    """Sorted vector and image keys of an observation space; rejects what the nets can't read."""
+    vec, img = [], []
+    for key, (shape, dtype) in sorted(obs_space.items()):
+        if key in RESERVED:
+            continue
+        if len(shape) == 3 and np.dtype(dtype) == np.uint8:
+            if shape[1] != shape[2] or shape[1] % 16:
+                raise ValueError(f"observation {key!r} has shape {shape}; images must be "
+                                 "(C, H, W) uint8 with H == W divisible by 16 (e.g. 64x64)")
+            img.append(key)
+        elif len(shape) == 1 and np.issubdtype(np.dtype(dtype), np.floating):
+            vec.append(key)
+        else:
+            raise ValueError(f"observation {key!r} has shape {shape} and dtype {dtype}; allowed: "
+                             "float vectors (D,) or uint8 images (C, H, W)")
+    if not vec and not img:
+        raise ValueError(f"observation space {obs_space} has no vector or image key")
+    if img and len({obs_space[k][0][1:] for k in img}) > 1:
+        raise ValueError(f"image observations {img} differ in size; they must share H and W")
+    return vec, img
+
+
+class Encoder(nn.Module):
+    """Observations -> tokens e_t: symlog MLP on vectors, CNN on images, concatenated."""
+
+    def __init__(self, obs_space: dict, units: int, depth: int, enc_layers: int, ops):
+        super().__init__()
+        self.vec_keys, self.img_keys = split_keys(obs_space)
+        self.out_size = 0
+        if self.vec_keys:
+            inp = sum(obs_space[k][0][0] for k in self.vec_keys)
+            self.mlp = MLP(inp, units, enc_layers, ops)
+            self.out_size += self.mlp.out_size
+        if self.img_keys:
+            chans = sum(obs_space[k][0][0] for k in self.img_keys)
+            size = obs_space[self.img_keys[0]][0][1]
+            stages = []
+            for mult in (2, 3, 4, 4):
+                stages += [Conv(chans, mult * depth), nn.MaxPool2d(2), NormAct2d(mult * depth, ops)]
+                chans = mult * depth
+            self.cnn = nn.Sequential(*stages)
+            self.out_size += chans * (size // 16) ** 2
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """obs[k]: (*lead, *shape) -> tokens (*lead, out_size)."""
+        outs = []
+        if self.vec_keys:
+            x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
+            outs.append(self.mlp(symlog(x)))
+        if self.img_keys:
+            x = torch.cat([obs[k] for k in self.img_keys], -4)
+            lead = x.shape[:-3]
+            x = x.reshape(-1, *x.shape[-3:]).float() / 255.0 - 0.5
+            outs.append(self.cnn(x).reshape(*lead, -1))
+        return torch.cat(outs, -1)
+
+
+class RSSM(nn.Module):
+    """Block-GRU recurrent state-space model (SPEC 1.3).
+
+    State: deter h (N, D) and stoch z (N, S, K) one-hot (straight-through). Actions arrive as
+    vectors (one-hot for discrete); continuous ones are scaled by 1/max(1, |a|) here.
+    """
+
+    def __init__(self, deter: int, hidden: int, stoch: int, classes: int, blocks: int,
+                 act_size: int, token_size: int, dyn_layers: int, prior_layers: int,
+                 post_layers: int, unimix: float, continuous: bool, ops):
+        super().__init__()
+        self.deter, self.stoch, self.classes, self.blocks = deter, stoch, classes, blocks
+        self.unimix, self.continuous, self.ops = unimix, continuous, ops
+        self.dynin0 = nn.Sequential(Linear(deter, hidden), NormAct(hidden, ops))
+        self.dynin1 = nn.Sequential(Linear(stoch * classes, hidden), NormAct(hidden, ops))
+        self.dynin2 = nn.Sequential(Linear(act_size, hidden), NormAct(hidden, ops))
+        inp = deter + 3 * blocks * hidden
+        hid = []
+        for _ in range(dyn_layers):
+            hid += [BlockLinear(inp, deter, blocks), NormAct(deter, ops)]
+            inp = deter
+        self.dynhid = nn.Sequential(*hid)
+        self.dyngru = BlockLinear(inp, 3 * deter, blocks)
+        self.prior = nn.Sequential(MLP(deter, hidden, prior_layers, ops),
+                                   Linear(hidden if prior_layers else deter, stoch * classes))
+        self.post = nn.Sequential(MLP(deter + token_size, hidden, post_layers, ops),
+                                  Linear(hidden if post_layers else deter + token_size,
+                                         stoch * classes))
+
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        if self.continuous:
+            return action / action.detach().abs().clamp(min=1.0)
+        return action
+
+    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """One GRU step h' = f(h, z, a); deter (N, D), stoch (N, S, K), action (N, A)."""
+        G = self.blocks
+        x0 = self.dynin0(deter)
+        x1 = self.dynin1(stoch.reshape(*stoch.shape[:-2], -1))
+        x2 = self.dynin2(self.action_input(action))
+        shared = torch.cat([x0, x1, x2], -1)[..., None, :].expand(*x0.shape[:-1], G, -1)
+        x = torch.cat([deter.reshape(*deter.shape[:-1], G, -1), shared], -1)
+        x = self.dynhid(x.reshape(*x.shape[:-2], -1))
+        return self.ops.gru_update(self.dyngru(x), deter, G)
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        return self.prior(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
+
+    def post_logits(self, deter: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.post(torch.cat([deter, tokens], -1))
+        return x.reshape(*deter.shape[:-1], self.stoch, self.classes)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(logits.shape[:-1], device=logits.device)
+        return self.ops.latent_sample(logits, self.unimix, noise)
+
+    def obs_step(self, deter, stoch, action, tokens, is_first):
+        """Reset on is_first (zeros, then still apply f), h_t = f(...), posterior sample."""
+        keep = (~is_first).float()[..., None]
+        deter = self.core(deter * keep, stoch * keep[..., None], action * keep)
+        logits = self.post_logits(deter, tokens)
+        return deter, self.sample(logits), logits
+
+    def observe(self, deter, stoch, actions, tokens, is_first):
+        """Posterior scan over time.
+
+        deter (B, D), stoch (B, S, K): carry before step 0; actions (B, T, A): the action taken
+        before each step; tokens (B, T, E); is_first (B, T) bool. Returns deters (B, T, D),
+        stochs (B, T, S, K) and posterior logits (B, T, S, K).
+        """
+        deters, stochs, logits = [], [], []
+        for t in range(tokens.shape[1]):
+            deter, stoch, logit = self.obs_step(deter, stoch, actions[:, t], tokens[:, t],
+                                                is_first[:, t])
+            deters.append(deter)
+            stochs.append(stoch)
+            logits.append(logit)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
+
+    def img_step(self, deter, stoch, action):
+        """One imagined step with the prior: returns the next deter and stoch."""
+        deter = self.core(deter, stoch, action)
+        return deter, self.sample(self.prior_logits(deter))
+
+
+class Decoder(nn.Module):
+    """Latent (deter, stoch) -> reconstructions: symlog vectors and sigmoid images (SPEC 1.4)."""
+
+    def __init__(self, obs_space: dict, deter: int, latent: int, units: int, depth: int,
+                 blocks: int, dec_layers: int, ops):
+        super().__init__()
+        self.vec_keys, self.img_keys = split_keys(obs_space)
+        self.sizes = {k: obs_space[k][0][0] for k in self.vec_keys + self.img_keys}
+        if self.vec_keys:
+            self.mlp = MLP(latent + deter, units, dec_layers, ops)
+            self.heads = nn.ModuleDict({k: Linear(self.mlp.out_size, self.sizes[k])
+                                        for k in self.vec_keys})
+        if self.img_keys:
+            self.minres = obs_space[self.img_keys[0]][0][1] // 16
+            self.depth, self.blocks = depth, blocks
+            flat = self.minres ** 2 * 4 * depth
+            self.proj_deter = BlockLinear(deter, flat, blocks)
+            self.proj_stoch = nn.Sequential(Linear(latent, 2 * units), NormAct(2 * units, ops),
+                                            Linear(2 * units, flat))
+            self.proj_norm = NormAct2d(4 * depth, ops)
+            stages, chans = [], 4 * depth
+            for mult in (4, 3, 2):
+                stages += [Conv(chans, mult * depth), NormAct2d(mult * depth, ops)]
+                chans = mult * depth
+            self.stages = nn.ModuleList(stages)
+            self.out = Conv(chans, sum(self.sizes[k] for k in self.img_keys))
+
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """deter (*lead, D), stoch (*lead, S, K) -> {key: (*lead, *shape)} predictions.
+
+        Vector predictions are in symlog space; images are in [0, 1].
+        """
+        stoch = stoch.reshape(*stoch.shape[:-2], -1)
+        out = {}
+        if self.vec_keys:
+            x = self.mlp(torch.cat([stoch, deter], -1))
+            out.update({k: self.heads[k](x) for k in self.vec_keys})
+        if self.img_keys:
+            out.update(self._images(deter, stoch))
+        return out
+
+    def _images(self, deter, stoch):
+        lead, r, G, C = deter.shape[:-1], self.minres, self.blocks, 4 * self.depth
+        deter, stoch = deter.reshape(-1, deter.shape[-1]), stoch.reshape(-1, stoch.shape[-1])
+        # Each block of the deter projection is one (r, r, C/G) slab of the channels.
+        a = self.proj_deter(deter).reshape(-1, G, r, r, C // G).permute(0, 1, 4, 2, 3)
+        a = a.reshape(-1, C, r, r)
+        b = self.proj_stoch(stoch).reshape(-1, r, r, C).permute(0, 3, 1, 2)
+        x = self.proj_norm(a + b)
+        for i in range(0, len(self.stages), 2):
+            x = self.stages[i + 1](self.stages[i](upsample2(x)))
+        x = torch.sigmoid(self.out(upsample2(x)))
+        x = x.reshape(*lead, *x.shape[1:])
+        out, start = {}, 0
+        for k in self.img_keys:
+            out[k] = x[..., start:start + self.sizes[k], :, :]
+            start += self.sizes[k]
+        return out
+
+    def loss(self, pred: dict[str, torch.Tensor], obs: dict[str, torch.Tensor]) -> dict:
+        """Per-step losses (*lead): summed squared error, vectors vs symlog(x), images vs x/255."""
+        losses = {}
+        for k in self.vec_keys:
+            losses[k] = (pred[k] - symlog(obs[k].float())).square().sum(-1)
+        for k in self.img_keys:
+            losses[k] = (pred[k] - obs[k].float() / 255.0).square().sum((-3, -2, -1))
+        return losses
