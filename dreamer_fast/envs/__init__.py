@@ -1,0 +1,92 @@
+"""Environments behind one send/recv contract (`VecEnv`, see base.py), built by `make_env`.
+
+Suites, picked from the id:
+  * EnvPool Atari (`Pong-v5`): EnvPool async pool, images (C, H, W).
+  * EnvPool DMC (`WalkerWalk-v1`): EnvPool pool of proprio vectors, or with `opts.pixels`
+    dm_control rendering `image` only.
+  * Any other id registered in Gymnasium (`CartPole-v1`, `Pendulum-v1`, `mymodule:MyEnv-v0`):
+    a synchronous Gymnasium vector env.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from dreamer_fast.config import EnvConfig
+from dreamer_fast.envs.base import ActSpace, VecEnv
+
+__all__ = ["ActSpace", "VecEnv", "make_env", "suite_of"]
+
+_ENVPOOL_SUITES = {"envpool.atari": "atari", "envpool.mujoco.dmc": "dmc"}
+"""EnvPool task family (the import path of its registry entry) -> our suite."""
+
+
+def _envpool_family(env_id: str) -> str | None:
+    from envpool.registration import registry
+
+    entry = registry.specs.get(env_id)
+    return entry[0] if entry else None
+
+
+def _gymnasium_known(env_id: str) -> bool:
+    import gymnasium
+
+    if ":" in env_id:  # "module:Env-v0": importing the module registers its envs
+        module, env_id = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return False
+    try:
+        gymnasium.spec(env_id)
+    except gymnasium.error.Error:
+        return False
+    return True
+
+
+def _unknown(env_id: str) -> ValueError:
+    import envpool
+    import gymnasium
+
+    known = sorted(set(envpool.list_all_envs()) | set(gymnasium.registry))
+    close = difflib.get_close_matches(env_id, known, n=5, cutoff=0.5)
+    return ValueError(f"unknown env id {env_id!r}; closest: {', '.join(close) or 'none'}")
+
+
+def suite_of(env_id: str) -> str:
+    """'atari', 'dmc' or 'gymnasium' for a known id; ValueError naming close ids otherwise."""
+    family = _envpool_family(env_id)
+    if family in _ENVPOOL_SUITES:
+        return _ENVPOOL_SUITES[family]
+    if _gymnasium_known(env_id):
+        return "gymnasium"
+    if family is not None:
+        raise ValueError(f"env id {env_id!r} is an EnvPool {family} task, which dreamer_fast "
+                         "does not support (EnvPool Atari, EnvPool DMC and Gymnasium ids do)")
+    raise _unknown(env_id)
+
+
+def make_env(env_id: str, num_envs: int, opts: EnvConfig, seed: int = 0) -> VecEnv:
+    """Build `num_envs` envs of `env_id` (seeded seed, seed+1, ...) behind the VecEnv contract.
+
+    `opts.batch_size` (0 = num_envs) sets EnvPool's async batch; the other suites always
+    return all envs per recv (check `env.batch_size`). `opts.time_limit` > 0 caps episodes at
+    that many agent steps (truncation) in every suite; 0 keeps the default (Atari 27000 agent
+    steps, DMC 1000 env steps, Gymnasium the registered limit).
+    """
+    if num_envs < 1:
+        raise ValueError(f"num_envs={num_envs} must be >= 1")
+    suite = suite_of(env_id)
+    if suite == "gymnasium":
+        from dreamer_fast.envs.gym_vec import GymVecEnv
+
+        return GymVecEnv(env_id, num_envs, opts, seed)
+    if suite == "dmc" and opts.pixels:
+        from dreamer_fast.envs.dmc import DMCPixels
+
+        return DMCPixels(env_id, num_envs, opts, seed)
+    from dreamer_fast.envs import pool
+
+    kwargs = pool.atari_kwargs(opts) if suite == "atari" else pool.dmc_kwargs(opts)
+    return pool.EnvPoolEnv(env_id, num_envs, opts.batch_size or num_envs, seed, **kwargs)
