@@ -131,7 +131,12 @@ class Agent(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor]):
         """Total loss (one scalar), metrics and fresh latents for a batch (see train_step)."""
-        n, cfg = self.net, self.cfg
+        losses, metrics, latents = self.losses(batch)
+        return self._total(losses, metrics), metrics, latents
+
+    def losses(self, batch: dict[str, torch.Tensor]):
+        """The named (unscaled, averaged) loss terms, metrics and fresh latents."""
+        n = self.net
         obs = {k: batch[k][:, 1:] for k in self.obs_space}
         B, T = batch["reward"].shape[0], batch["reward"].shape[1] - 1
         stoch0 = F.one_hot(batch["stoch"][:, 0].long(), n.classes).float()
@@ -144,10 +149,9 @@ class Agent(nn.Module):
                                            stochs.detach().reshape(B * T, n.stoch, n.classes))
         losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, imag_act, metrics)
         losses["repval"] = self._repval_loss(batch, feat, ret0.reshape(B, T))
-        total = self._total(losses, metrics)
         latents = {"deter": deters.detach().to(torch.bfloat16),
                    "stoch": stochs.detach().argmax(-1).to(torch.int16)}
-        return total, metrics, latents
+        return losses, metrics, latents
 
     def _world_losses(self, batch, obs, deters, stochs, post, feat):
         """Per-step world-model losses (rec per key, rew, con, dyn, rep), averaged."""

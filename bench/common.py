@@ -1,0 +1,49 @@
+"""Shared bench plumbing: environment record (device, versions, commit) and percentiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+
+def environment() -> dict:
+    """Device, versions and git commit, recorded with every result row."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__)).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__, "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None, "threads": torch.get_num_threads(),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def percentiles(times: list[float]) -> dict:
+    p20, p50, p80 = np.percentile(np.asarray(times), [20, 50, 80])
+    return {"p20": float(p20), "p50": float(p50), "p80": float(p80), "n": len(times)}
+
+
+def append(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
