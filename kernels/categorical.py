@@ -1,17 +1,30 @@
 """Categorical latent ops (SPEC 1.3, 2.1): unimix, straight-through sampling, KL free bits.
 
-Each public op has a `<name>_ref` with the identical signature.
+Each public op has a `<name>_ref` with the identical signature. The Triton versions do each
+op in one kernel per pass over a row of S groups of K classes (eager PyTorch runs ~15 launches
+forward and ~25 backward for the KL, ~10 and ~8 for the sample). Sampling takes its uniform
+noise as a device tensor from torch.rand, which a CUDA graph redraws on every replay, so the
+kernel needs no seed of its own and matches the reference draw for draw.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.launch import kernel_op, launch, row_tiling, warps
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 math for float32/bfloat16 inputs; float64 stays (the tests' exact reference)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """log((1 - unimix) * softmax(logits) + unimix / K) over the last axis, in float32."""
-    probs = torch.softmax(logits.float(), -1)
+    probs = torch.softmax(_upcast(logits), -1)
     if unimix > 0:
         probs = (1.0 - unimix) * probs + unimix / logits.shape[-1]
     return torch.log(probs)
@@ -27,8 +40,8 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor) 
     """
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
-    index = (cdf <= noise[..., None].float()).sum(-1).clamp(max=logits.shape[-1] - 1)
-    onehot = F.one_hot(index, logits.shape[-1]).float()
+    index = (cdf <= noise[..., None].to(cdf.dtype)).sum(-1).clamp(max=logits.shape[-1] - 1)
+    onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
     return onehot + (probs - probs.detach())
 
 
@@ -47,3 +60,243 @@ def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
     dyn = kl(post.detach(), prior).clamp(min=free)
     rep = kl(post, prior.detach()).clamp(min=free)
     return dyn, rep
+
+
+# ----------------------------------------------------------------------------- shared math
+
+@triton.jit
+def _unimix(ptr, g, k, groups, K, s_g, s_k, unimix):
+    """Tiles of (BLOCK_G groups, BLOCK_K classes) logits -> softmax s and unimix probs pi.
+
+    Padding lanes (k >= K) hold s = pi = 0; whole padding groups hold a uniform row.
+    """
+    kmask = k < K
+    x = tl.load(ptr + g * s_g + k * s_k, mask=(g < groups) & kmask, other=0.0).to(tl.float32)
+    x = tl.where(kmask, x, float("-inf"))
+    ex = tl.exp(x - tl.max(x, 1)[:, None])
+    s = ex / tl.sum(ex, 1)[:, None]
+    pi = tl.where(kmask, (1.0 - unimix) * s + unimix / K, 0.0)
+    return s, pi
+
+
+# --------------------------------------------------------------------------- latent_sample
+
+@triton.jit
+def _sample_fwd_kernel(logits_ptr, noise_ptr, out_ptr, groups, K, s_g, s_k, s_n, unimix,
+                       BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    g1 = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g = g1.to(tl.int64)[:, None]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    _, pi = _unimix(logits_ptr, g, k, groups, K, s_g, s_k, unimix)
+    noise = tl.load(noise_ptr + g1.to(tl.int64) * s_n, mask=g1 < groups, other=0.0)
+    cdf = tl.cumsum(pi, 1)
+    below = (k < K) & (cdf <= noise.to(tl.float32)[:, None])
+    index = tl.minimum(tl.sum(below.to(tl.int32), 1), K - 1)[:, None]
+    tl.store(out_ptr + g * K + k, (k == index).to(tl.float32), mask=(g < groups) & (k < K))
+
+
+@triton.jit
+def _sample_bwd_kernel(dz_ptr, logits_ptr, dlogits_ptr, groups, K, s_g, s_k, sd_g, sd_k,
+                       unimix, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d/dlogits of sum(dz * pi) = s * (a - sum(s * a)) with a = (1 - unimix) * dz."""
+    g = (tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[:, None]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    mask = (g < groups) & (k < K)
+    s, _ = _unimix(logits_ptr, g, k, groups, K, s_g, s_k, unimix)
+    a = (1.0 - unimix) * tl.load(dz_ptr + g * sd_g + k * sd_k, mask=mask, other=0.0)
+    d = s * (a - tl.sum(s * a, 1)[:, None])
+    tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+def _sample_fake(logits, unimix, noise):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@kernel_op("latent_sample", _sample_fake)
+def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
+    groups, K = logits.shape
+    out = torch.empty((groups, K), dtype=torch.float32, device=logits.device)
+    if groups:
+        block_g, block_k, num_warps = row_tiling(groups, K)
+        launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
+            logits, noise, out, groups, K, logits.stride(0), logits.stride(1), noise.stride(0),
+            unimix, BLOCK_G=block_g, BLOCK_K=block_k, num_warps=num_warps)
+    return out
+
+
+def _sample_bwd_fake(dz, logits, unimix):
+    return logits.new_empty(logits.shape)
+
+
+@kernel_op("latent_sample_bwd", _sample_bwd_fake)
+def _sample_bwd(dz: torch.Tensor, logits: torch.Tensor, unimix: float) -> torch.Tensor:
+    groups, K = logits.shape
+    dlogits = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
+    if groups:
+        block_g, block_k, num_warps = row_tiling(groups, K)
+        launch(_sample_bwd_kernel)[(triton.cdiv(groups, block_g),)](
+            dz, logits, dlogits, groups, K, logits.stride(0), logits.stride(1), dz.stride(0),
+            dz.stride(1), unimix, BLOCK_G=block_g, BLOCK_K=block_k, num_warps=num_warps)
+    return dlogits
+
+
+def _sample_setup(ctx, inputs, output):
+    logits, unimix, _ = inputs
+    ctx.save_for_backward(logits)
+    ctx.unimix = unimix
+
+
+def _sample_backward(ctx, dz):
+    logits, = ctx.saved_tensors
+    return _sample_bwd(dz, logits, ctx.unimix), None, None
+
+
+_sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
+
+
+def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
+    """Straight-through one-hot sample of unimix categoricals by inverse CDF. Triton.
+
+    logits: (..., S, K) float32/bfloat16, any strides; noise: (..., S) uniform in [0, 1), a
+    device tensor (torch.rand: a CUDA graph redraws it on every replay). The class is the first
+    k with cumsum(probs)_k > noise, probs = (1 - unimix) * softmax(logits) + unimix / K.
+    Returns (..., S, K) float32, the one-hot sample in value; backward gives logits the
+    gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype.
+    """
+    K = logits.shape[-1]
+    if noise.shape != logits.shape[:-1]:
+        raise ValueError(f"latent_sample: logits {tuple(logits.shape)} need noise "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(noise.shape)}")
+    out = _sample_fwd(logits.reshape(-1, K), float(unimix), noise.reshape(-1))
+    return out.reshape(logits.shape)
+
+
+# --------------------------------------------------------------------------------- kl_free
+
+@triton.jit
+def _kl_rows(post_ptr, prior_ptr, row, g, k, S, K, sq_r, sq_s, sq_k, sp_r, sp_s, sp_k,
+             unimix):
+    """One row's S x K tile: softmaxes, unimix probs and log-probs, and the summed KL."""
+    sq, q = _unimix(post_ptr + row * sq_r, g, k, S, K, sq_s, sq_k, unimix)
+    sp, p = _unimix(prior_ptr + row * sp_r, g, k, S, K, sp_s, sp_k, unimix)
+    valid = (g < S) & (k < K)
+    lq = tl.log(tl.where(valid, q, 1.0))
+    lp = tl.log(tl.where(valid, p, 1.0))
+    kl = tl.sum(tl.sum(tl.where(valid, q * (lq - lp), 0.0), 1), 0)
+    return sq, q, lq, sp, p, lp, kl
+
+
+@triton.jit
+def _kl_fwd_kernel(post_ptr, prior_ptr, dyn_ptr, rep_ptr, S, K, sq_r, sq_s, sq_k,
+                   sp_r, sp_s, sp_k, unimix, free,
+                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_S)[:, None]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    sq, q, lq, sp, p, lp, kl = _kl_rows(post_ptr, prior_ptr, row, g, k, S, K, sq_r, sq_s,
+                                        sq_k, sp_r, sp_s, sp_k, unimix)
+    loss = tl.maximum(kl, free)
+    tl.store(dyn_ptr + row, loss)
+    tl.store(rep_ptr + row, loss)
+
+
+@triton.jit
+def _kl_bwd_kernel(ddyn_ptr, drep_ptr, post_ptr, prior_ptr, dpost_ptr, dprior_ptr, S, K,
+                   sq_r, sq_s, sq_k, sp_r, sp_s, sp_k, s_dd, s_dr, unimix, free,
+                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recomputes the row's KL (bit-identical to forward) for the free-bits mask, then
+    d rep / d post = s_q * (b - sum(s_q * b)), b = (1 - unimix) * (log q - log p), and
+    d dyn / d prior = -(a - s_p * sum(a)), a = (1 - unimix) * q * s_p / p."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_S)[:, None]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    sq, q, lq, sp, p, lp, kl = _kl_rows(post_ptr, prior_ptr, row, g, k, S, K, sq_r, sq_s,
+                                        sq_k, sp_r, sp_s, sp_k, unimix)
+    valid = (g < S) & (k < K)
+    active = (kl >= free).to(tl.float32)
+    ddyn = tl.load(ddyn_ptr + row * s_dd).to(tl.float32) * active
+    drep = tl.load(drep_ptr + row * s_dr).to(tl.float32) * active
+    b = (1.0 - unimix) * sq * (lq - lp)
+    dpost = drep * (b - sq * tl.sum(b, 1)[:, None])
+    a = (1.0 - unimix) * q * sp / tl.where(valid, p, 1.0)
+    dprior = -ddyn * (a - sp * tl.sum(a, 1)[:, None])
+    out = row * S * K + g * K + k
+    tl.store(dpost_ptr + out, dpost.to(dpost_ptr.dtype.element_ty), mask=valid)
+    tl.store(dprior_ptr + out, dprior.to(dprior_ptr.dtype.element_ty), mask=valid)
+
+
+def _kl_tiling(S: int, K: int) -> tuple[int, int, int]:
+    block_s, block_k = triton.next_power_of_2(S), triton.next_power_of_2(K)
+    return block_s, block_k, warps(block_s * block_k)
+
+
+def _kl_fake(post, prior, unimix, free):
+    rows = post.shape[0]
+    return post.new_empty((rows,), dtype=torch.float32), post.new_empty((rows,),
+                                                                         dtype=torch.float32)
+
+
+@kernel_op("kl_free", _kl_fake)
+def _kl_fwd(post: torch.Tensor, prior: torch.Tensor, unimix: float,
+            free: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, S, K = post.shape
+    dyn = torch.empty((rows,), dtype=torch.float32, device=post.device)
+    rep = torch.empty((rows,), dtype=torch.float32, device=post.device)
+    if rows:
+        block_s, block_k, num_warps = _kl_tiling(S, K)
+        launch(_kl_fwd_kernel)[(rows,)](
+            post, prior, dyn, rep, S, K, *post.stride(), *prior.stride(), unimix, free,
+            BLOCK_S=block_s, BLOCK_K=block_k, num_warps=num_warps)
+    return dyn, rep
+
+
+def _kl_bwd_fake(ddyn, drep, post, prior, unimix, free):
+    return post.new_empty(post.shape), prior.new_empty(prior.shape)
+
+
+@kernel_op("kl_free_bwd", _kl_bwd_fake)
+def _kl_bwd(ddyn: torch.Tensor, drep: torch.Tensor, post: torch.Tensor, prior: torch.Tensor,
+            unimix: float, free: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, S, K = post.shape
+    dpost = torch.empty((rows, S, K), dtype=post.dtype, device=post.device)
+    dprior = torch.empty((rows, S, K), dtype=prior.dtype, device=prior.device)
+    if rows:
+        block_s, block_k, num_warps = _kl_tiling(S, K)
+        launch(_kl_bwd_kernel)[(rows,)](
+            ddyn, drep, post, prior, dpost, dprior, S, K, *post.stride(), *prior.stride(),
+            ddyn.stride(0), drep.stride(0), unimix, free, BLOCK_S=block_s, BLOCK_K=block_k,
+            num_warps=num_warps)
+    return dpost, dprior
+
+
+def _kl_setup(ctx, inputs, output):
+    post, prior, unimix, free = inputs
+    ctx.save_for_backward(post, prior)
+    ctx.unimix, ctx.free = unimix, free
+
+
+def _kl_backward(ctx, ddyn, drep):
+    post, prior = ctx.saved_tensors
+    dpost, dprior = _kl_bwd(ddyn, drep, post, prior, ctx.unimix, ctx.free)
+    return dpost, dprior, None, None
+
+
+_kl_fwd.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+def kl_free(post: torch.Tensor, prior: torch.Tensor, unimix: float,
+            free: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dyn and rep losses: max(free, sum_groups KL(q || p)) of unimix categoricals. Triton.
+
+    post, prior: (..., S, K) float32/bfloat16 logits, any strides. Returns (dyn, rep), each
+    (...) float32 with equal values; dyn's gradient reaches only `prior` (posterior stopped),
+    rep's only `post` (prior stopped), both zero where the KL is below `free`. One kernel
+    forward, one backward (it recomputes the KL from the saved logits).
+    """
+    if post.shape != prior.shape:
+        raise ValueError(f"kl_free: post {tuple(post.shape)} and prior {tuple(prior.shape)} "
+                         "differ")
+    S, K = post.shape[-2:]
+    dyn, rep = _kl_fwd(post.reshape(-1, S, K), prior.reshape(-1, S, K), float(unimix),
+                       float(free))
+    return dyn.reshape(post.shape[:-2]), rep.reshape(post.shape[:-2])

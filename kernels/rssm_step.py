@@ -2,12 +2,25 @@
 
 The GEMMs stay in cuBLAS; these are the chains between them (DESIGN 3.6). Each public op has
 a `<name>_ref` beside it with the identical signature: the plain-PyTorch math, used on CPU.
+The Triton ops read and write each value once per pass: eager PyTorch runs ~10 launches for
+either forward and ~20 for its backward, and at the observe scan's 16 rows launches are all
+the cost. Backward passes recompute the cheap pointwise values from the saved inputs instead
+of storing them (that would cost more memory traffic than it saves).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.launch import kernel_op, launch, max_programs, row_tiling, warps
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 math for float32/bfloat16 inputs; float64 stays (the tests' exact reference)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def rms_silu_ref(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -15,8 +28,8 @@ def rms_silu_ref(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> tor
 
     x: (..., C) float32 or bfloat16; scale: (C,) float32. Math in float32; returns x.dtype.
     """
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * scale.float()
+    xf = _upcast(x)
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _upcast(scale)
     return F.silu(y).to(x.dtype)
 
 
@@ -29,9 +42,246 @@ def gru_update_ref(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> tor
     Math in float32; returns deter.dtype.
     """
     lead, D = deter.shape[:-1], deter.shape[-1]
-    g = gates.float().reshape(*lead, blocks, 3, D // blocks)
+    g = _upcast(gates).reshape(*lead, blocks, 3, D // blocks)
     reset, cand, update = (g[..., i, :].reshape(*lead, D) for i in range(3))
     reset = torch.sigmoid(reset)
     cand = torch.tanh(reset * cand)
     update = torch.sigmoid(update - 1.0)
-    return (update * cand + (1.0 - update) * deter.float()).to(deter.dtype)
+    return (update * cand + (1.0 - update) * _upcast(deter)).to(deter.dtype)
+
+
+# ------------------------------------------------------------------------------- rms_silu
+
+@triton.jit
+def _rms_silu_fwd_kernel(x_ptr, scale_ptr, y_ptr, rows, C, sx_r, sx_c, eps,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    mask = (r < rows) & (c < C)
+    r = r.to(tl.int64)
+    x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
+    a = x * rstd * scale
+    y = a * tl.sigmoid(a)
+    tl.store(y_ptr + r * C + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, rows, C, tiles,
+                         sdy_r, sdy_c, sx_r, sx_c, eps,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each program loops over `tiles` row tiles and writes its partial dscale row."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)[None, :]
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(tiles):
+        r = (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        mask = (r < rows) & (c < C)
+        r = r.to(tl.int64)
+        x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r * sdy_r + c * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
+        n = x * rstd
+        a = n * scale
+        sig = tl.sigmoid(a)
+        da = dy * sig * (1.0 + a * (1.0 - sig))
+        dscale += tl.sum(da * n, 0)
+        dn = da * scale
+        dx = rstd * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
+        tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    cc = tl.arange(0, BLOCK_C)
+    tl.store(dscale_ptr + pid * C + cc, dscale, mask=cc < C)
+
+
+def _rms_silu_fwd_fake(x, scale, eps):
+    return x.new_empty(x.shape)
+
+
+@kernel_op("rms_silu", _rms_silu_fwd_fake)
+def _rms_silu_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    rows, C = x.shape
+    y = torch.empty((rows, C), dtype=x.dtype, device=x.device)
+    if rows:
+        block_r, block_c, num_warps = row_tiling(rows, C)
+        launch(_rms_silu_fwd_kernel)[(triton.cdiv(rows, block_r),)](
+            x, scale, y, rows, C, x.stride(0), x.stride(1), eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return y
+
+
+def _rms_silu_bwd_fake(dy, x, scale, eps):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape)
+
+
+@kernel_op("rms_silu_bwd", _rms_silu_bwd_fake)
+def _rms_silu_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, C = x.shape
+    dx = torch.empty((rows, C), dtype=x.dtype, device=x.device)
+    block_r, block_c, num_warps = row_tiling(rows, C)
+    programs = max(1, min(triton.cdiv(rows, block_r), max_programs(x.device)))
+    tiles = triton.cdiv(triton.cdiv(rows, block_r), programs)
+    partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)
+    launch(_rms_silu_bwd_kernel)[(programs,)](
+        dy, x, scale, dx, partial, rows, C, tiles, dy.stride(0), dy.stride(1),
+        x.stride(0), x.stride(1), eps, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    dscale = partial.sum(0) if programs > 1 else partial.view(C)
+    return dx, dscale.to(scale.dtype)
+
+
+def _rms_silu_setup(ctx, inputs, output):
+    x, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps = eps
+
+
+def _rms_silu_backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    dx, dscale = _rms_silu_bwd(dy, x, scale, ctx.eps)
+    return dx, dscale, None
+
+
+_rms_silu_fwd.register_autograd(_rms_silu_backward, setup_context=_rms_silu_setup)
+
+
+def rms_silu(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """SiLU(RMSNorm(x)) over the last axis: silu(x * scale / sqrt(mean(x^2) + eps)). Triton.
+
+    x: (..., C) float32 or bfloat16, any strides; scale: (C,) float32. Math in float32; returns
+    x.dtype (contiguous). Backward gives dx (x.dtype) and dscale (scale.dtype).
+    """
+    C = x.shape[-1]
+    return _rms_silu_fwd(x.reshape(-1, C), scale, float(eps)).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- gru_update
+
+@triton.jit
+def _tanh(x):
+    """tanh to a few ulp (libdevice has no interpreter version): a series below 1/8, where
+    (1 - e) / (1 + e) with e = exp(-2|x|) would lose digits to cancellation."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    series = a * (1.0 + x2 * (-0.3333333333 + x2 * (0.1333333333 + x2 * (
+        -0.05396825397 + x2 * 0.02186948854))))
+    t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _gru_index(BLOCK: tl.constexpr, total, D, Dg):
+    """Flat element ids of this program -> (row, offset in the gates row of the reset gate)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row = idx // D
+    j = idx - row * D
+    block = j // Dg
+    return idx < total, row, j, block * 2 * Dg + j
+
+
+@triton.jit
+def _gru_fwd_kernel(gates_ptr, deter_ptr, out_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c,
+                    BLOCK: tl.constexpr):
+    mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
+    g = gates_ptr + row * sg_r + gj * sg_c
+    r = tl.sigmoid(tl.load(g, mask=mask, other=0.0).to(tl.float32))
+    c = tl.load(g + Dg * sg_c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.sigmoid(tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) - 1.0)
+    h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    c = _tanh(r * c)
+    out = u * c + (1.0 - u) * h
+    tl.store(out_ptr + row * D + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gru_bwd_kernel(dout_ptr, gates_ptr, deter_ptr, dgates_ptr, ddeter_ptr, total, D, Dg,
+                    so_r, so_c, sg_r, sg_c, sd_r, sd_c, BLOCK: tl.constexpr):
+    mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
+    g = gates_ptr + row * sg_r + gj * sg_c
+    r = tl.sigmoid(tl.load(g, mask=mask, other=0.0).to(tl.float32))
+    c_in = tl.load(g + Dg * sg_c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.sigmoid(tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) - 1.0)
+    h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + row * so_r + j * so_c, mask=mask, other=0.0).to(tl.float32)
+    c = _tanh(r * c_in)
+    dpre = dout * u * (1.0 - c * c)  # gradient of the tanh's input r * c_in
+    dg = dgates_ptr + row * 3 * D + gj
+    ty = dgates_ptr.dtype.element_ty
+    tl.store(dg, (dpre * c_in * r * (1.0 - r)).to(ty), mask=mask)
+    tl.store(dg + Dg, (dpre * r).to(ty), mask=mask)
+    tl.store(dg + 2 * Dg, (dout * (c - h) * u * (1.0 - u)).to(ty), mask=mask)
+    tl.store(ddeter_ptr + row * D + j, (dout * (1.0 - u)).to(ddeter_ptr.dtype.element_ty),
+             mask=mask)
+
+
+_GRU_BLOCK = 1024
+
+
+def _gru_fwd_fake(gates, deter, blocks):
+    return deter.new_empty(deter.shape)
+
+
+@kernel_op("gru_update", _gru_fwd_fake)
+def _gru_fwd(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
+    rows, D = deter.shape
+    out = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
+    total = rows * D
+    if total:
+        launch(_gru_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            gates, deter, out, total, D, D // blocks, gates.stride(0), gates.stride(1),
+            deter.stride(0), deter.stride(1), BLOCK=_GRU_BLOCK, num_warps=warps(_GRU_BLOCK))
+    return out
+
+
+def _gru_bwd_fake(dout, gates, deter, blocks):
+    return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
+
+
+@kernel_op("gru_update_bwd", _gru_bwd_fake)
+def _gru_bwd(dout: torch.Tensor, gates: torch.Tensor, deter: torch.Tensor,
+             blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, D = deter.shape
+    dgates = torch.empty((rows, 3 * D), dtype=gates.dtype, device=gates.device)
+    ddeter = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
+    total = rows * D
+    if total:
+        launch(_gru_bwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            dout, gates, deter, dgates, ddeter, total, D, D // blocks, dout.stride(0),
+            dout.stride(1), gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
+            BLOCK=_GRU_BLOCK, num_warps=warps(_GRU_BLOCK))
+    return dgates, ddeter
+
+
+def _gru_setup(ctx, inputs, output):
+    gates, deter, blocks = inputs
+    ctx.save_for_backward(gates, deter)
+    ctx.blocks = blocks
+
+
+def _gru_backward(ctx, dout):
+    gates, deter = ctx.saved_tensors
+    dgates, ddeter = _gru_bwd(dout, gates, deter, ctx.blocks)
+    return dgates, ddeter, None
+
+
+_gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
+
+
+def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Block-GRU gate math and state update (SPEC 1.3 step 7). Triton, one pass each way.
+
+    gates: (..., 3D) float32/bfloat16, the BlockLinear output laid out per block as
+    [reset, cand, update] of D/blocks each; deter: (..., D) float32/bfloat16, the previous
+    state; any strides. Returns the new state (..., D) in deter.dtype (contiguous):
+    r = sigmoid(r), c = tanh(r * c), u = sigmoid(u - 1), h = u * c + (1 - u) * deter, math in
+    float32. Backward gives dgates (gates.dtype) and ddeter (deter.dtype).
+    """
+    D = deter.shape[-1]
+    if gates.shape[-1] != 3 * D or D % blocks or gates.shape[:-1] != deter.shape[:-1]:
+        raise ValueError(f"gru_update: gates {tuple(gates.shape)} and deter "
+                         f"{tuple(deter.shape)} do not fit blocks={blocks} (need (..., 3D), "
+                         "(..., D), D % blocks == 0)")
+    out = _gru_fwd(gates.reshape(-1, 3 * D), deter.reshape(-1, D), int(blocks))
+    return out.reshape(deter.shape)

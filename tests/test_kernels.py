@@ -1,0 +1,307 @@
+"""Triton kernels against their references (STYLE 9), and the agent with kernels on vs off.
+
+Every op runs on random inputs in its valid domain; the reference is the `<name>_ref` run on
+float64 copies of the same values. One backward with random upstream gradients for every
+output, then outputs and every input gradient are compared by name with a per-dtype tolerance
+(fp32 1e-5, bf16 1e-2, relative to the value plus the tensor's largest value). On CPU the
+kernels run under TRITON_INTERPRET=1 (tests/conftest.py); on a GPU the same tests run natively.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamer_fast.synthetic import IMAGE, VECTOR, ActSpace, make_batch
+from dreamer_fast.agent import Agent
+from dreamer_fast.config import SIZES, AgentConfig
+from kernels import OPS, categorical, get_ops, rssm_step, twohot
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+
+
+def leaves(*tensors):
+    """Fresh leaves: the inputs as given (kernel) and their float64 copies (reference)."""
+    return ([t.detach().clone().requires_grad_() for t in tensors],
+            [t.detach().double().requires_grad_() for t in tensors])
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, scale=None) -> None:
+    """|out - ref| <= tol * (|ref| + scale) elementwise, tol by out's dtype; scale defaults to
+    max |ref| (an absolute floor at the tensor's magnitude). Reports the worst element."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    tol = TOL[out.dtype]
+    ref = ref.detach().double()
+    err = (out.detach().double() - ref).abs()
+    scale = ref.abs().max() if scale is None else scale
+    bound = tol * (ref.abs() + scale)
+    ratio = torch.nan_to_num(err / bound.clamp(min=1e-30), nan=float("inf"))
+    if ratio.numel() and ratio.max() > 1:
+        i = tuple(int(j) for j in torch.unravel_index(ratio.argmax().cpu(), ratio.shape))
+        pytest.fail(f"{name} ({out.dtype}): worst index {i}: got {out[i].item():.9g}, want "
+                    f"{ref[i].item():.9g}, err {err[i].item():.3g} > bound {bound[i].item():.3g}"
+                    f" ({int((ratio > 1).sum())} of {ratio.numel()} elements out)")
+
+
+def check(fn, ref_fn, inputs: dict, grads: tuple[str, ...], seed=1, scales=None) -> None:
+    """Run fn on the inputs and ref_fn on float64 copies; backward with the same random
+    upstream gradients; compare every output and the gradient of each input named in grads."""
+    names = list(inputs)
+    (xs, refs) = leaves(*inputs.values())
+    for i, name in enumerate(names):
+        if name not in grads:
+            xs[i].requires_grad_(False)
+            refs[i].requires_grad_(False)
+    outs, ref_outs = fn(*xs), ref_fn(*refs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ref_outs = ref_outs if isinstance(ref_outs, tuple) else (ref_outs,)
+    ups = [randn(*o.shape, dtype=o.dtype, seed=seed + j) for j, o in enumerate(outs)]
+    torch.autograd.backward(outs, ups)
+    torch.autograd.backward(ref_outs, [u.double() for u in ups])
+    scales = scales or {}
+    for j, (out, ref) in enumerate(zip(outs, ref_outs)):
+        assert_close(f"output {j}", out, ref, scales.get(j))
+    for i, name in enumerate(names):
+        if name in grads:
+            assert xs[i].grad is not None, f"no gradient reached {name}"
+            assert xs[i].grad.dtype == xs[i].dtype, f"d{name} dtype {xs[i].grad.dtype}"
+            assert_close(f"d{name}", xs[i].grad, refs[i].grad, scales.get(name))
+
+
+# --------------------------------------------------------------------------------- rms_silu
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,strided", [
+    ((1, 32), False), ((7, 500), False), ((63, 257), False), ((3, 21, 64), False),
+    ((7, 500), True),
+], ids=["rows1-C32", "rows7-C500", "rows63-C257", "lead3x21-C64", "rows7-C500-strided"])
+def test_rms_silu(shape, strided, dtype):
+    x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
+    if strided:  # a transposed view: row stride 1, column stride rows
+        x = randn(*shape[::-1], dtype=dtype, scale=2.0).t()
+    scale = randn(shape[-1], scale=0.5, seed=2) + 1.0
+    check(lambda a, b: rssm_step.rms_silu(a, b, 1e-4),
+          lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
+          {"x": x, "scale": scale}, grads=("x", "scale"))
+
+
+# ------------------------------------------------------------------------------- gru_update
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(1,), (7,), (63,), (3, 5)], ids=lambda s: "rows" + "x".join(
+    map(str, s)))
+@pytest.mark.parametrize("D,blocks", [(500, 4), (64, 8)], ids=["D500-G4", "D64-G8"])
+def test_gru_update(D, blocks, lead, dtype):
+    gates = randn(*lead, 3 * D, dtype=dtype, scale=3.0)
+    deter = randn(*lead, D, dtype=dtype, seed=3)
+    check(lambda g, h: rssm_step.gru_update(g, h, blocks),
+          lambda g, h: rssm_step.gru_update_ref(g, h, blocks),
+          {"gates": gates, "deter": deter}, grads=("gates", "deter"))
+
+
+def test_gru_update_mixed_dtypes_and_strides():
+    """bf16 gates from a bf16 GEMM, fp32 carried state; gates a column slice of a wider
+    buffer and deter a transposed view."""
+    D, blocks = 500, 4
+    gates = randn(7, 3 * D + 9, dtype=torch.bfloat16, scale=3.0)[:, 5:5 + 3 * D]
+    deter = randn(D, 7, seed=3).t()
+    check(lambda g, h: rssm_step.gru_update(g, h, blocks),
+          lambda g, h: rssm_step.gru_update_ref(g, h, blocks),
+          {"gates": gates, "deter": deter}, grads=("gates", "deter"))
+
+
+def test_gru_update_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="blocks=3"):
+        rssm_step.gru_update(randn(2, 12), randn(2, 4), 3)
+
+
+# ---------------------------------------------------------------------------------- twohot
+
+def twohot_targets(rows: int, K: int) -> torch.Tensor:
+    """Raw targets: 0, both ends and beyond, exactly at bins, between bins, typical values."""
+    bins = twohot.symexp_bins(K).double()
+    g = torch.Generator().manual_seed(4)
+    index = torch.randint(0, K - 1, (rows,), generator=g)
+    frac = torch.rand(rows, generator=g, dtype=torch.float64)
+    between = bins[index] + frac * (bins[index + 1] - bins[index])
+    typical = torch.sign(torch.randn(rows, generator=g)) * torch.expm1(
+        3 * torch.rand(rows, generator=g, dtype=torch.float64))
+    kind = torch.arange(rows) % 3
+    target = torch.where(kind == 0, bins[index], torch.where(kind == 1, between, typical))
+    special = torch.tensor([0.0, 1e10, -1e10, bins[-1], bins[0], 1.5 * bins[-2],
+                            -0.5 * bins[-2]], dtype=torch.float64)
+    n = min(rows, len(special))
+    target[:n] = special[:n]
+    return target.float().to(DEVICE)
+
+
+TWOHOT_SHAPES = [((1,), 255), ((7,), 255), ((63,), 255), ((7,), 5), ((63,), 5), ((3, 5), 255)]
+TWOHOT_IDS = ["rows1-K255", "rows7-K255", "rows63-K255", "rows7-K5", "rows63-K5",
+              "lead3x5-K255"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K", TWOHOT_SHAPES, ids=TWOHOT_IDS)
+def test_twohot_loss(lead, K, dtype):
+    logits = randn(*lead, K, dtype=dtype, scale=3.0)
+    target = twohot_targets(logits[..., 0].numel(), K).reshape(lead)
+    check(twohot.twohot_loss, twohot.twohot_loss_ref, {"logits": logits, "target": target},
+          grads=("logits",))
+
+
+def test_twohot_loss_strided_and_without_grad():
+    K = 255
+    logits = randn(K, 7, scale=3.0).t()  # column stride 7
+    target = twohot_targets(7, K)
+    check(twohot.twohot_loss, twohot.twohot_loss_ref, {"logits": logits, "target": target},
+          grads=("logits",))
+    with torch.no_grad():
+        loss = twohot.twohot_loss(logits.requires_grad_(), target)
+    assert_close("loss (no grad)", loss, twohot.twohot_loss_ref(logits.double(), target))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K", TWOHOT_SHAPES, ids=TWOHOT_IDS)
+def test_twohot_mean(lead, K, dtype):
+    logits = randn(*lead, K, dtype=dtype, scale=3.0)
+    # The mean adds terms up to |bins| ~ 5e8 that cancel: its error scales with sum |p * bins|.
+    p = torch.softmax(logits.double(), -1)
+    scale = (p * twohot.symexp_bins(K, DEVICE).double().abs()).sum(-1)
+    check(twohot.twohot_mean, twohot.twohot_mean_ref, {"logits": logits}, grads=("logits",),
+          scales={0: scale})
+
+
+@pytest.mark.parametrize("K", [255, 5])
+def test_twohot_mean_zero_logits_exactly_zero(K):
+    zeros = torch.zeros(7, K, device=DEVICE)
+    assert torch.equal(twohot.twohot_mean(zeros), torch.zeros(7, device=DEVICE))
+    assert torch.equal(twohot.twohot_mean(zeros.bfloat16()), torch.zeros(7, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- categorical
+
+LATENT_SHAPES = [(1, 32, 16), (7, 5, 7), (63, 3, 4), (3, 5, 2, 6)]
+LATENT_IDS = ["rows1-S32-K16", "rows7-S5-K7", "rows63-S3-K4", "lead3x5-S2-K6"]
+
+
+@pytest.mark.parametrize("unimix", [0.01, 0.0], ids=["unimix0.01", "unimix0"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LATENT_SHAPES, ids=LATENT_IDS)
+def test_latent_sample(shape, dtype, unimix):
+    logits = randn(*shape, dtype=dtype, scale=2.0)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.rand(shape[:-1], generator=g).to(DEVICE)
+    noise.view(-1)[:3] = torch.tensor([0.0, 0.5, 1.0 - 2 ** -24])[:noise.numel()].to(DEVICE)
+    z = categorical.latent_sample(logits, unimix, noise)
+    z_ref = categorical.latent_sample_ref(logits.double(), unimix, noise.double())
+    assert z.dtype == torch.float32
+    assert torch.equal(z.double(), z_ref), "the one-hot samples differ from the reference"
+    check(lambda a: categorical.latent_sample(a, unimix, noise),
+          lambda a: categorical.latent_sample_ref(a, unimix, noise.double()),
+          {"logits": logits}, grads=("logits",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LATENT_SHAPES, ids=LATENT_IDS)
+def test_kl_free(shape, dtype):
+    post = randn(*shape, dtype=dtype, scale=3.0)
+    prior = randn(*shape, dtype=dtype, scale=3.0, seed=6)
+    # Every other row: prior close to post, a KL far below the free bits (no gradient there).
+    near = (post.double() + randn(*shape, scale=0.01, seed=7).double()).to(dtype)
+    rows = torch.arange(post[..., 0, 0].numel(), device=DEVICE).reshape(shape[:-2])
+    prior = torch.where((rows % 2 == 1)[..., None, None], near, prior)
+    check(lambda q, p: categorical.kl_free(q, p, 0.01, 1.0),
+          lambda q, p: categorical.kl_free_ref(q, p, 0.01, 1.0),
+          {"post": post, "prior": prior}, grads=("post", "prior"))
+
+
+def test_kl_free_gradient_routing():
+    """dyn reaches only the prior, rep only the posterior (non-contiguous post)."""
+    post = randn(7, 16, 5, scale=3.0).transpose(1, 2)
+    prior = randn(7, 5, 16, scale=3.0, seed=6)
+    (q, p), _ = leaves(post, prior)
+    dyn, _ = categorical.kl_free(q, p, 0.01, 1.0)
+    dyn.sum().backward()
+    assert q.grad.abs().max() == 0 and p.grad.abs().max() > 0
+    (q, p), _ = leaves(post, prior)
+    _, rep = categorical.kl_free(q, p, 0.01, 1.0)
+    rep.sum().backward()
+    assert p.grad.abs().max() == 0 and q.grad.abs().max() > 0
+
+
+# ----------------------------------------------------------------------- registration, compile
+
+def test_every_op_has_a_triton_kernel_and_a_custom_op():
+    ops, refs = get_ops("triton"), get_ops("ref")
+    for name in OPS:
+        assert getattr(ops, name) is not getattr(refs, name), f"{name} falls back to its ref"
+        assert hasattr(torch.ops.dreamer_fast, name), f"dreamer_fast::{name} not registered"
+
+
+def test_ops_trace_under_torch_compile():
+    """fullgraph compile (no graph breaks) through every op and its backward matches eager."""
+    ops = get_ops("triton")
+
+    def step(x, scale, gates, deter, logits, target, post, prior, noise):
+        h = ops.gru_update(gates, deter, 4)
+        y = ops.rms_silu(x, scale)
+        z = ops.latent_sample(post, 0.01, noise)
+        dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
+        loss = ops.twohot_loss(logits, target) + ops.twohot_mean(logits)
+        return h.sum() + y.square().sum() + (z * prior).sum() + (dyn + 2 * rep).sum() + loss.sum()
+
+    inputs = [randn(7, 500), randn(500) + 1, randn(7, 1500), randn(7, 500), randn(7, 255),
+              twohot_targets(7, 255), randn(7, 5, 7), randn(7, 5, 7, seed=8),
+              torch.rand(7, 5, device=DEVICE)]
+    grads = [i for i in range(len(inputs)) if i not in (5, 8)]
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"  # no C++ build on CPU
+    results = []
+    for fn in (step, torch.compile(step, backend=backend, fullgraph=True)):
+        xs = [t.clone().requires_grad_(i in grads) for i, t in enumerate(inputs)]
+        out = fn(*xs)
+        out.backward()
+        results.append([out] + [xs[i].grad for i in grads])
+    for j, (a, b) in enumerate(zip(*results)):
+        assert_close(f"compiled vs eager {j}", a, b)
+
+
+# ------------------------------------------------------------------------------ end-to-end
+
+def test_agent_train_steps_match_with_kernels_on_and_off():
+    """Two train steps of the debug agent (image + vector, discrete actions) from the same
+    weights and seeds give the same losses and parameters with Triton kernels and refs."""
+    net, act, obs = SIZES["debug"], ActSpace(True, 3), {**VECTOR, **IMAGE}
+    cfg = dict(batch_size=2, batch_length=8, imag_horizon=3)
+    agents = {}
+    for impl in ("ref", "triton"):
+        torch.manual_seed(0)
+        agents[impl] = Agent(obs, act, net, AgentConfig(**cfg, kernels=impl), device=DEVICE)
+    agents["triton"].load_state_dict(agents["ref"].state_dict())
+    batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
+    metrics = {}
+    for impl, agent in agents.items():
+        metrics[impl] = []
+        for step in range(2):
+            torch.manual_seed(100 + step)  # latent noise (torch.rand), actions (multinomial)
+            m, latents = agent.train_step(batch)
+            metrics[impl].append(m)
+        assert latents["deter"].dtype == torch.bfloat16 and latents["stoch"].dtype == torch.int16
+    for step, (ref, fast) in enumerate(zip(metrics["ref"], metrics["triton"])):
+        assert ref.keys() == fast.keys()
+        for key in ref:
+            if key.startswith("loss/"):
+                # Summed over a batch of float32 terms: 1e-4 relative (kernel rounding, 2 steps).
+                err = abs(fast[key].item() - ref[key].item())
+                assert err <= 1e-4 * (abs(ref[key].item()) + 1e-3), (
+                    f"step {step} {key}: triton {fast[key].item():.9g} ref {ref[key].item():.9g}")
+    ref_params = dict(agents["ref"].named_parameters())
+    for name, param in agents["triton"].named_parameters():
+        err = (param - ref_params[name]).abs().max().item()
+        assert err <= 1e-5 * (1 + ref_params[name].abs().max().item()), f"{name}: {err:.3g}"
