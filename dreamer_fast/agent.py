@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from dreamer_fast import distributed as D
 from dreamer_fast import losses as L
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig
 from dreamer_fast.dists import symexp
@@ -58,6 +60,7 @@ class Agent(nn.Module):
             self.register_buffer("retnorm_hi", torch.zeros(()))
             self.register_buffer("nonfinite", torch.zeros(len(LOSSES), dtype=torch.bool))
             self.opt = LaProp(self.trained_parameters(), cfg.optim)
+        self.reducer: D.GradReducer | None = None  # set by enable_data_parallel
         self.feat_size = net.deter + net.stoch * net.classes
 
     def _build(self, n: NetConfig, act, ops) -> None:
@@ -78,6 +81,27 @@ class Agent(nn.Module):
     def trained_parameters(self) -> list[nn.Parameter]:
         """Every optimised parameter (all modules but the slow critic)."""
         return [p for name in TRAINED for p in getattr(self, name).parameters()]
+
+    def enable_data_parallel(self) -> None:
+        """Train as one replica of the torch.distributed world (DESIGN 3.10, SPEC 2.4 and 3).
+
+        Call on every rank after loading any checkpoint and before the first update (and
+        before graph capture). Copies rank 0's parameters, buffers and optimizer state to all
+        ranks; from then on train_step averages gradients with one all-reduce of a flat
+        buffer before the optimizer, takes return percentiles over the all-gathered batch,
+        and scales the learning rate (after warmup) by sqrt(world size).
+        """
+        D.broadcast_([*self.parameters(), *self.buffers(), self.opt.count, *self.opt.nu,
+                      *self.opt.mu])
+        self.reducer = D.GradReducer(self.trained_parameters())
+        self.opt.lr_scale = math.sqrt(D.world_size())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; with a reducer attached, zero its buffer so the views stay alive."""
+        if self.reducer is not None:
+            self.reducer.zero_()
+        else:
+            super().zero_grad(set_to_none)
 
     @property
     def device(self) -> torch.device:
@@ -120,9 +144,11 @@ class Agent(nn.Module):
         is context (its latent and action start the scan). Returns (metrics {name: 0-d
         tensor}, latents {deter (B, T, D) bf16, stoch (B, T, S) int16} for steps 1..T).
         """
-        self.opt.zero_grad()
+        self.zero_grad()
         loss, metrics, latents = self.loss(batch)
         loss.backward()
+        if self.reducer is not None:
+            self.reducer.all_reduce()
         metrics.update(self.opt.step())
         with torch.no_grad():
             torch._foreach_lerp_(list(self.slowval.parameters()), list(self.val.parameters()),
@@ -197,7 +223,9 @@ class Agent(nn.Module):
         val = self.val.mean(val_logits).detach()
         weight = torch.cumprod(con, 1)[:, :-1]
         ret = L.lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)
-        scale = L.percentile_scale(ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
+        # Data parallel: percentiles of the global batch, so every rank normalises alike.
+        all_ret = D.all_gather(ret) if self.reducer is not None else ret
+        scale = L.percentile_scale(all_ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
                                    cfg.perclo, cfg.perchi, cfg.retnorm_limit)
         adv = (ret - val[:, :-1]) / scale
         dist = self.pol(feat[:, :-1])

@@ -16,12 +16,16 @@ class LaProp:
 
     Per step t (from 1): g <- g * min(1, agc * max(pmin, |p|) / |g|) (per tensor);
     nu <- b2 nu + (1 - b2) g^2; u = g / (sqrt(nu / (1 - b2^t)) + eps);
-    mu <- m mu + (1 - m) u; p <- p - lr * min(1, t / warmup) * mu / (1 - m^t).
+    mu <- m mu + (1 - m) u; p <- p - lr * lr_scale * min(1, t / warmup) * mu / (1 - m^t).
+    lr_scale is sqrt(world size) under data parallel (DESIGN 3.10), 1 otherwise; a Python
+    float read on every step, so set it before a CUDA graph captures `step`.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig,
+                 lr_scale: float = 1.0):
         self.params = list(params)
         self.cfg = cfg
+        self.lr_scale = lr_scale
         device = self.params[0].device
         self.count = torch.zeros((), dtype=torch.float32, device=device)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
@@ -49,7 +53,7 @@ class LaProp:
         torch._foreach_add_(self.mu, updates, alpha=1.0 - c.momentum)
         mu_corr = 1.0 - torch.pow(c.momentum, self.count)
         warm = (self.count / c.warmup).clamp(max=1.0) if c.warmup else torch.ones_like(self.count)
-        self.lr.copy_(c.lr * warm)
+        self.lr.copy_(c.lr * self.lr_scale * warm)
         torch._foreach_add_(self.params, torch._foreach_mul(self.mu, -self.lr / mu_corr))
         return {"opt/grad_norm": torch.linalg.vector_norm(torch.stack(gnorm)),
                 "opt/lr": self.lr.clone(), "opt/clipped": (torch.stack(ratio) < 1).float().mean()}
