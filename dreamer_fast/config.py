@@ -258,13 +258,15 @@ class EnvConfig:
 class ReplayConfig:
     """The shared-memory ring buffer (SPEC 5.2, DESIGN 3.8)."""
 
-    capacity: int = 5_000_000
-    """Capacity in agent steps over all env streams."""
+    capacity: int = 0
+    """Capacity in agent steps over all env streams; 0 = SPEC's 5,000,000 or, when that does
+    not fit, as many as fit in 75% of the free RAM (decided at start, kept on resume)."""
     online: bool = True
     """Train on every fresh non-overlapping window first, then sample uniformly."""
 
     def __post_init__(self):
-        _positive(self, "replay.", ("capacity",))
+        _check(self.capacity >= 0, "replay.capacity", self.capacity,
+               "an int >= 0 (0 = automatic)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,216 @@
+"""The actor thread: steps the envs with the policy and writes every step into the ring (DESIGN 2).
+
+    recv (env_id) -> gather carries -> policy_step on the device -> scatter carries -> send
+    -> ring.add (obs, action zeroed on is_last, reward, flags, latent) -> limiter.insert
+
+The policy runs on one of two copies of the policy modules (enc, dyn, pol), `PolicyWeights`:
+the learner writes the inactive copy after an update and flips an index, so the actor never
+reads a half-written set and the learner never waits for the actor.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import threading
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from dreamer_fast.agent import Agent
+from dreamer_fast.envs.base import STEP_KEYS
+
+POLICY_MODULES = ("enc", "dyn", "pol")
+
+
+class Policy(nn.Module):
+    """The acting part of an Agent (enc, dyn, pol); shares Agent's policy_step code."""
+
+    def __init__(self, agent: Agent):
+        super().__init__()
+        self.net, self.act_space = agent.net, agent.act_space
+        for name in POLICY_MODULES:
+            setattr(self, name, copy.deepcopy(getattr(agent, name)).requires_grad_(False))
+        self.register_buffer("anchor", torch.zeros((), device=agent.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    feat = Agent.feat
+    initial_carry = Agent.initial_carry
+    policy_step = Agent.policy_step
+
+
+class PolicyWeights:
+    """Two Policy copies; the learner publishes into the inactive one, then flips `index`.
+
+    Each copy has a lock held while it is read (actor) or written (learner). The learner only
+    try-locks: if the actor still holds the inactive copy (it grabbed it just before a flip),
+    that publish is skipped and the next update publishes instead. On CUDA an event recorded
+    after the copy orders the actor's kernels after it, whatever streams the threads use.
+    """
+
+    def __init__(self, agent: Agent):
+        self.copies = [Policy(agent), Policy(agent)]
+        self.locks = [threading.Lock(), threading.Lock()]
+        self.events = [None, None]
+        self.index = 0
+        self.published = self.skipped = 0
+        self._src = [p for n in POLICY_MODULES for p in getattr(agent, n).state_dict().values()]
+        self._dst = [[t for n in POLICY_MODULES for t in getattr(c, n).state_dict().values()]
+                     for c in self.copies]
+
+    def publish(self) -> bool:
+        """Learner: copy the agent's current policy weights into the inactive copy, flip."""
+        i = 1 - self.index
+        if not self.locks[i].acquire(blocking=False):
+            self.skipped += 1
+            return False
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(self._dst[i], self._src)
+            if self._src[0].is_cuda:
+                self.events[i] = torch.cuda.Event()
+                self.events[i].record()
+            self.index = i  # flip only after the copy is complete (enqueued, with its event)
+            self.published += 1
+        finally:
+            self.locks[i].release()
+        return True
+
+    def acquire(self) -> tuple[Policy, threading.Lock]:
+        """Actor: lock the active copy (re-checking the index after locking) and return it."""
+        while True:
+            i = self.index
+            self.locks[i].acquire()
+            if i == self.index:
+                if self.events[i] is not None:
+                    torch.cuda.current_stream().wait_event(self.events[i])
+                return self.copies[i], self.locks[i]
+            self.locks[i].release()
+
+
+class Timer:
+    """Named wall-clock sections (env, policy, replay, train); one Timer per thread."""
+
+    def __init__(self):
+        self.total: dict[str, float] = collections.defaultdict(float)
+
+    def section(self, name: str):
+        return _Section(self.total, name)
+
+
+class _Section:
+    def __init__(self, total, name):
+        self.total, self.name = total, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total[self.name] += time.perf_counter() - self.start
+
+
+class Actor:
+    """Runs envs with the latest policy; one writer of the ring.
+
+    env: a started-or-not VecEnv. ring: the replay Ring (num_streams = env.num_envs).
+    limiter: RateLimiter. weights: PolicyWeights. steps: stop after the ring holds this many.
+    `lock` is held around each ring write + limiter insert: hold it to pause the writer
+    (checkpointing). Finished episodes land in `episodes` as (return, length) for the logger.
+    """
+
+    def __init__(self, env, ring, limiter, weights: PolicyWeights, device: torch.device,
+                 steps: int):
+        self.env, self.ring, self.limiter, self.weights = env, ring, limiter, weights
+        self.device, self.steps = device, steps
+        self.discrete = env.act_space.discrete
+        self.obs_keys = list(env.obs_space)
+        self.carry = weights.copies[0].initial_carry(env.num_envs)
+        self.score = np.zeros(env.num_envs, np.float64)
+        self.length = np.zeros(env.num_envs, np.int64)
+        self.episodes: collections.deque = collections.deque(maxlen=10_000)
+        self.lock = threading.Lock()
+        self.timer = Timer()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Thread body: step until `steps` are stored, `stop` is set or the limiter closes."""
+        try:
+            # Its own CUDA stream, so policy steps do not queue behind the learner's update.
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.env.start()
+                while not self.stop.is_set() and self.ring.inserted < self.steps:
+                    if not self.step():
+                        break
+        except BaseException as e:  # surfaced by the run loop
+            self.error = e
+            self.limiter.close()
+
+    def step(self) -> bool:
+        """One recv -> policy -> send -> store. False once the limiter has closed."""
+        with self.timer.section("env"):
+            obs = self.env.recv()
+        with self.timer.section("policy"):
+            action, sent, latent = self.act(obs)
+        with self.timer.section("env"):
+            self.env.send(sent, obs["env_id"])
+        step = {k: obs[k] for k in self.obs_keys}
+        step.update({k: obs[k] for k in STEP_KEYS if k != "env_id"})
+        step.update(action=action, **latent)
+        self.track(obs)
+        with self.lock:
+            with self.timer.section("replay"):
+                self.ring.add(step, obs["env_id"])  # before insert: the limiter counts data
+            return self.limiter.insert(len(obs["env_id"]))  # waits logged by the limiter
+
+    def act(self, obs: dict) -> tuple[torch.Tensor, np.ndarray, dict]:
+        """Policy step for the envs in obs["env_id"] with the active weights copy.
+
+        Returns (action to store, action to send (host), latent). The copy stays locked until
+        the host has the action: that sync also means every kernel reading it has run."""
+        policy, lock = self.weights.acquire()
+        try:
+            action, latent = policy_act(policy, self.carry, obs, self.obs_keys, self.device)
+            sent = action.argmax(-1) if self.discrete else action
+            return action, sent.cpu().numpy(), latent  # host sync: the env needs the action
+        finally:
+            lock.release()
+
+    def track(self, obs: dict) -> None:
+        """Per-env episode return and length; finished episodes go to `episodes`."""
+        ids = obs["env_id"]
+        first = obs["is_first"]
+        self.score[ids] = np.where(first, 0.0, self.score[ids] + obs["reward"])
+        self.length[ids] = np.where(first, 0, self.length[ids] + 1)
+        for j in ids[obs["is_last"]]:
+            self.episodes.append((float(self.score[j]), int(self.length[j])))
+
+
+@torch.no_grad()
+def policy_act(policy, carry: dict, obs: dict, obs_keys, device: torch.device,
+               greedy: bool = False) -> tuple[torch.Tensor, dict]:
+    """One policy step for the envs obs["env_id"] (N of them, any order, any subset).
+
+    carry: {k: (num_envs, ...)} on the device, one row per env: the envs' rows are gathered,
+    stepped and scattered back in place. Returns (action (N, A) float on the device, zero
+    where is_last, as stored in replay; latent {deter, stoch} to store with the step).
+    """
+    ids = torch.as_tensor(obs["env_id"], dtype=torch.int64).to(device)
+    inp = {k: torch.as_tensor(obs[k]).to(device, non_blocking=True)
+           for k in (*obs_keys, "is_first")}
+    rows = {k: v.index_select(0, ids) for k, v in carry.items()}
+    action, rows, latent = policy.policy_step(rows, inp, greedy)
+    # The action sent at an is_last step is never executed: store zero (SPEC 1.6).
+    keep = ~torch.as_tensor(obs["is_last"]).to(device)
+    action = action * keep[:, None].to(action.dtype)
+    rows["action"] = action
+    for k, v in rows.items():
+        carry[k].index_copy_(0, ids, v)
+    return action, latent

@@ -1,0 +1,108 @@
+"""What the user sees: a live progress line, TensorBoard scalars/images, metrics.jsonl, videos.
+
+Scalars go to TensorBoard (torch.utils.tensorboard) and, one JSON object per log, to
+<logdir>/metrics.jsonl. Open-loop report videos are mp4 files under <logdir>/reports/ (TensorBoard's
+add_video would need moviepy), with a strip of frames in TensorBoard as an image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+class Logger:
+    """Writes scalars to TensorBoard and metrics.jsonl; prints the progress line."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = logdir
+        self.writer = SummaryWriter(logdir)
+        self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        self.tty = sys.stdout.isatty()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        row = {"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.writer.flush()
+
+    def progress(self, line: str, final: bool = False) -> None:
+        """A live line on a terminal (carriage return); a plain line per call otherwise."""
+        if self.tty:
+            sys.stdout.write("\r" + line.ljust(110)[:160] + ("\n" if final else ""))
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+        print(text, flush=True)
+
+    def video(self, step: int, name: str, frames: np.ndarray) -> str:
+        """frames (T, H, W, C) uint8 -> <logdir>/reports/<name>-<step>.mp4 and a TB strip."""
+        folder = os.path.join(self.logdir, "reports")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name.replace('/', '_')}-{step}.mp4")
+        write_mp4(path, frames)
+        every = max(1, len(frames) // 8)
+        strip = np.concatenate(list(frames[::every][:8]), 1)
+        self.writer.add_image(name, strip, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int = 16) -> None:
+    """frames (T, H, W, C) uint8, C in {1, 3}; sides padded to multiples of 16 for codecs."""
+    import imageio
+
+    frames = np.asarray(frames, np.uint8)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, -1)
+    T, H, W, _ = frames.shape
+    pad = ((0, 0), (0, -H % 16), (0, -W % 16), (0, 0))
+    imageio.mimwrite(path, np.pad(frames, pad), fps=fps, macro_block_size=1)
+
+
+def openloop_frames(truth: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """Report video: truth (B, T, C, H, W) in [0, 1] and model -> (T, 3H, B*W, C) uint8.
+
+    Rows: real frames, predicted frames, and their absolute error; one column per sequence."""
+    err = (truth - model).abs()
+    grid = torch.cat([truth, model, err], 3)                  # B, T, C, 3H, W
+    grid = grid.permute(1, 3, 0, 4, 2)                        # T, 3H, B, W, C
+    T, H3, B, W, C = grid.shape
+    grid = grid.reshape(T, H3, B * W, C)
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def format_progress(steps: int, total: int, rates: dict, fill: float,
+                    score: float | None) -> str:
+    """One progress line: agent steps, env steps/s, updates/s, replay fill, return, time left."""
+    sps = rates.get("steps_per_s", 0.0)
+    left = (total - steps) / sps if sps > 0 else math.inf
+    score_text = "-" if score is None else f"{score:.1f}"
+    return (f"step {steps:,}/{total:,} | {sps:,.0f} env steps/s | "
+            f"{rates.get('updates_per_s', 0.0):.2f} updates/s | replay {fill:.0%} | "
+            f"return {score_text} | left {format_duration(left)}")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

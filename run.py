@@ -1,0 +1,49 @@
+"""dreamer_fast: train DreamerV3, or evaluate a trained run.
+
+    python run.py --env Pong-v5 --num-envs 64              # train (resumes an existing --logdir)
+    python run.py --eval --logdir DIR [--episodes 10] [--greedy]
+    python run.py --help                                   # every flag, with its default
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dreamer_fast.config import ConfigError, parse
+
+
+def main(argv: list[str]) -> None:
+    try:
+        if "--eval" in argv:
+            from dreamer_fast.evaluate import evaluate
+
+            args = _eval_args(argv)
+            evaluate(args["logdir"], args["episodes"], args["greedy"], args["device"])
+        else:
+            from dreamer_fast.train import train
+
+            train(parse(argv))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def _eval_args(argv: list[str]) -> dict:
+    args = {"logdir": None, "episodes": "10", "device": "auto", "greedy": False}
+    rest = [a for a in argv if a != "--eval"]
+    while rest:
+        arg = rest.pop(0)
+        key = arg.lstrip("-").replace("-", "_")
+        if key == "greedy":
+            args["greedy"] = True
+        elif key in args and rest:
+            args[key] = rest.pop(0)
+        else:
+            raise ConfigError(f"--eval takes --logdir DIR, --episodes N, --greedy, --device; "
+                              f"got {arg!r}")
+    if not args["logdir"]:
+        raise ConfigError("--eval needs --logdir (a run folder or a checkpoint file)")
+    return {**args, "episodes": int(args["episodes"])}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,155 @@
+"""run.py end to end in subprocesses (CPU, tiny settings): smoke runs on CartPole and Pong, the
+train-ratio contract, SIGKILL + resume, SIGTERM save, incompatible resume, evaluation."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CARTPOLE = ["--env", "CartPole-v1", "--steps", "1000", "--train-ratio", "16", "--seed", "1",
+            "--log-every", "1", "--save-every", "2", "--report-every", "3"]
+PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
+        "--agent.batch-length", "16", "--replay.capacity", "4000", "--num-envs", "2",
+        "--env-opts.image-size", "64", "--train-ratio", "8", "--steps", "100000",
+        "--log-every", "2", "--save-every", "3", "--report-every", "3"]
+
+
+def start(args, logdir):
+    return subprocess.Popen([sys.executable, "run.py", *args, "--logdir", str(logdir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def run(args, logdir, timeout=240):
+    proc = start(args, logdir)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def load(logdir, name="checkpoint.pt"):
+    return torch.load(os.path.join(logdir, name), weights_only=True)
+
+
+def wait_for(predicate, proc, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        try:
+            if predicate():
+                return
+        except (OSError, RuntimeError, EOFError):  # file not written yet
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"timed out:\n{proc.communicate()[0]}")
+
+
+def assert_ratio(ckpt, train_ratio, batch_steps, min_inserts):
+    """Contract: updates ~= train_ratio x (agent steps - warm-up) / (B*T), within the limiter's
+    tolerance (default max(4 B*T, 64 train_ratio) replayed steps: the learner may run that far
+    ahead, and the end of a run lets it catch up to within one update when it is behind)."""
+    inserted, replayed = ckpt["limiter"]["inserted"], ckpt["limiter"]["replayed"]
+    tolerance = max(4 * batch_steps, 64 * train_ratio)
+    owed = train_ratio * (inserted - min_inserts)
+    assert -batch_steps < replayed - owed <= tolerance, (replayed, owed, tolerance)
+    updates = ckpt["counters"]["updates"]  # the learner's own count: may trail by one sample
+    assert -2 < updates - owed / batch_steps <= tolerance / batch_steps, (updates, owed)
+
+
+def test_cartpole_smoke_kill_resume_contract_and_eval(tmp_path):
+    logdir = tmp_path / "cartpole"
+    proc = start(CARTPOLE, logdir)
+    # SIGKILL mid-run, once a checkpoint with training in it exists.
+    wait_for(lambda: load(logdir)["counters"]["updates"] > 0, proc, 180)
+    proc.kill()
+    proc.wait()
+    saved = load(logdir)
+    saved_steps = int(load(logdir, "replay.pt")["ring"]["count"].sum())
+    assert 0 < saved_steps < 1000 and saved["counters"]["updates"] > 0
+    assert {"checkpoint.pt", "replay.pt", "metrics.jsonl", "config.json"} <= set(os.listdir(logdir))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
+
+    code, out = run(CARTPOLE, logdir)  # the same command resumes
+    assert code == 0, out
+    m = re.search(r"resumed from .*: ([\d,]+) agent steps, ([\d,]+) updates, replay", out)
+    assert m, out
+    steps, updates = (int(g.replace(",", "")) for g in m.groups())
+    assert steps == saved_steps and updates == saved["counters"]["updates"] > 0
+    final = load(logdir)
+    assert final["limiter"]["inserted"] >= 1000 and final["counters"]["updates"] > updates
+    # debug preset: 4 envs, B4 x T16 -> warm-up 4 * 17 + 64 steps.
+    assert_ratio(final, 16, 64, 4 * 17 + 64)
+    rows = [json.loads(line) for line in open(logdir / "metrics.jsonl")]
+    keys = set().union(*rows)
+    for key in ("loss/dyn", "loss/policy", "episode/return", "episode/length",
+                "throughput/steps_per_s", "throughput/updates_per_s",
+                "wait/actor_wait_frac", "wait/learner_wait_frac", "time/actor/env_frac",
+                "time/actor/policy_frac", "time/learner/replay_frac",
+                "time/learner/train_frac", "openloop/vector"):
+        assert key in keys, key
+
+    code, out = run(["--eval", "--episodes", "2"], logdir, timeout=120)
+    assert code == 0, out
+    result = json.load(open(logdir / "eval" / "returns.json"))
+    assert result["episodes"] == 2 and all(r > 0 for r in result["returns"])
+
+    # A different model cannot resume this run: the error names the fields.
+    code, out = run([*CARTPOLE, "--model", "size1m"], logdir, timeout=120)
+    assert code != 0 and "cannot resume" in out and "net.deter: 64 -> 512" in out, out
+
+
+def test_pong_smoke_report_sigterm_and_eval_video(tmp_path):
+    logdir = tmp_path / "pong"
+    proc = start(PONG, logdir)
+    reports = logdir / "reports"
+    wait_for(lambda: os.listdir(reports) and load(logdir)["counters"]["updates"] > 0, proc, 200)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM: saving" in out, out
+    assert re.search(r"replay: 4,000 steps x [\d,]+ bytes", out)
+    ckpt = load(logdir)
+    assert ckpt["counters"]["updates"] > 0 and json.loads(ckpt["config"])["env"] == "Pong-v5"
+    assert any(name.endswith(".mp4") for name in os.listdir(reports))
+    rows = [json.loads(line) for line in open(logdir / "metrics.jsonl")]
+    assert any("loss/rec/image" in r for r in rows) and any("openloop/image" in r for r in rows)
+
+    code, out = run(["--eval", "--episodes", "1"], logdir, timeout=180)
+    assert code == 0, out
+    assert os.path.getsize(logdir / "eval" / "episode.mp4") > 0
+
+
+def test_unknown_env_and_oversized_replay_fail_at_once(tmp_path):
+    code, out = run(["--env", "Pong-v9", "--model", "debug"], tmp_path / "a", timeout=120)
+    assert code != 0 and "unknown env id 'Pong-v9'; closest: " in out and "Pong-v5" in out
+    code, out = run(["--env", "CartPole-v1", "--replay.capacity", str(10**12)], tmp_path / "b",
+                    timeout=120)
+    assert code != 0 and re.search(r"use --replay.capacity \d+", out), out
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch):
+    import torch
+
+    from dreamer_fast import train
+    from dreamer_fast.config import ConfigError
+
+    spec = {"image": ((3, 64, 64), torch.uint8), "deter": ((8192,), torch.bfloat16)}
+    per_step = 3 * 64 * 64 + 2 * 8192
+    monkeypatch.setattr(train, "mem_available", lambda: 100_000 * per_step)
+    # Default: SPEC's 5e6 does not fit, so as many as fit in the fraction of free RAM.
+    assert train.replay_capacity(spec, 0, None, 0.5) == 50_000
+    # A resumed run keeps its capacity; an explicit value is used as given.
+    assert train.replay_capacity(spec, 0, 30_000, 0.5) == 30_000
+    assert train.replay_capacity(spec, 20_000, None, 0.5) == 20_000
+    with pytest.raises(ConfigError, match=r"use --replay.capacity 50000"):
+        train.replay_capacity(spec, 90_000, None, 0.5)
+    monkeypatch.setattr(train, "mem_available", lambda: 10**9 * per_step)
+    assert train.replay_capacity(spec, 0, None, 0.75) == train.SPEC_CAPACITY
