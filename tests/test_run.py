@@ -17,7 +17,8 @@ CARTPOLE = ["--env", "CartPole-v1", "--steps", "1000", "--train-ratio", "16", "-
             "--log-every", "1", "--save-every", "2", "--report-every", "3"]
 PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
         "--agent.batch-length", "16", "--replay.capacity", "4000", "--num-envs", "2",
-        "--env-opts.image-size", "64", "--train-ratio", "8", "--steps", "100000",
+        "--env-opts.image-size", "64", "--env-opts.time-limit", "200", "--train-ratio", "8",
+        "--steps", "100000",
         "--log-every", "2", "--save-every", "3", "--report-every", "3"]
 
 
