@@ -51,6 +51,22 @@ class BlockLinear(nn.Module):
         y = torch.bmm(x, self.weight.to(x.dtype)).transpose(0, 1)
         return y.reshape(*lead, -1) + self.bias.to(y.dtype)
 
+    def forward_shared(self, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """forward() of the input whose block g is concat(own_g, shared), without building it.
+
+        own: (..., G * n) split into G chunks of n; shared: (..., m) seen by every block, with
+        n + m = inp / G. Block g's matrix splits into rows for own_g and rows for shared; the
+        shared rows of all blocks form one (m, out) matrix, so the repeated input (G copies of
+        shared: 12,800 wide per step at paper-S) becomes one dense GEMM. Same parameters.
+        """
+        G, lead = self.blocks, own.shape[:-1]
+        n = own.shape[-1] // G
+        w = self.weight.to(own.dtype)
+        y = torch.bmm(own.reshape(-1, G, n).transpose(0, 1), w[:, :n]).transpose(0, 1)
+        w_shared = w[:, n:].transpose(0, 1).reshape(shared.shape[-1], -1)
+        y = y.reshape(*lead, -1) + shared @ w_shared
+        return y + self.bias.to(y.dtype)
+
 
 class NormAct(nn.Module):
     """SiLU(RMSNorm(x)) over the last axis; learnable scale, no bias, eps 1e-4, float32 math."""

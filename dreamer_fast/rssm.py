@@ -111,14 +111,17 @@ class RSSM(nn.Module):
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """One GRU step h' = f(h, z, a); deter (N, D), stoch (N, S, K), action (N, A)."""
-        G = self.blocks
         x0 = self.dynin0(deter)
         x1 = self.dynin1(stoch.reshape(*stoch.shape[:-2], -1))
         x2 = self.dynin2(self.action_input(action))
-        shared = torch.cat([x0, x1, x2], -1)[..., None, :].expand(*x0.shape[:-1], G, -1)
-        x = torch.cat([deter.reshape(*deter.shape[:-1], G, -1), shared], -1)
-        x = self.dynhid(x.reshape(*x.shape[:-2], -1))
-        return self.ops.gru_update(self.dyngru(x), deter, G)
+        # Block g sees [h_g, x0, x1, x2]; forward_shared computes that without G copies.
+        shared = torch.cat([x0, x1, x2], -1)
+        if len(self.dynhid):
+            x = self.dynhid[1:](self.dynhid[0].forward_shared(deter, shared))
+            gates = self.dyngru(x)
+        else:
+            gates = self.dyngru.forward_shared(deter, shared)
+        return self.ops.gru_update(gates, deter, self.blocks)
 
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         return self.prior(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)

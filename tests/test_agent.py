@@ -165,3 +165,14 @@ def test_bad_observation_space_is_rejected():
         Agent({"grid": ((4, 4), np.float32)}, ActSpace(True, 3), n, SMALL)
     with pytest.raises(ConfigError, match="size=0"):
         Agent(VECTOR, ActSpace(True, 0), n, SMALL)
+
+
+def test_block_linear_shared_input_equals_repeated_concat():
+    from dreamer_fast.nets import BlockLinear
+    torch.manual_seed(0)
+    G, n, m = 4, 6, 10
+    layer = BlockLinear(G * (n + m), 20, G)
+    own, shared = torch.randn(3, 5, G * n), torch.randn(3, 5, m)
+    full = torch.cat([own.reshape(3, 5, G, n), shared[..., None, :].expand(3, 5, G, m)], -1)
+    assert torch.allclose(layer.forward_shared(own, shared), layer(full.reshape(3, 5, -1)),
+                          atol=1e-5)
