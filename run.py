@@ -1,6 +1,8 @@
 """dreamer_fast: train DreamerV3, or evaluate a trained run.
 
     python run.py --env Pong-v5 --num-envs 64              # train (resumes an existing --logdir)
+    torchrun --nproc-per-node 2 run.py --env Pong-v5       # data parallel: one process per GPU,
+                                                           # each with its own envs and replay
     python run.py --eval --logdir DIR [--episodes 10] [--greedy]
     python run.py --help                                   # every flag, with its default
 """

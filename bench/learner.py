@@ -10,7 +10,6 @@ update after burn-in) to bench/results/learner-<device>.jsonl.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

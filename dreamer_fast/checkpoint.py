@@ -5,6 +5,10 @@ JSON string) and the limiter; <logdir>/replay.pt holds the ring. Each is written
 file and renamed with os.replace, so a crash mid-save leaves the previous file intact. The
 replay is written first and both carry the same `save_id`, so a kill between the two renames
 is detected on resume (the replay is then newer than the checkpoint: still usable).
+
+Data parallel (world size N > 1, DESIGN 3.10): rank r writes its own ring, rate limiter and
+RNG states to <logdir>/replay-rank{r}.pt (each self-consistent), rank 0 alone writes
+checkpoint.pt, which records N: a resume must use the same world size.
 """
 
 from __future__ import annotations
@@ -97,15 +101,29 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save(logdir: str, cfg: Config, agent, limiter, ring, counters: dict) -> None:
-    """Write replay then checkpoint; call with the actor and the learner paused."""
+def replay_file(rank: int = 0, world: int = 1) -> str:
+    """This rank's replay file name: replay.pt alone, replay-rank{r}.pt in a world of N > 1."""
+    return REPLAY if world == 1 else f"replay-rank{rank}.pt"
+
+
+def save(logdir: str, cfg: Config, agent, limiter, ring, counters: dict, rank: int = 0,
+         world: int = 1) -> None:
+    """Write replay then checkpoint; call with the actor and the learner paused.
+
+    With world > 1 every rank calls it (same counters): the replay file also holds this
+    rank's limiter and RNG states; only rank 0 writes checkpoint.pt."""
     save_id = int(counters.get("save_id", 0)) + 1
     counters = {**counters, "save_id": save_id}
-    atomic_save({"save_id": save_id, "ring": ring.state_dict()}, os.path.join(logdir, REPLAY))
+    replay = {"save_id": save_id, "ring": ring.state_dict()}
+    if world > 1:
+        replay.update(limiter=limiter.state_dict(), rng=rng_state())
+    atomic_save(replay, os.path.join(logdir, replay_file(rank, world)))
+    if rank != 0:
+        return
     atomic_save({
         "save_id": save_id, "config": config_json(cfg), "agent": agent.state_dict(),
         "opt": agent.opt.state_dict(), "limiter": limiter.state_dict(), "counters": counters,
-        "rng": rng_state(),
+        "rng": rng_state(), "world_size": world,
     }, os.path.join(logdir, CHECKPOINT))
 
 
@@ -138,21 +156,38 @@ def check_compatible(ckpt: dict, cfg: Config, file: str) -> None:
                          "Use the same flags or a new --logdir.")
 
 
-def restore(file: str, ckpt: dict, agent, limiter, ring) -> dict:
-    """Load a checkpoint (and its replay) into the live objects; returns the counters."""
+def check_world_size(ckpt: dict, world: int, file: str) -> None:
+    """Refuse to resume with another number of processes: the replay is split per rank."""
+    saved = int(ckpt.get("world_size", 1))
+    if saved != world:
+        raise ConfigError(f"cannot resume from {file}: it was saved with world size {saved} "
+                          f"({f'{saved} processes, one replay each' if saved > 1 else 'one process'}) but "
+                          f"this run has world size {world}. Launch "
+                          + ("python run.py" if saved == 1 else
+                             f"torchrun --nproc-per-node {saved} run.py")
+                          + " with the same flags, or use a new --logdir.")
+
+
+def restore(file: str, ckpt: dict, agent, limiter, ring, rank: int = 0,
+            world: int = 1) -> dict:
+    """Load a checkpoint (and this rank's replay) into the live objects; returns the counters."""
     agent.load_state_dict(ckpt["agent"])
     agent.opt.load_state_dict(ckpt["opt"])
     set_rng_state(ckpt["rng"])
-    replay = os.path.join(os.path.dirname(file), REPLAY)
+    name = replay_file(rank, world)
+    replay = os.path.join(os.path.dirname(file), name)
     if os.path.isfile(replay):
         # mmap: the ring is copied from the page cache, never held twice in RAM.
         data = torch.load(replay, map_location="cpu", weights_only=True, mmap=True)
         ring.load_state_dict(data["ring"])
-        limiter.load_state_dict(ckpt["limiter"])  # only with its data: it counts the ring
+        # Only with its data: it counts the ring. Ranks > 1 keep their own, and their RNG.
+        limiter.load_state_dict(data.get("limiter", ckpt["limiter"]))
+        if "rng" in data:
+            set_rng_state(data["rng"])
         if data["save_id"] != ckpt["save_id"]:
-            print(f"note: {replay} (save {data['save_id']}) is newer than the checkpoint "
+            print(f"note: {replay} (save {data['save_id']}) differs from the checkpoint "
                   f"(save {ckpt['save_id']}): a save was interrupted; resuming with both")
     else:
-        print(f"warning: no {REPLAY} beside {file}: resuming with an empty replay "
+        print(f"warning: no {name} beside {file}: resuming with an empty replay "
               "and a fresh rate limiter")
     return dict(ckpt["counters"])

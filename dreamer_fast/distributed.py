@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 
+_control = None  # the gloo group of the run loop's control messages (control_all_gather)
+
+
 def init(backend: str | None = None, timeout_s: float = 600.0) -> bool:
     """Join the process group named by torchrun's env vars; False (no-op) when WORLD_SIZE <= 1.
 
@@ -29,13 +32,17 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
 def destroy() -> None:
     """Leave the process group (no-op when not initialised)."""
+    global _control
     if is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def is_initialized() -> bool:
@@ -90,6 +97,23 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x)
     return out
+
+
+def control_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor (K,) from every rank -> (world, K) in rank order, on its own group.
+
+    For the run loop's main thread (stop/save/log flags, counters). The learner threads issue
+    the gradient all-reduce on the default group at any moment, and one group's collectives
+    must be issued in the same order on every rank, which two threads sharing it cannot
+    promise. A second gloo group has its own connections and sequence numbers, so control
+    messages never interleave with the learner's collectives (gloo even when training on NCCL).
+    """
+    if world_size() == 1:
+        return x[None]
+    x = x.detach().cpu().contiguous()
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x, group=_control)
+    return torch.stack(out)
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there); same collective on older torch.

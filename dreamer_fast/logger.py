@@ -18,17 +18,23 @@ import torch
 
 
 class Logger:
-    """Writes scalars to TensorBoard and metrics.jsonl; prints the progress line."""
+    """Writes scalars to TensorBoard and metrics.jsonl; prints the progress line.
 
-    def __init__(self, logdir: str):
+    enabled=False (data-parallel ranks > 0: rank 0 alone logs) makes every method a no-op."""
+
+    def __init__(self, logdir: str, enabled: bool = True):
+        self.logdir, self.enabled = logdir, enabled
+        self.tty = sys.stdout.isatty()
+        if not enabled:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.logdir = logdir
         self.writer = SummaryWriter(logdir)
         self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
-        self.tty = sys.stdout.isatty()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}
@@ -38,6 +44,8 @@ class Logger:
 
     def progress(self, line: str, final: bool = False) -> None:
         """A live line on a terminal (carriage return); a plain line per call otherwise."""
+        if not self.enabled:
+            return
         if self.tty:
             sys.stdout.write("\r" + line.ljust(110)[:160] + ("\n" if final else ""))
         else:
@@ -45,6 +53,8 @@ class Logger:
         sys.stdout.flush()
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.tty:
             sys.stdout.write("\n")
         print(text, flush=True)
@@ -61,6 +71,8 @@ class Logger:
         return path
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.writer.close()
         self.jsonl.close()
 

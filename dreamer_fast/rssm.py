@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from dreamer_fast.dists import symlog
 from dreamer_fast.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
