@@ -39,6 +39,13 @@ def resolve_kernels(impl: str, device: torch.device) -> str:
     return impl
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for matmuls/convs: 'auto' -> bfloat16 on CUDA, none elsewhere."""
+    if precision == "auto":
+        precision = "bfloat16" if device.type == "cuda" else "float32"
+    return torch.bfloat16 if precision == "bfloat16" else None
+
+
 class Agent(nn.Module):
     """DreamerV3. obs_space: {key: (shape, dtype)}; act_space: has .discrete and .size."""
 
@@ -48,6 +55,7 @@ class Agent(nn.Module):
         device = torch.device(device)
         self.net, self.cfg, self.act_space = net, cfg, act_space
         self.ops = ops = get_ops(resolve_kernels(cfg.kernels, device))
+        self.autocast_dtype = resolve_precision(cfg.precision, device)
         self.obs_space = {k: v for k, v in obs_space.items() if k not in
                           ("reward", "is_first", "is_last", "is_terminal")}
         if act_space.size <= 0:
@@ -107,6 +115,11 @@ class Agent(nn.Module):
     def device(self) -> torch.device:
         return self.retnorm_lo.device
 
+    def autocast(self):
+        """bf16 matmuls/convs when configured; our ops upcast to float32 for norms and losses."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def feat(self, deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
         return torch.cat([deter, stoch.reshape(*stoch.shape[:-2], -1)], -1)
 
@@ -126,10 +139,11 @@ class Agent(nn.Module):
         is_first (N,) bool}. Returns (action (N, A) float: one-hot or raw continuous sample,
         new carry, latent {deter (N, D) bf16, stoch (N, S) int16} to store with this step).
         """
-        tokens = self.enc(obs)
-        deter, stoch, _ = self.dyn.obs_step(carry["deter"], carry["stoch"], carry["action"],
-                                            tokens, obs["is_first"])
-        dist = self.pol(self.feat(deter, stoch))
+        with self.autocast():
+            tokens = self.enc(obs)
+            deter, stoch, _ = self.dyn.obs_step(carry["deter"], carry["stoch"],
+                                                carry["action"], tokens, obs["is_first"])
+            dist = self.pol(self.feat(deter, stoch))
         action = dist.mode() if greedy else dist.sample()
         latent = {"deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.int16)}
         return action, {"deter": deter, "stoch": stoch, "action": action}, latent
@@ -145,7 +159,8 @@ class Agent(nn.Module):
         tensor}, latents {deter (B, T, D) bf16, stoch (B, T, S) int16} for steps 1..T).
         """
         self.zero_grad()
-        loss, metrics, latents = self.loss(batch)
+        with self.autocast():
+            loss, metrics, latents = self.loss(batch)
         loss.backward()
         if self.reducer is not None:
             self.reducer.all_reduce()

@@ -200,6 +200,9 @@ class AgentConfig:
     """Upper return percentile."""
     kernels: Literal["auto", "triton", "ref"] = "auto"
     """Fused ops: Triton kernels or their PyTorch references; auto = triton on CUDA, ref on CPU."""
+    precision: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Matmul/conv precision (autocast); parameters, norms, distributions and losses stay
+    float32. auto = bfloat16 on CUDA, float32 elsewhere (SPEC decisions)."""
     loss: LossScales = field(default_factory=LossScales)
     """Loss scales."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -215,6 +218,8 @@ class AgentConfig:
                (self.perclo, self.perchi), "0 <= perclo < perchi <= 100")
         _check(self.kernels in ("auto", "triton", "ref"), "agent.kernels", self.kernels,
                "auto, triton, ref")
+        _check(self.precision in ("auto", "bfloat16", "float32"), "agent.precision",
+               self.precision, "auto, bfloat16, float32")
 
     @property
     def discount(self) -> float:

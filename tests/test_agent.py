@@ -176,3 +176,27 @@ def test_block_linear_shared_input_equals_repeated_concat():
     full = torch.cat([own.reshape(3, 5, G, n), shared[..., None, :].expand(3, 5, G, m)], -1)
     assert torch.allclose(layer.forward_shared(own, shared), layer(full.reshape(3, 5, -1)),
                           atol=1e-5)
+
+
+def test_bf16_autocast_matmuls_with_float32_params_and_losses():
+    """precision=bfloat16: matmuls/convs in bf16, parameters/norm outputs/losses in float32."""
+    n, act = SIZES["debug"], ActSpace(True, 4)
+    batch = make_batch(IMAGE, act, n)
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        agent = Agent(IMAGE, act, n, AgentConfig(batch_size=2, batch_length=8, imag_horizon=3,
+                                                 precision=precision))
+        seen = []
+        agent.dyn.dynin0[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        torch.manual_seed(1)
+        metrics, _ = agent.train_step(batch)
+        results[precision] = metrics
+        want = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        assert seen and set(seen) == {want}
+        assert all(p.dtype == torch.float32 for p in agent.parameters())
+        assert all(v.dtype == torch.float32 for k, v in metrics.items() if k.startswith("loss/"))
+        assert agent.nonfinite_losses() == []
+    for key in ("loss/rec", "loss/dyn", "loss/value", "loss/repval"):
+        a, b = results["float32"][key], results["bfloat16"][key]
+        assert abs(a - b) <= 0.02 * abs(a), (key, a, b)
