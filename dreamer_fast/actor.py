@@ -32,6 +32,7 @@ class Policy(nn.Module):
     def __init__(self, agent: Agent):
         super().__init__()
         self.net, self.act_space = agent.net, agent.act_space
+        self.autocast_dtype = agent.autocast_dtype
         for name in POLICY_MODULES:
             setattr(self, name, copy.deepcopy(getattr(agent, name)).requires_grad_(False))
         self.register_buffer("anchor", torch.zeros((), device=agent.device))
@@ -42,6 +43,7 @@ class Policy(nn.Module):
 
     feat = Agent.feat
     initial_carry = Agent.initial_carry
+    autocast = Agent.autocast
     policy_step = Agent.policy_step
 
 
