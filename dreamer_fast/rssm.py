@@ -14,6 +14,7 @@ from dreamer_fast.dists import symlog
 from dreamer_fast.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
+CHANNELS_LAST = torch.channels_last
 
 
 def split_keys(obs_space: dict) -> tuple[list[str], list[str]]:
@@ -70,7 +71,10 @@ class Encoder(nn.Module):
             x = torch.cat([obs[k] for k in self.img_keys], -4)
             lead = x.shape[:-3]
             x = x.reshape(-1, *x.shape[-3:]).float() / 255.0 - 0.5
-            outs.append(self.cnn(x).reshape(*lead, -1))
+            # Channels-last maps: convs run ~2x faster on CPU (bench/throughput.py) and the
+            # channel norm reads contiguous rows.
+            x = self.cnn(x.contiguous(memory_format=CHANNELS_LAST))
+            outs.append(x.permute(0, 2, 3, 1).reshape(*lead, -1))
         return torch.cat(outs, -1)
 
 
@@ -210,7 +214,7 @@ class Decoder(nn.Module):
         a = self.proj_deter(deter).reshape(-1, G, r, r, C // G).permute(0, 1, 4, 2, 3)
         a = a.reshape(-1, C, r, r)
         b = self.proj_stoch(stoch).reshape(-1, r, r, C).permute(0, 3, 1, 2)
-        x = self.proj_norm(a + b)
+        x = self.proj_norm((a + b).contiguous(memory_format=CHANNELS_LAST))
         for i in range(0, len(self.stages), 2):
             x = self.stages[i + 1](self.stages[i](upsample2(x)))
         x = torch.sigmoid(self.out(upsample2(x)))
