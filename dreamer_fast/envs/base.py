@@ -88,6 +88,28 @@ class VecEnv:
         self.close()
 
 
+class SyncVecEnv(VecEnv):
+    """An adapter that steps all its envs inside `send` and hands the result to `recv`.
+
+    Subclasses call `_publish(obs, reward, terminated, truncated, is_first)` once per step
+    (and from `start`); `recv` returns that step once.
+    """
+
+    _step: dict[str, np.ndarray] | None = None
+    _last: np.ndarray
+
+    def _publish(self, obs, reward, terminated, truncated, is_first) -> None:
+        self._step = finish_step(obs, reward, terminated, truncated, is_first,
+                                 np.arange(self.num_envs, dtype=np.int32))
+        self._last = self._step["is_last"].copy()
+
+    def recv(self) -> dict[str, np.ndarray]:
+        if self._step is None:
+            raise RuntimeError("recv before start or twice without send")
+        step, self._step = self._step, None
+        return step
+
+
 class BoxAction:
     """Maps raw policy actions in [-1, 1] onto a Box's bounds (SPEC 9.11: clip only here).
 

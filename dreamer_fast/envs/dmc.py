@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from dreamer_fast.config import EnvConfig
-from dreamer_fast.envs.base import ActSpace, BoxAction, VecEnv, finish_step, scatter
+from dreamer_fast.envs.base import ActSpace, BoxAction, SyncVecEnv, scatter
 from dreamer_fast.envs.pool import dmc_episode_steps
 
 
@@ -34,7 +34,7 @@ def default_camera(domain: str) -> int:
     return {"quadruped": 2, "rodent": 4}.get(domain, 0)
 
 
-class DMCPixels(VecEnv):
+class DMCPixels(SyncVecEnv):
     """dm_control suite tasks observed as `image` (N, 3, H, W) uint8 only.
 
     Each send steps every env `opts.repeat` times (rewards summed, stopping at an episode end);
@@ -96,15 +96,7 @@ class DMCPixels(VecEnv):
             images[i] = self._render(env)
         truncated = (ended | (self._elapsed >= self._limit)) & ~terminated
         obs = {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
-        self._step = finish_step(obs, reward, terminated, truncated, is_first,
-                                 np.arange(n, dtype=np.int32))
-        self._last = self._step["is_last"].copy()
-
-    def recv(self) -> dict[str, np.ndarray]:
-        if self._step is None:
-            raise RuntimeError("recv before start or twice without send")
-        step, self._step = self._step, None
-        return step
+        self._publish(obs, reward, terminated, truncated, is_first)
 
     def send(self, action: np.ndarray, env_id: np.ndarray) -> None:
         self._advance(scatter(action, env_id, self.num_envs))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from dreamer_fast.config import EnvConfig
-from dreamer_fast.envs.base import VecEnv, finish_step, scatter
+from dreamer_fast.envs.base import SyncVecEnv, scatter
 from dreamer_fast.envs.spaces import ActConverter, ObsConverter
 
 
-class GymVecEnv(VecEnv):
+class GymVecEnv(SyncVecEnv):
     """A SyncVectorEnv of `num_envs` copies; every recv returns all envs in env_id order."""
 
     def __init__(self, env_id: str, num_envs: int, opts: EnvConfig, seed: int = 0):
@@ -41,15 +41,7 @@ class GymVecEnv(VecEnv):
         self._finish(obs, np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool))
 
     def _finish(self, obs, reward, terminated, truncated, is_first) -> None:
-        self._step = finish_step(self._obs(obs), reward, terminated, truncated, is_first,
-                                 np.arange(self.num_envs, dtype=np.int32))
-        self._last = self._step["is_last"].copy()
-
-    def recv(self) -> dict[str, np.ndarray]:
-        if self._step is None:
-            raise RuntimeError("recv before start or twice without send")
-        step, self._step = self._step, None
-        return step
+        self._publish(self._obs(obs), reward, terminated, truncated, is_first)
 
     def send(self, action: np.ndarray, env_id: np.ndarray) -> None:
         action = self._act(scatter(action, env_id, self.num_envs))
