@@ -37,6 +37,22 @@ def environment() -> dict:
     }
 
 
+def time_calls(fn, iters: int, burnin: int, device: str) -> tuple[list[float], float]:
+    """Seconds of each of `iters` calls of fn() after `burnin` untimed ones (synchronised on
+    CUDA), and the seconds the burn-in took (compile/autotune time shows up there)."""
+    times, start_all, warm_s = [], time.perf_counter(), 0.0
+    for i in range(burnin + iters):
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= burnin:
+            times.append(time.perf_counter() - start)
+        elif i == burnin - 1:
+            warm_s = time.perf_counter() - start_all
+    return times, warm_s
+
+
 def percentiles(times: list[float]) -> dict:
     p20, p50, p80 = np.percentile(np.asarray(times), [20, 50, 80])
     return {"p20": float(p20), "p50": float(p50), "p80": float(p80), "n": len(times)}

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import append, environment, percentiles  # noqa: E402
+from bench.common import append, environment, percentiles, time_calls  # noqa: E402
 from dreamer_fast.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig  # noqa: E402
 from dreamer_fast.synthetic import ActSpace, make_batch  # noqa: E402
@@ -40,14 +39,7 @@ def run(name: str, iters: int, burnin: int, device: str) -> dict:
     cfg = AgentConfig(batch_size=B, batch_length=T, imag_horizon=H)
     agent = Agent(obs, act, SIZES[size], cfg, device=device)
     batch = {k: v.to(device) for k, v in make_batch(obs, act, SIZES[size], B, T + 1).items()}
-    times = []
-    for i in range(burnin + iters):
-        start = time.perf_counter()
-        metrics, _ = agent.train_step(batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= burnin:
-            times.append(time.perf_counter() - start)
+    times, _ = time_calls(lambda: agent.train_step(batch), iters, burnin, device)
     assert not agent.nonfinite_losses()
     return {"bench": "learner", "workload": name, "mode": "eager", "size": size,
             "B": B, "T": T, "H": H, "kernels": agent.ops.impl, "dtype": "float32",

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import append, environment, percentiles  # noqa: E402
+from bench.common import append, environment, percentiles, time_calls  # noqa: E402
 from dreamer_fast.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig, NetConfig  # noqa: E402
 from dreamer_fast.synthetic import ActSpace, make_batch  # noqa: E402
@@ -49,11 +49,6 @@ DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-size1
                      "policy-64envs", "env-pong-64"]}
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float) -> dict:
     """Seconds per train_step at B16 x T64, H15 (fp32)."""
     net, obs, act, ratio = LEARNER[name]
@@ -66,15 +61,7 @@ def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: f
                                                     cfg.batch_length + 1).items()}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, start_all = [], time.perf_counter()
-    for i in range(burnin + iters):
-        start = time.perf_counter()
-        agent.train_step(batch)
-        _sync(device)
-        if i >= burnin:
-            times.append(time.perf_counter() - start)
-        if i == burnin - 1:
-            warm_s = time.perf_counter() - start_all
+    times, warm_s = time_calls(lambda: agent.train_step(batch), iters, burnin, device)
     bad = agent.nonfinite_losses()
     p = percentiles(times)
     updates = 1.0 / p["p50"]
@@ -99,15 +86,9 @@ def policy(mode: str, iters: int, burnin: int, device: str) -> dict:
     carry = agent.initial_carry(64)
     obs = {"image": torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, device=device),
            "is_first": torch.zeros(64, dtype=torch.bool, device=device)}
-    times = []
-    for i in range(burnin + iters):
-        start = time.perf_counter()
-        _, carry, _ = step(carry, obs)
-        _sync(device)
-        if i >= burnin:
-            times.append(time.perf_counter() - start)
+    times, warm_s = time_calls(lambda: step(carry, obs), iters, burnin, device)
     p = percentiles(times)
-    return {"workload": "policy-64envs", "mode": mode, **p, "agent_steps_per_s": 64 / p["p50"]}
+    return {"workload": "policy-64envs", "warmup_s": warm_s, "mode": mode, **p, "agent_steps_per_s": 64 / p["p50"]}
 
 
 def env_pong(iters: int, burnin: int) -> dict:
