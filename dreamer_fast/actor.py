@@ -33,6 +33,7 @@ class Policy(nn.Module):
         super().__init__()
         self.net, self.act_space = agent.net, agent.act_space
         self.autocast_dtype = agent.autocast_dtype
+        self.autocast_cache = agent.autocast_cache
         for name in POLICY_MODULES:
             setattr(self, name, copy.deepcopy(getattr(agent, name)).requires_grad_(False))
         self.register_buffer("anchor", torch.zeros((), device=agent.device))
@@ -140,6 +141,8 @@ class Actor:
         self.timer = Timer()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.graph = None  # graphs.GraphedPolicy for the env batch, set before the thread starts
+        self.eager_steps = 0  # policy steps the graph could not take (another batch size)
 
     def run(self) -> None:
         """Thread body: step until `steps` are stored, `stop` is set or the limiter closes."""
@@ -179,7 +182,11 @@ class Actor:
         the host has the action: that sync also means every kernel reading it has run."""
         policy, lock = self.weights.acquire()
         try:
-            action, latent = policy_act(policy, self.carry, obs, self.obs_keys, self.device)
+            if self.graph is not None and len(obs["env_id"]) == self.graph.n:
+                action, latent = self.graph(self.weights.copies.index(policy), obs)
+            else:
+                self.eager_steps += self.graph is not None
+                action, latent = policy_act(policy, self.carry, obs, self.obs_keys, self.device)
             sent = action.argmax(-1) if self.discrete else action
             return action, sent.cpu().numpy(), latent  # host sync: the env needs the action
         finally:
@@ -204,14 +211,22 @@ def policy_act(policy, carry: dict, obs: dict, obs_keys, device: torch.device,
     stepped and scattered back in place. Returns (action (N, A) float on the device, zero
     where is_last, as stored in replay; latent {deter, stoch} to store with the step).
     """
-    ids = torch.as_tensor(obs["env_id"], dtype=torch.int64).to(device)
     inp = {k: torch.as_tensor(obs[k]).to(device, non_blocking=True)
-           for k in (*obs_keys, "is_first")}
+           for k in (*obs_keys, "is_first", "is_last")}
+    inp["env_id"] = torch.as_tensor(obs["env_id"], dtype=torch.int64).to(device)
+    return policy_core(policy, carry, inp, obs_keys, greedy)
+
+
+@torch.no_grad()
+def policy_core(policy, carry: dict, inp: dict, obs_keys, greedy: bool = False):
+    """policy_act on device inputs {obs keys, is_first, is_last, env_id (int64)}: no host
+    sync and no Python state, so graphs.GraphedPolicy captures it as it is."""
+    ids = inp["env_id"]
     rows = {k: v.index_select(0, ids) for k, v in carry.items()}
-    action, rows, latent = policy.policy_step(rows, inp, greedy)
+    action, rows, latent = policy.policy_step(
+        rows, {k: inp[k] for k in (*obs_keys, "is_first")}, greedy)
     # The action sent at an is_last step is never executed: store zero (SPEC 1.6).
-    keep = ~torch.as_tensor(obs["is_last"]).to(device)
-    action = action * keep[:, None].to(action.dtype)
+    action = action * (~inp["is_last"])[:, None].to(action.dtype)
     rows["action"] = action
     for k, v in rows.items():
         carry[k].index_copy_(0, ids, v)

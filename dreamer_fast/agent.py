@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dreamer_fast import distributed as D
 from dreamer_fast import losses as L
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig
-from dreamer_fast.dists import symexp
+from dreamer_fast.dists import one_hot, symexp
 from dreamer_fast.heads import Actor, ContinueHead, TwohotHead
 from dreamer_fast.optim import LaProp
 from dreamer_fast.rssm import RSSM, Decoder, Encoder
@@ -56,6 +56,7 @@ class Agent(nn.Module):
         self.net, self.cfg, self.act_space = net, cfg, act_space
         self.ops = ops = get_ops(resolve_kernels(cfg.kernels, device))
         self.autocast_dtype = resolve_precision(cfg.precision, device)
+        self.autocast_cache = True  # graphs.py turns it off: cached casts outlive no replay
         self.obs_space = {k: v for k, v in obs_space.items() if k not in
                           ("reward", "is_first", "is_last", "is_terminal")}
         if act_space.size <= 0:
@@ -118,7 +119,8 @@ class Agent(nn.Module):
     def autocast(self):
         """bf16 matmuls/convs when configured; our ops upcast to float32 for norms and losses."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+                              enabled=self.autocast_dtype is not None,
+                              cache_enabled=self.autocast_cache)
 
     def feat(self, deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
         return torch.cat([deter, stoch.reshape(*stoch.shape[:-2], -1)], -1)
@@ -180,7 +182,7 @@ class Agent(nn.Module):
         n = self.net
         obs = {k: batch[k][:, 1:] for k in self.obs_space}
         B, T = batch["reward"].shape[0], batch["reward"].shape[1] - 1
-        stoch0 = F.one_hot(batch["stoch"][:, 0].long(), n.classes).float()
+        stoch0 = one_hot(batch["stoch"][:, 0].long(), n.classes)
         deters, stochs, post = self.dyn.observe(
             batch["deter"][:, 0].float(), stoch0, batch["action"][:, :-1],
             self.enc(obs), batch["is_first"][:, 1:])
@@ -297,7 +299,7 @@ class Agent(nn.Module):
         obs = {k: batch[k][:, 1:] for k in self.obs_space}
         T = batch["reward"].shape[1] - 1
         context = T // 2 if context is None else context
-        stoch0 = F.one_hot(batch["stoch"][:, 0].long(), n.classes).float()
+        stoch0 = one_hot(batch["stoch"][:, 0].long(), n.classes)
         deters, stochs, _ = self.dyn.observe(
             batch["deter"][:, 0].float(), stoch0, batch["action"][:, :context],
             self.enc({k: v[:, :context] for k, v in obs.items()}), batch["is_first"][:, 1:context + 1])

@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"
 
 RUNTIME_FIELDS = ("steps", "logdir", "device", "log_every", "report_every", "save_every",
-                  "agent.kernels", "agent.precision")
+                  "agent.kernels", "agent.precision", "graphs", "compile")
 """Config fields that may change between a run and its resume; all others must match."""
 
 

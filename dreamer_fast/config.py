@@ -296,6 +296,11 @@ class Config:
     """Run folder; default logdir/<env>-<timestamp>. Rerun with the same one to resume."""
     device: str = "auto"
     """Torch device: auto (cuda if available), cpu, cuda, cuda:N."""
+    graphs: Literal["auto", "on", "off"] = "auto"
+    """CUDA graphs for the learner update and the policy step: auto = on with CUDA, off on CPU."""
+    compile: bool = False
+    """torch.compile the loss (forward + backward) and the policy step (before any graph
+    capture). Off by default: compiling the unrolled scans takes minutes."""
     net: NetConfig = field(default_factory=lambda: SIZES["size200m"])
     """Network sizes (set from --model; any field can be overridden)."""
     agent: AgentConfig = field(default_factory=AgentConfig)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+
+def one_hot(index: torch.Tensor, classes: int, dtype=torch.float32) -> torch.Tensor:
+    """F.one_hot without its host sync: on CPU F.one_hot reads index.min()/max() back to
+    validate them (.item()), which a graph-captured or sync-free step must not do."""
+    return (index[..., None] == torch.arange(classes, device=index.device)).to(dtype)
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -30,12 +35,14 @@ class OneHotCategorical:
 
     def sample(self) -> torch.Tensor:
         """A one-hot sample (no gradient)."""
-        flat = self.probs.detach().reshape(-1, self.probs.shape[-1])
-        index = torch.multinomial(flat, 1)[:, 0].reshape(self.probs.shape[:-1])
-        return F.one_hot(index, self.probs.shape[-1]).float()
+        # argmax(p / E), E ~ Exp(1), is a sample from p (exponential race). Unlike
+        # torch.multinomial it has no device-side validity check and is graph-capturable.
+        probs = self.probs.detach()
+        index = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+        return one_hot(index, self.probs.shape[-1])
 
     def mode(self) -> torch.Tensor:
-        return F.one_hot(self.probs.argmax(-1), self.probs.shape[-1]).float()
+        return one_hot(self.probs.argmax(-1), self.probs.shape[-1])
 
     def log_prob(self, action: torch.Tensor) -> torch.Tensor:
         return (action * self.logprobs).sum(-1)

@@ -46,6 +46,7 @@ class Learner:
                         for _ in range(2)]
         self.events: list = [None, None]
         self.pending = None  # (keys, host latents, event) of the last update
+        self.graph = None  # graphs.GraphedTrainStep, set before the thread starts
         self.k = 0
         self.updates = 0
         self.lock = threading.Lock()
@@ -75,7 +76,8 @@ class Learner:
         with self.timer.section("replay"):
             batch, keys = self.load()
         with self.timer.section("train"):
-            metrics, latents = self.agent.train_step(batch)
+            step = self.graph if self.graph is not None else self.agent.train_step
+            metrics, latents = step(batch)  # graphed: static outputs, consumed before the next
             self.accumulate(metrics)
         with self.timer.section("replay"):
             self.write_back()

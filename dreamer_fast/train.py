@@ -34,6 +34,7 @@ from dreamer_fast.actor import Actor, PolicyWeights
 from dreamer_fast.agent import Agent
 from dreamer_fast.config import Config, ConfigError
 from dreamer_fast.envs import make_env
+from dreamer_fast.graphs import GraphedPolicy, GraphedTrainStep, compile_steps, resolve_graphs
 from dreamer_fast.learner import Learner
 from dreamer_fast.limiter import RateLimiter
 from dreamer_fast.logger import Logger, format_progress, openloop_frames
@@ -54,6 +55,7 @@ class Run:
         # cfg.steps counts every process's agent steps; each actor stops at its share.
         self.budget = -(-cfg.steps // self.world)
         self.global_steps = 0  # every rank's agent steps, as of the last control tick
+        self.graphs = resolve_graphs(cfg.graphs, self.device)  # bad flag: fail before any work
         set_cpu_threads(self.device)
         seed = cfg.seed + self.rank  # distinct acting noise, envs and replay sampling per rank
         torch.manual_seed(seed)
@@ -88,6 +90,10 @@ class Run:
         self.learner = Learner(self.agent, self.ring, self.limiter, self.weights,
                                self.cfg.agent.batch_size)
         self.learner.updates = int(self.counters["updates"])
+        if self.cfg.compile:
+            compile_steps(self.agent, self.weights.copies)
+        if self.graphs:
+            self.capture()
         self.lockstep = (Lockstep(self.learner, self.limiter, self.actor_done)
                          if self.world > 1 else None)
         learn = self.lockstep.run if self.lockstep else self.learner.run
@@ -96,6 +102,18 @@ class Run:
         for t in self.threads:
             t.start()
         self.t0 = time.time() - float(self.counters["elapsed_s"])
+
+    def capture(self) -> None:
+        """CUDA graphs of the update and the policy step, before any thread starts (DESIGN
+        3.4): warm-up (undone) and capture on this thread, with nothing else on the GPU."""
+        start = time.perf_counter()
+        example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
+        self.learner.graph = GraphedTrainStep(self.agent, example)
+        self.actor.graph = GraphedPolicy(self.weights.copies, self.actor.carry,
+                                         self.env.obs_space, self.env.batch_size)
+        self.weights.publish()  # the copies' weights again, in case warm-up touched them
+        print(f"captured CUDA graphs (update, policy step for {self.env.batch_size} envs) in "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
 
     def resume(self) -> bool:
         file = checkpoint.find(self.cfg.logdir)

@@ -10,7 +10,6 @@ kernel needs no seed of its own and matches the reference draw for draw.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,7 +40,8 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor) 
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
     index = (cdf <= noise[..., None].to(cdf.dtype)).sum(-1).clamp(max=logits.shape[-1] - 1)
-    onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+    onehot = (index[..., None] == torch.arange(logits.shape[-1], device=index.device)
+              ).to(probs.dtype)  # F.one_hot would sync on CPU
     return onehot + (probs - probs.detach())
 
 
