@@ -8,15 +8,24 @@ Learner workloads report seconds per update (p20/p50/p80 after burn-in), updates
 replayed steps/s (B*T per update) and agent steps/s at the domain's train ratio, peak GPU
 memory, and cost per 1M agent steps at --price dollars per device-hour. The policy and env
 workloads report agent steps/s. Rows are appended to bench/results/throughput-<device>.jsonl
-with device, versions and commit. Modes: eager, compile (torch.compile of the loss, forward
-and backward); CUDA-graph modes are added with the graphed learner.
+with device, versions and commit.
+
+Modes: eager (reference ops), fused (eager with kernels/fused.py, the CPU fast path), compile (torch.compile of the loss, forward and backward),
+graph (the whole update as one CUDA graph, reference ops), graph+triton (the graph with the
+Triton kernels). Graph modes need CUDA; on a CPU they are recorded as skipped.
+e2e-pong-64 runs `run.py` on Pong (atari100k preset, 64 envs) as a subprocess and reports the
+agent steps/s and updates/s it sustains, and how busy that keeps the learner: e2e updates/s
+divided by the same model's standalone updates/s (measured first, same mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,8 +34,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles, time_calls  # noqa: E402
+from dreamer_fast.actor import PolicyWeights  # noqa: E402
 from dreamer_fast.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig, NetConfig  # noqa: E402
+from dreamer_fast.graphs import GraphedPolicy, GraphedTrainStep  # noqa: E402
+from dreamer_fast.resources import keep_freed_memory  # noqa: E402
 from dreamer_fast.synthetic import ActSpace, make_batch  # noqa: E402
 
 IMAGE = {"image": ((3, 64, 64), np.uint8)}
@@ -42,18 +54,29 @@ LEARNER = {
     "learner-paper-s-img": (PAPER_S, IMAGE, ActSpace(True, 9), 256.0),
     "learner-paper-s-vec": (PAPER_S, VECTOR, ActSpace(False, 6), 1024.0),
 }
-OTHER = ("policy-64envs", "env-pong-64")
+OTHER = ("policy-64envs", "env-pong-64", "e2e-pong-64")
+MODES = ("eager", "fused", "compile", "graph", "graph+triton")
 DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-size1m-vec",
-                    "policy-64envs", "env-pong-64"],
+                    "policy-64envs", "env-pong-64", "e2e-pong-64"],
             "cuda": ["learner-size12m-img", "learner-size200m-img", "learner-size1m-vec",
-                     "policy-64envs", "env-pong-64"]}
+                     "policy-64envs", "env-pong-64", "e2e-pong-64"]}
+# e2e: the model on each device (size12m on CPU would take minutes per update).
+E2E_MODEL = {"cpu": "debug", "cuda": "size12m"}
 
 
-def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float) -> dict:
-    """Seconds per train_step at B16 x T64, H15 (fp32)."""
-    net, obs, act, ratio = LEARNER[name]
+def agent_cfg(mode: str, precision: str) -> AgentConfig:
+    """Kernels per mode: the references everywhere but fused (the CPU fast path, eager) and
+    graph+triton."""
+    kernels = {"graph+triton": "triton", "fused": "fused"}.get(mode, "ref")
+    return AgentConfig(kernels=kernels, precision=precision)
+
+
+def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float,
+            precision: str = "float32", spec=None) -> dict:
+    """Seconds per update at B16 x T64, H15 (spec overrides the named (net, obs, act, ratio))."""
+    net, obs, act, ratio = spec or LEARNER[name]
     torch.manual_seed(0)
-    cfg = AgentConfig()
+    cfg = agent_cfg(mode, precision)
     agent = Agent(obs, act, net, cfg, device=device)
     if mode == "compile":
         agent.loss = torch.compile(agent.loss)
@@ -61,14 +84,18 @@ def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: f
                                                     cfg.batch_length + 1).items()}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, warm_s = time_calls(lambda: agent.train_step(batch), iters, burnin, device)
+    start = time.perf_counter()
+    step = GraphedTrainStep(agent, batch) if mode.startswith("graph") else agent.train_step
+    capture_s = time.perf_counter() - start if mode.startswith("graph") else None
+    times, warm_s = time_calls(lambda: step(batch), iters, burnin, device)
     bad = agent.nonfinite_losses()
     p = percentiles(times)
     updates = 1.0 / p["p50"]
     replayed = updates * cfg.batch_size * cfg.batch_length
     agent_steps = replayed / ratio
     return {"workload": name, "mode": mode, "train_ratio": ratio, **p,
-            "warmup_s": warm_s if burnin else None, "updates_per_s": updates,
+            "warmup_s": warm_s if burnin else None, "capture_s": capture_s,
+            "updates_per_s": updates,
             "replayed_per_s": replayed, "agent_steps_per_s": agent_steps,
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
             if device.startswith("cuda") else None,
@@ -77,16 +104,28 @@ def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: f
             "nonfinite": bad}
 
 
-def policy(mode: str, iters: int, burnin: int, device: str) -> dict:
-    """Batched policy_step for 64 envs at size12m on 64x64 images (the actor's hot path)."""
+def policy(mode: str, iters: int, burnin: int, device: str, precision: str) -> dict:
+    """The actor's step for 64 envs at size12m on 64x64 images: host obs in, gather carries,
+    encoder, RSSM observe step, actor sample, scatter carries, action back to the host."""
+    from dreamer_fast.actor import policy_act
+
     torch.manual_seed(0)
     net, act = SIZES["size12m"], ActSpace(True, 18)
-    agent = Agent(IMAGE, act, net, AgentConfig(), device=device)
-    step = agent.policy_step if mode == "eager" else torch.compile(agent.policy_step)
+    agent = Agent(IMAGE, act, net, agent_cfg(mode, precision), device=device)
+    copies = PolicyWeights(agent).copies
+    if mode == "compile":
+        copies[0].policy_step = torch.compile(copies[0].policy_step)
     carry = agent.initial_carry(64)
-    obs = {"image": torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, device=device),
-           "is_first": torch.zeros(64, dtype=torch.bool, device=device)}
-    times, warm_s = time_calls(lambda: step(carry, obs), iters, burnin, device)
+    rng = np.random.default_rng(0)
+    obs = {"image": rng.integers(0, 256, (64, 3, 64, 64), dtype=np.uint8),
+           "env_id": np.arange(64, dtype=np.int32), "is_first": np.zeros(64, bool),
+           "is_last": np.zeros(64, bool)}
+    if mode.startswith("graph"):
+        graph = GraphedPolicy(copies, carry, IMAGE, 64)
+        step = lambda: graph(0, obs)[0].argmax(-1).cpu()  # noqa: E731
+    else:
+        step = lambda: policy_act(copies[0], carry, obs, ["image"], agent.device)[0].argmax(-1).cpu()  # noqa: E731
+    times, warm_s = time_calls(step, iters, burnin, device)
     p = percentiles(times)
     return {"workload": "policy-64envs", "warmup_s": warm_s, "mode": mode, **p, "agent_steps_per_s": 64 / p["p50"]}
 
@@ -113,11 +152,59 @@ def env_pong(iters: int, burnin: int) -> dict:
             "agent_steps_per_s": env.batch_size / p["p50"]}
 
 
+def e2e_pong(mode: str, device: str, precision: str, steps: int, price: float) -> dict:
+    """`run.py --env Pong-v5 --num-envs 64 --preset atari100k` until `steps` agent steps, in a
+    subprocess with a temporary logdir; rates averaged over the log rows after the prefill."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    model = E2E_MODEL[kind]
+    net = SIZES[model]
+    # Pong under atari100k: 64x64 RGB, 6 actions, ratio 256. Standalone learner first.
+    alone = learner("e2e", mode, 5 if kind == "cuda" else 3, 1, device, 0.0, precision,
+                    spec=(net, IMAGE, ActSpace(True, 6), 256.0))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as logdir:
+        cmd = [sys.executable, os.path.join(root, "run.py"), "--env", "Pong-v5",
+               "--num-envs", "64", "--preset", "atari100k", "--model", model,
+               "--steps", str(steps), "--logdir", logdir, "--device", device,
+               "--log-every", "10", "--save-every", "100000", "--report-every", "100000",
+               "--replay.capacity", str(steps + 64 * 200),
+               "--graphs", "on" if mode.startswith("graph") else "off",
+               "--agent.kernels", agent_cfg(mode, precision).kernels,
+               "--agent.precision", precision, *(["--compile"] if mode == "compile" else [])]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"run.py exited {proc.returncode}: {proc.stderr[-500:]}")
+        rows = [json.loads(line) for line in open(os.path.join(logdir, "metrics.jsonl"))]
+    # Skip the prefill rows and the first row with updates (it straddles the prefill's end).
+    rows = [r for r in rows if r.get("counts/updates", 0) > 0][1:]
+    if not rows:
+        raise RuntimeError("the run logged no row after the prefill; raise --e2e-steps")
+    mean = lambda k: float(np.mean([r.get(k, 0.0) for r in rows]))  # noqa: E731
+    updates = mean("throughput/updates_per_s")
+    agent_steps = mean("throughput/steps_per_s")
+    return {"workload": "e2e-pong-64", "mode": mode, "model": model, "train_ratio": 256.0,
+            "steps": steps, "wall_s": wall, "log_rows": len(rows),
+            "updates_per_s": updates, "agent_steps_per_s": agent_steps,
+            "replayed_per_s": updates * 1024,
+            "standalone_updates_per_s": alone["updates_per_s"],
+            "learner_busy": updates / alone["updates_per_s"],
+            "learner_train_frac": mean("time/learner/train_frac"),
+            "learner_wait_frac": mean("wait/learner_wait_frac"),
+            "actor_wait_frac": mean("wait/actor_wait_frac"),
+            "usd_per_1m_agent_steps": price / 3600 * 1e6 / agent_steps if price else None,
+            "p20": None, "p50": 1.0 / updates, "p80": None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=[*LEARNER, *OTHER])
-    parser.add_argument("--modes", nargs="+", default=["eager", "compile"],
-                        choices=["eager", "compile"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--precision", default=None, choices=["float32", "bfloat16"],
+                        help="matmul/conv precision; default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--e2e-steps", type=int, default=None,
+                        help="agent steps of the e2e run (default: 5600 on CPU, 30000 on CUDA; the prefill is 5184)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--burnin", type=int, default=1)
     parser.add_argument("--price", type=float, default=0.0, help="$ per device-hour")
@@ -125,22 +212,35 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    if kind == "cpu":
+        keep_freed_memory()  # as run.py does on CPU (resources.set_cpu_threads)
+    precision = args.precision or ("bfloat16" if kind == "cuda" else "float32")
+    e2e_steps = args.e2e_steps or (30_000 if kind == "cuda" else 5_600)
     env = environment()
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}")
     rows = []
     for name in args.workloads or DEFAULTS[kind]:
         for mode in (["envpool"] if name == "env-pong-64" else args.modes):
-            try:
-                if name in LEARNER:
-                    row = learner(name, mode, args.iters, args.burnin, args.device, args.price)
-                elif name == "policy-64envs":
-                    row = policy(mode, max(args.iters, 20), args.burnin + 2, args.device)
-                else:
-                    row = env_pong(200, 20)
-            except Exception as e:  # keep the other rows; record why this one failed
-                row = {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+            if mode.startswith("graph") and kind != "cuda":
+                row = {"workload": name, "mode": mode, "skipped": "CUDA graphs need a GPU"}
+            elif mode == "compile" and name == "e2e-pong-64" and kind != "cuda":
+                row = {"workload": name, "mode": mode, "skipped": "compile e2e: CUDA only"}
+            else:
+                try:
+                    if name in LEARNER:
+                        row = learner(name, mode, args.iters, args.burnin, args.device,
+                                      args.price, precision)
+                    elif name == "policy-64envs":
+                        row = policy(mode, max(args.iters, 20), args.burnin + 2, args.device,
+                                     precision)
+                    elif name == "e2e-pong-64":
+                        row = e2e_pong(mode, args.device, precision, e2e_steps, args.price)
+                    else:
+                        row = env_pong(200, 20)
+                except Exception as e:  # keep the other rows; record why this one failed
+                    row = {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
             rows.append({**env, "bench": "throughput", "batch": "B16xT64", "horizon": 15,
-                         "dtype": "float32", "price_usd_per_hour": args.price, **row})
+                         "dtype": precision, "price_usd_per_hour": args.price, **row})
             _print(rows[-1])
     tag = "cpu" if kind == "cpu" else env["device"].replace(" ", "-").lower()
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{tag}.jsonl")
@@ -149,12 +249,19 @@ def main() -> None:
 
 
 def _print(row: dict) -> None:
-    if "error" in row:
-        print(f"{row['workload']:<22} {row['mode']:<8} error: {row['error'][:100]}")
+    if "error" in row or "skipped" in row:
+        what = f"error: {row['error'][:300]}" if "error" in row else f"skipped: {row['skipped']}"
+        print(f"{row['workload']:<22} {row['mode']:<12} {what}")
+        return
+    if row["workload"] == "e2e-pong-64":
+        print(f"{row['workload']:<22} {row['mode']:<12} {row['updates_per_s']:8.3f} upd/s "
+              f"{row['agent_steps_per_s']:9.1f} agent/s  learner busy "
+              f"{row['learner_busy']:.0%} of standalone {row['standalone_updates_per_s']:.3f} "
+              f"upd/s ({row['model']})", flush=True)
         return
     extra = (f" {row['updates_per_s']:8.3f} upd/s {row['agent_steps_per_s']:9.2f} agent/s"
              if "updates_per_s" in row else f" {row['agent_steps_per_s']:9.1f} agent steps/s")
-    print(f"{row['workload']:<22} {row['mode']:<8} p50 {row['p50']:9.4f} s "
+    print(f"{row['workload']:<22} {row['mode']:<12} p50 {row['p50']:9.4f} s "
           f"(p20 {row['p20']:.4f}, p80 {row['p80']:.4f}){extra}", flush=True)
 
 

@@ -30,12 +30,13 @@ TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")
 
 
 def resolve_kernels(impl: str, device: torch.device) -> str:
-    """'auto' -> triton on CUDA, ref elsewhere; triton off CUDA needs TRITON_INTERPRET=1."""
+    """'auto' -> triton on CUDA, fused elsewhere; triton off CUDA needs TRITON_INTERPRET=1."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "ref"
+        return "triton" if device.type == "cuda" else "fused"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("invalid config: agent.kernels='triton' on a non-CUDA device; allowed: "
-                          "ref or auto (or set TRITON_INTERPRET=1 to run kernels interpreted)")
+                          "fused, ref or auto (or set TRITON_INTERPRET=1 to run kernels "
+                          "interpreted)")
     return impl
 
 
@@ -188,9 +189,10 @@ class Agent(nn.Module):
             self.enc(obs), batch["is_first"][:, 1:])
         feat = self.feat(deters, stochs)
         losses, metrics = self._world_losses(batch, obs, deters, stochs, post, feat)
-        imag_feat, imag_act = self.imagine(deters.detach().reshape(B * T, n.deter),
-                                           stochs.detach().reshape(B * T, n.stoch, n.classes))
-        losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, imag_act, metrics)
+        imag_feat, logp, ent = self.imagine(deters.detach().reshape(B * T, n.deter),
+                                            stochs.detach().reshape(B * T, n.stoch, n.classes))
+        losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, logp, ent,
+                                                                    metrics)
         losses["repval"] = self._repval_loss(batch, feat, ret0.reshape(B, T))
         latents = {"deter": deters.detach().to(torch.bfloat16),
                    "stoch": stochs.detach().argmax(-1).to(torch.int16)}
@@ -210,23 +212,28 @@ class Agent(nn.Module):
                   "con": con.mean(), "dyn": dyn.mean(), "rep": rep.mean()}
         return losses, metrics
 
-    @torch.no_grad()
     def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
-        """Roll out H steps of the prior under the policy from N start states (no gradient).
+        """Roll out H steps of the prior under the policy from N (detached) start states.
 
-        Returns feats (N, H+1, F) including the start, and actions (N, H+1, A): action i is
-        taken in state i (the last one is only sampled for shape).
+        Returns feats (N, H+1, F) including the start, without gradient, and the log-prob and
+        entropy (N, H) of the action sampled in each of the first H states, with gradient to
+        the actor only. The actor runs once per state: the distribution that samples the
+        rollout's action is the one the policy loss differentiates (the world model gets no
+        gradient from imagination, SPEC 2.3).
         """
-        feats, acts = [], []
+        feats, logps, ents = [], [], []
         for _ in range(self.cfg.imag_horizon):
             feats.append(self.feat(deter, stoch))
-            acts.append(self.pol(feats[-1]).sample())
-            deter, stoch = self.dyn.img_step(deter, stoch, acts[-1])
+            dist = self.pol(feats[-1])
+            act = dist.sample()  # detached
+            logps.append(dist.log_prob(act))
+            ents.append(dist.entropy())
+            with torch.no_grad():
+                deter, stoch = self.dyn.img_step(deter, stoch, act)
         feats.append(self.feat(deter, stoch))
-        acts.append(self.pol(feats[-1]).sample())
-        return torch.stack(feats, 1), torch.stack(acts, 1)
+        return torch.stack(feats, 1), torch.stack(logps, 1), torch.stack(ents, 1)
 
-    def _imag_losses(self, feat, act, metrics):
+    def _imag_losses(self, feat, logp, ent, metrics):
         """Actor and critic losses on imagined trajectories (SPEC 2.3-2.6).
 
         Returns (policy loss, value loss, lambda-return R_0 of every start (N,)).
@@ -245,9 +252,7 @@ class Agent(nn.Module):
         scale = L.percentile_scale(all_ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
                                    cfg.perclo, cfg.perchi, cfg.retnorm_limit)
         adv = (ret - val[:, :-1]) / scale
-        dist = self.pol(feat[:, :-1])
-        ent = dist.entropy()
-        policy = L.policy_loss(dist.log_prob(act[:, :-1]), ent, adv, weight, cfg.actent)
+        policy = L.policy_loss(logp, ent, adv, weight, cfg.actent)
         value = L.value_loss(self.val.loss(val_logits[:, :-1], ret),
                              self.val.loss(val_logits[:, :-1], slowval[:, :-1]), weight,
                              cfg.slowreg)

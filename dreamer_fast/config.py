@@ -198,8 +198,9 @@ class AgentConfig:
     """Lower return percentile."""
     perchi: float = 95.0
     """Upper return percentile."""
-    kernels: Literal["auto", "triton", "ref"] = "auto"
-    """Fused ops: Triton kernels or their PyTorch references; auto = triton on CUDA, ref on CPU."""
+    kernels: Literal["auto", "triton", "fused", "ref"] = "auto"
+    """Fused ops: Triton kernels (GPU), fused PyTorch ops with hand-written backwards (the CPU
+    fast path) or the plain PyTorch references; auto = triton on CUDA, fused elsewhere."""
     precision: Literal["auto", "bfloat16", "float32"] = "auto"
     """Matmul/conv precision (autocast); parameters, norms, distributions and losses stay
     float32. auto = bfloat16 on CUDA, float32 elsewhere (SPEC decisions)."""
@@ -216,7 +217,7 @@ class AgentConfig:
                    "[0, 1]")
         _check(0 <= self.perclo < self.perchi <= 100, "agent.perclo/perchi",
                (self.perclo, self.perchi), "0 <= perclo < perchi <= 100")
-        _check(self.kernels in ("auto", "triton", "ref"), "agent.kernels", self.kernels,
+        _check(self.kernels in ("auto", "triton", "fused", "ref"), "agent.kernels", self.kernels,
                "auto, triton, ref")
         _check(self.precision in ("auto", "bfloat16", "float32"), "agent.precision",
                self.precision, "auto, bfloat16, float32")

@@ -15,7 +15,7 @@ import torch
 from dreamer_fast.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from kernels import OPS, categorical, get_ops, rssm_step, twohot
+from kernels import OPS, categorical, fused, get_ops, rssm_step, twohot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -90,6 +90,29 @@ def test_rms_silu(shape, strided, dtype):
     check(lambda a, b: rssm_step.rms_silu(a, b, 1e-4),
           lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
           {"x": x, "scale": scale}, grads=("x", "scale"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,strided", [
+    ((1, 32), False), ((7, 500), False), ((63, 257), False), ((3, 21, 64), False),
+    ((7, 500), True),
+], ids=["rows1-C32", "rows7-C500", "rows63-C257", "lead3x21-C64", "rows7-C500-strided"])
+def test_rms_silu_fused(shape, strided, dtype):
+    """The CPU fast path (hand-written backward) against the autograd reference."""
+    x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
+    if strided:
+        x = randn(*shape[::-1], dtype=dtype, scale=2.0).t()
+    scale = randn(shape[-1], scale=0.5, seed=2) + 1.0
+    check(lambda a, b: fused.rms_silu_fused(a, b, 1e-4),
+          lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
+          {"x": x, "scale": scale}, grads=("x", "scale"))
+
+
+def test_get_ops_impls():
+    assert get_ops("fused").rms_silu is fused.rms_silu_fused
+    assert get_ops("fused").gru_update is rssm_step.gru_update_ref  # no fused version: the ref
+    with pytest.raises(ValueError, match="allowed: ref, triton, fused"):
+        get_ops("cuda")
 
 
 # ------------------------------------------------------------------------------- gru_update
