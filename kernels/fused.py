@@ -23,7 +23,7 @@ class _RmsSilu(torch.autograd.Function):
 
     Backward, with a = silu'(y) * g * scale and xhat = x * r:
     dscale = sum_rows(silu'(y) * g * xhat); dx = r * (a - xhat * mean(a * xhat)).
-    Saves x, r (one value per row) and y.
+    Saves xhat, r (one value per row) and y.
     """
 
     @staticmethod
@@ -32,22 +32,21 @@ class _RmsSilu(torch.autograd.Function):
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_()
                         .div_(xf.shape[-1]).add_(eps))
         sf = _upcast(scale)
-        y = xf * r
-        y.mul_(sf)
-        ctx.save_for_backward(xf, r, sf, y)
+        xhat = xf * r
+        y = xhat * sf
+        ctx.save_for_backward(xhat, r, sf, y)
         ctx.dtypes = (x.dtype, scale.dtype)
         return F.silu(y).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        xf, r, sf, y = ctx.saved_tensors
+        xhat, r, sf, y = ctx.saved_tensors
         gy = torch.ops.aten.silu_backward(_upcast(grad), y)
-        xhat = xf * r
         lead = tuple(range(gy.dim() - 1))
         dscale = (gy * xhat).sum(lead) if ctx.needs_input_grad[1] else None
         a = gy.mul_(sf)
-        m = (a * xhat).mean(-1, keepdim=True)
-        dx = a.sub_(xhat.mul_(m)).mul_(r)
+        m = torch.linalg.vecdot(a, xhat).unsqueeze_(-1).div_(-xhat.shape[-1])
+        dx = a.addcmul_(xhat, m).mul_(r)
         return (dx.to(ctx.dtypes[0]),
                 dscale.to(ctx.dtypes[1]) if dscale is not None else None, None)
 
