@@ -54,11 +54,11 @@ LEARNER = {
     "learner-paper-s-img": (PAPER_S, IMAGE, ActSpace(True, 9), 256.0),
     "learner-paper-s-vec": (PAPER_S, VECTOR, ActSpace(False, 6), 1024.0),
 }
-OTHER = ("policy-64envs", "env-pong-64", "e2e-pong-64")
+OTHER = ("matmul-peak", "policy-64envs", "env-pong-64", "e2e-pong-64")
 MODES = ("eager", "fused", "compile", "graph", "graph+triton")
 DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-size1m-vec",
                     "policy-64envs", "env-pong-64", "e2e-pong-64"],
-            "cuda": ["learner-size12m-img", "learner-size200m-img", "learner-size1m-vec",
+            "cuda": ["matmul-peak", "learner-size12m-img", "learner-size200m-img", "learner-size1m-vec",
                      "policy-64envs", "env-pong-64", "e2e-pong-64"]}
 # e2e: the model on each device (size12m on CPU would take minutes per update).
 E2E_MODEL = {"cpu": "debug", "cuda": "size12m"}
@@ -71,17 +71,45 @@ def agent_cfg(mode: str, precision: str) -> AgentConfig:
     return AgentConfig(kernels=kernels, precision=precision)
 
 
+def update_flops(agent, batch) -> float:
+    """FLOPs of one eager update (matmuls and convs, forward and backward), counted by the
+    profiler; the update it runs is undone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dreamer_fast.graphs import Snapshot, state_tensors
+
+    snap = Snapshot(state_tensors(agent, agent.opt))
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        agent.train_step(batch)
+    snap.restore()
+    return float(sum(e.flops for e in prof.key_averages()))
+
+
+def matmul_peak(device: str, precision: str) -> dict:
+    """The device's dense GEMM rate at the learner's dtype (8192^3 on CUDA, 2048^3 on CPU):
+    the denominator of 'fraction of matmul rate' for the learner rows."""
+    n = 8192 if device.startswith("cuda") else 2048
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times, _ = time_calls(lambda: a @ b, 10 if device.startswith("cuda") else 3, 2, device)
+    p = percentiles(times)
+    return {"workload": "matmul-peak", "mode": str(dtype).split(".")[-1], "n": n, **p,
+            "tflops": 2 * n ** 3 / p["p50"] / 1e12}
+
+
 def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float,
-            precision: str = "float32", spec=None) -> dict:
+            precision: str = "float32", spec=None, count_flops: bool = False) -> dict:
     """Seconds per update at B16 x T64, H15 (spec overrides the named (net, obs, act, ratio))."""
     net, obs, act, ratio = spec or LEARNER[name]
     torch.manual_seed(0)
     cfg = agent_cfg(mode, precision)
     agent = Agent(obs, act, net, cfg, device=device)
-    if mode == "compile":
-        agent.loss = torch.compile(agent.loss)
     batch = {k: v.to(device) for k, v in make_batch(obs, act, net, cfg.batch_size,
                                                     cfg.batch_length + 1).items()}
+    flops = update_flops(agent, batch) if count_flops else None  # eager, before any capture
+    if mode == "compile":
+        agent.loss = torch.compile(agent.loss)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -101,6 +129,8 @@ def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: f
             if device.startswith("cuda") else None,
             "usd_per_1m_agent_steps": price / 3600 * 1e6 / agent_steps if price else None,
             "params": sum(q.numel() for q in agent.trained_parameters()),
+            "gflop_per_update": flops / 1e9 if flops else None,
+            "achieved_tflops": flops / p["p50"] / 1e12 if flops else None,
             "nonfinite": bad}
 
 
@@ -203,6 +233,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--precision", default=None, choices=["float32", "bfloat16"],
                         help="matmul/conv precision; default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
+                        help="count each learner's FLOPs per update with the profiler (default: "
+                             "on with CUDA); with matmul-peak it gives the fraction of peak")
     parser.add_argument("--e2e-steps", type=int, default=None,
                         help="agent steps of the e2e run (default: 5600 on CPU, 30000 on CUDA; the prefill is 5184)")
     parser.add_argument("--iters", type=int, default=3)
@@ -216,11 +249,13 @@ def main() -> None:
         keep_freed_memory()  # as run.py does on CPU (resources.set_cpu_threads)
     precision = args.precision or ("bfloat16" if kind == "cuda" else "float32")
     e2e_steps = args.e2e_steps or (30_000 if kind == "cuda" else 5_600)
+    flops = kind == "cuda" if args.flops is None else args.flops
     env = environment()
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}")
-    rows = []
+    rows, peak = [], None
     for name in args.workloads or DEFAULTS[kind]:
-        for mode in (["envpool"] if name == "env-pong-64" else args.modes):
+        fixed = {"env-pong-64": ["envpool"], "matmul-peak": ["gemm"]}
+        for mode in fixed.get(name, args.modes):
             if mode.startswith("graph") and kind != "cuda":
                 row = {"workload": name, "mode": mode, "skipped": "CUDA graphs need a GPU"}
             elif mode == "compile" and name == "e2e-pong-64" and kind != "cuda":
@@ -229,7 +264,12 @@ def main() -> None:
                 try:
                     if name in LEARNER:
                         row = learner(name, mode, args.iters, args.burnin, args.device,
-                                      args.price, precision)
+                                      args.price, precision, count_flops=flops)
+                        if row.get("achieved_tflops") and peak:
+                            row["fraction_of_matmul_peak"] = row["achieved_tflops"] / peak
+                    elif name == "matmul-peak":
+                        row = matmul_peak(args.device, precision)
+                        peak = row["tflops"]
                     elif name == "policy-64envs":
                         row = policy(mode, max(args.iters, 20), args.burnin + 2, args.device,
                                      precision)
@@ -253,6 +293,10 @@ def _print(row: dict) -> None:
         what = f"error: {row['error'][:300]}" if "error" in row else f"skipped: {row['skipped']}"
         print(f"{row['workload']:<22} {row['mode']:<12} {what}")
         return
+    if row["workload"] == "matmul-peak":
+        print(f"{'matmul-peak':<22} {row['mode']:<12} p50 {row['p50']:9.4f} s "
+              f"{row['tflops']:8.2f} TFLOP/s ({row['n']}^3)", flush=True)
+        return
     if row["workload"] == "e2e-pong-64":
         print(f"{row['workload']:<22} {row['mode']:<12} {row['updates_per_s']:8.3f} upd/s "
               f"{row['agent_steps_per_s']:9.1f} agent/s  learner busy "
@@ -261,6 +305,10 @@ def _print(row: dict) -> None:
         return
     extra = (f" {row['updates_per_s']:8.3f} upd/s {row['agent_steps_per_s']:9.2f} agent/s"
              if "updates_per_s" in row else f" {row['agent_steps_per_s']:9.1f} agent steps/s")
+    if row.get("achieved_tflops"):
+        extra += f" {row['achieved_tflops']:.3f} TFLOP/s"
+        if row.get("fraction_of_matmul_peak"):
+            extra += f" ({row['fraction_of_matmul_peak']:.0%} of matmul peak)"
     print(f"{row['workload']:<22} {row['mode']:<12} p50 {row['p50']:9.4f} s "
           f"(p20 {row['p20']:.4f}, p80 {row['p80']:.4f}){extra}", flush=True)
 
