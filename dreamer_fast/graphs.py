@@ -116,7 +116,9 @@ class GraphedTrainStep:
         warm_up(agent.train_step, (self.static,), state_tensors(agent, agent.opt), warmup)
         agent.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: library threads (NCCL's watchdog polls its events) may touch CUDA
+        # meanwhile; our own threads have not started (DESIGN 3.4).
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = agent.train_step(self.static)
         self.replays = 0
 
@@ -157,7 +159,7 @@ class GraphedPolicy:
             fn = lambda p=policy: policy_core(p, carry, self.static, keys, greedy)  # noqa: E731
             warm_up(fn, (), [*carry.values()], warmup)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs.append(fn())
             self.graphs.append(graph)
         self.replays = 0

@@ -254,6 +254,8 @@ class Stats:
         values.update({f"replay/{k}": v for k, v in r.ring.stats().items()})
         values.update({"weights/published": r.weights.published,
                        "weights/skipped": r.weights.skipped})
+        if r.actor.graph is not None:  # policy steps the graph could not take (batch size)
+            values["graphs/policy_eager_steps"] = r.actor.eager_steps
         return values
 
     def episodes(self) -> dict:
