@@ -4,9 +4,11 @@ torch.compile of the reference, on the size12m and size200m shapes (DESIGN 4, ST
     python bench/kernels.py                                  # GPU: size12m + size200m
     python bench/kernels.py --sizes size12m --iters 3        # CPU (interpreter; see below)
     python bench/kernels.py --cases rssm_core-obs twohot_loss-img --impls triton eager
+    python bench/kernels.py --cases rms_silu-heads rms_silu-img-hidden --impls eager fused
 
 Shapes (B16 x T64, H15): observe-scan rows = B = 16, imagination rows = B*T = 1024, heads over
 imagined trajectories B*T*H = 15360; D / Hd / K per size preset, S = 32, 255 bins.
+Impl `fused` is the CPU fast path (kernels/fused.py; the reference where an op has none).
 `rssm_core-*` is one whole RSSM step (its GEMMs included) with each implementation's ops.
 Prints a table and appends JSON lines (device, versions, commit, case, shapes, impl, mode,
 p20/p50/p80 seconds after burn-in) to bench/results/kernels-<device>.jsonl.
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles  # noqa: E402
 from dreamer_fast.config import SIZES  # noqa: E402
+from dreamer_fast.resources import keep_freed_memory  # noqa: E402
 from dreamer_fast.rssm import RSSM  # noqa: E402
 from kernels import get_ops  # noqa: E402
 from kernels.twohot import symexp_bins  # noqa: E402
@@ -46,7 +49,7 @@ MODES = ("fwd", "bwd", "both")
 # cases with few programs, so the run (with inductor compiles of the refs) takes minutes.
 CPU_CASES = ("rms_silu-obs-hidden", "rms_silu-obs-deter", "gru_update-obs", "latent_sample-obs",
              "rssm_core-obs", "twohot_loss-img", "twohot_mean-img")
-IMPLS = ("triton", "eager", "compile", "triton-graph", "eager-graph")
+IMPLS = ("triton", "eager", "fused", "compile", "triton-graph", "eager-graph")
 GPU_ONLY = ("triton-graph", "eager-graph")  # one CUDA graph per iteration: no launch overhead
 
 
@@ -208,7 +211,8 @@ def bench_case(case: Case, impls, modes, iters, burnin, device) -> list[dict]:
     torch.manual_seed(0)
     inputs = case.inputs(device)
     for impl in impls:
-        ops = get_ops("triton" if impl.startswith("triton") else "ref")
+        ops = get_ops("triton" if impl.startswith("triton") else
+                      "fused" if impl == "fused" else "ref")
         target = case.module(ops, device) if case.module else ops
         params = list(target.__self__.parameters()) if case.module else []
         fn = lambda i, t=target: case.run(t, i)  # noqa: E731
@@ -236,7 +240,7 @@ def print_table(rows: list[dict]) -> None:
     by = {(r["size"], r["case"], r["mode"], r["impl"]): r.get("p50") for r in rows}
     impls = [i for i in IMPLS if any(k[3] == i for k in by)]
     keys = sorted({k[:3] for k in by}, key=lambda k: (k[0], k[1], MODES.index(k[2])))
-    ratios = [(a, b) for a, b in (("eager", "triton"), ("compile", "triton"),
+    ratios = [(a, b) for a, b in (("eager", "triton"), ("compile", "triton"), ("eager", "fused"),
                                   ("eager-graph", "triton-graph")) if a in impls and b in impls]
     print(f"{'size':<9} {'case':<22} {'mode':<5}" + "".join(f" {i + ' us':>15}" for i in impls)
           + "".join(f" {a + '/' + b:>15}" for a, b in ratios))
@@ -268,6 +272,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file (default per device)")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        keep_freed_memory()  # as run.py does on CPU
     env = environment()
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"cuda {env['cuda']}  commit {env['commit']}")

@@ -82,29 +82,15 @@ def check(fn, ref_fn, inputs: dict, grads: tuple[str, ...], seed=1, scales=None)
     ((1, 32), False), ((7, 500), False), ((63, 257), False), ((3, 21, 64), False),
     ((7, 500), True),
 ], ids=["rows1-C32", "rows7-C500", "rows63-C257", "lead3x21-C64", "rows7-C500-strided"])
-def test_rms_silu(shape, strided, dtype):
+@pytest.mark.parametrize("op", [rssm_step.rms_silu, fused.rms_silu_fused],
+                         ids=["triton", "fused"])
+def test_rms_silu(op, shape, strided, dtype):
+    """The Triton kernel and the CPU fast path (hand-written backward) against the reference."""
     x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
     if strided:  # a transposed view: row stride 1, column stride rows
         x = randn(*shape[::-1], dtype=dtype, scale=2.0).t()
     scale = randn(shape[-1], scale=0.5, seed=2) + 1.0
-    check(lambda a, b: rssm_step.rms_silu(a, b, 1e-4),
-          lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
-          {"x": x, "scale": scale}, grads=("x", "scale"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,strided", [
-    ((1, 32), False), ((7, 500), False), ((63, 257), False), ((3, 21, 64), False),
-    ((7, 500), True),
-], ids=["rows1-C32", "rows7-C500", "rows63-C257", "lead3x21-C64", "rows7-C500-strided"])
-def test_rms_silu_fused(shape, strided, dtype):
-    """The CPU fast path (hand-written backward) against the autograd reference."""
-    x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
-    if strided:
-        x = randn(*shape[::-1], dtype=dtype, scale=2.0).t()
-    scale = randn(shape[-1], scale=0.5, seed=2) + 1.0
-    check(lambda a, b: fused.rms_silu_fused(a, b, 1e-4),
-          lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
+    check(lambda a, b: op(a, b, 1e-4), lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
           {"x": x, "scale": scale}, grads=("x", "scale"))
 
 
