@@ -151,7 +151,7 @@ def policy(mode: str, iters: int, burnin: int, device: str, precision: str) -> d
            "env_id": np.arange(64, dtype=np.int32), "is_first": np.zeros(64, bool),
            "is_last": np.zeros(64, bool)}
     if mode.startswith("graph"):
-        graph = GraphedPolicy(copies, carry, IMAGE, 64)
+        graph = GraphedPolicy(copies, carry, {"image": ((3, 64, 64), torch.uint8)}, 64)
         step = lambda: graph(0, obs)[0].argmax(-1).cpu()  # noqa: E731
     else:
         step = lambda: policy_act(copies[0], carry, obs, ["image"], agent.device)[0].argmax(-1).cpu()  # noqa: E731

@@ -134,7 +134,7 @@ class GraphedPolicy:
     per copy of the double-buffered policy weights (each graph reads its copy's parameters).
 
     carry: the actor's per-env carries {k: (num_envs, ...)} (updated in place by the graph).
-    obs_spec: {key: (shape, dtype)} of the observation keys. Call with (copy index, obs dict
+    obs_spec: {key: (shape, torch dtype)} of the observation keys (as in the ring's spec). Call with (copy index, obs dict
     of numpy arrays incl. env_id, is_first, is_last) -> (action, latent), static tensors.
     """
 
@@ -147,7 +147,7 @@ class GraphedPolicy:
             raise ConfigError("CUDA graphs need a CUDA device; use graphs='off' on "
                               f"{device.type}")
         self.n = n
-        self.static = {k: torch.zeros((n, *shape), dtype=_torch_dtype(dtype), device=device)
+        self.static = {k: torch.zeros((n, *shape), dtype=dtype, device=device)
                        for k, (shape, dtype) in obs_spec.items()}
         self.static["env_id"] = torch.arange(n, dtype=torch.int64, device=device)
         self.static["is_first"] = torch.ones(n, dtype=torch.bool, device=device)
@@ -169,13 +169,6 @@ class GraphedPolicy:
         self.graphs[index].replay()
         self.replays += 1
         return self.outputs[index]
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    import numpy as np
-
-    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(
-        np.zeros(0, dtype)).dtype
 
 
 def compile_steps(agent, policies: list) -> None:

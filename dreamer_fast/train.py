@@ -109,8 +109,9 @@ class Run:
         start = time.perf_counter()
         example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
         self.learner.graph = GraphedTrainStep(self.agent, example)
-        self.actor.graph = GraphedPolicy(self.weights.copies, self.actor.carry,
-                                         self.env.obs_space, self.env.batch_size)
+        obs_spec = {k: self.ring.spec[k] for k in self.env.obs_space}
+        self.actor.graph = GraphedPolicy(self.weights.copies, self.actor.carry, obs_spec,
+                                         self.env.batch_size)
         self.weights.publish()  # the copies' weights again, in case warm-up touched them
         print(f"captured CUDA graphs (update, policy step for {self.env.batch_size} envs) in "
               f"{time.perf_counter() - start:.1f}s", flush=True)

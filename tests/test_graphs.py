@@ -202,7 +202,8 @@ def test_graphed_policy_matches_eager():
     agent = _agent(obs, act, SMALL, "cuda")
     weights = PolicyWeights(agent)
     carry_e, carry_g = agent.initial_carry(6), agent.initial_carry(6)
-    graph = GraphedPolicy(weights.copies, carry_g, obs, 3, greedy=True)
+    graph = GraphedPolicy(weights.copies, carry_g, {"image": ((3, 64, 64), torch.uint8)}, 3,
+                          greedy=True)
     rng = np.random.default_rng(0)
     for t in range(4):
         step = {"image": rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8),
