@@ -17,12 +17,12 @@ from dreamer_fast.config import ConfigError, parse
 def main(argv: list[str]) -> None:
     try:
         if "--eval" in argv:
-            from dreamer_fast.evaluate import evaluate
+            from dreamer_fast.run.evaluate import evaluate
 
             args = _eval_args(argv)
             evaluate(args["logdir"], args["episodes"], args["greedy"], args["device"])
         else:
-            from dreamer_fast.train import train
+            from dreamer_fast.run.loop import train
 
             train(parse(argv))
     except ConfigError as e:

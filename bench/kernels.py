@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles  # noqa: E402
 from dreamer_fast.config import SIZES  # noqa: E402
-from dreamer_fast.resources import keep_freed_memory  # noqa: E402
-from dreamer_fast.rssm import RSSM  # noqa: E402
+from dreamer_fast.run.device import keep_freed_memory  # noqa: E402
+from dreamer_fast.agent.rssm import RSSM  # noqa: E402
 from kernels import get_ops  # noqa: E402
 from kernels.twohot import symexp_bins  # noqa: E402
 

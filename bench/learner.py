@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles, time_calls  # noqa: E402
-from dreamer_fast.agent import Agent  # noqa: E402
+from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig  # noqa: E402
-from dreamer_fast.synthetic import ActSpace, make_batch  # noqa: E402
+from dreamer_fast.data.synthetic import ActSpace, make_batch  # noqa: E402
 
 IMAGE = {"image": ((3, 64, 64), np.uint8)}
 WORKLOADS = {

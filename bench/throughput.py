@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles, time_calls  # noqa: E402
-from dreamer_fast.actor import PolicyWeights  # noqa: E402
-from dreamer_fast.agent import Agent  # noqa: E402
+from dreamer_fast.run.actor import PolicyWeights  # noqa: E402
+from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig, NetConfig  # noqa: E402
-from dreamer_fast.graphs import GraphedPolicy, GraphedTrainStep  # noqa: E402
-from dreamer_fast.resources import keep_freed_memory  # noqa: E402
-from dreamer_fast.synthetic import ActSpace, make_batch  # noqa: E402
+from dreamer_fast.run.graphs import GraphedPolicy, GraphedTrainStep  # noqa: E402
+from dreamer_fast.run.device import keep_freed_memory  # noqa: E402
+from dreamer_fast.data.synthetic import ActSpace, make_batch  # noqa: E402
 
 IMAGE = {"image": ((3, 64, 64), np.uint8)}
 VECTOR = {"vector": ((24,), np.float32)}
@@ -76,7 +76,7 @@ def update_flops(agent, batch) -> float:
     profiler; the update it runs is undone."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dreamer_fast.graphs import Snapshot, state_tensors
+    from dreamer_fast.run.graphs import Snapshot, state_tensors
 
     snap = Snapshot(state_tensors(agent, agent.opt))
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
@@ -137,7 +137,7 @@ def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: f
 def policy(mode: str, iters: int, burnin: int, device: str, precision: str) -> dict:
     """The actor's step for 64 envs at size12m on 64x64 images: host obs in, gather carries,
     encoder, RSSM observe step, actor sample, scatter carries, action back to the host."""
-    from dreamer_fast.actor import policy_act
+    from dreamer_fast.run.actor import policy_act
 
     torch.manual_seed(0)
     net, act = SIZES["size12m"], ActSpace(True, 18)
@@ -246,7 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     if kind == "cpu":
-        keep_freed_memory()  # as run.py does on CPU (resources.set_cpu_threads)
+        keep_freed_memory()  # as run.py does on CPU (dreamer_fast.run.device.set_cpu_threads)
     precision = args.precision or ("bfloat16" if kind == "cuda" else "float32")
     e2e_steps = args.e2e_steps or (30_000 if kind == "cuda" else 5_600)
     flops = kind == "cuda" if args.flops is None else args.flops

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamer_fast import checkpoint
-from dreamer_fast.actor import Actor, PolicyWeights, policy_act
-from dreamer_fast.agent import Agent
+from dreamer_fast.run import checkpoint
+from dreamer_fast.run.actor import Actor, PolicyWeights, policy_act
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig, Config, ConfigError
 from dreamer_fast.envs.base import ActSpace
-from dreamer_fast.learner import annotate
-from dreamer_fast.limiter import RateLimiter
-from dreamer_fast.replay import Ring
+from dreamer_fast.run.learner import annotate
+from dreamer_fast.data.limiter import RateLimiter
+from dreamer_fast.data.ring import Ring
 
 N, D = 4, 3
 

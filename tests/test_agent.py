@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamer_fast.synthetic import IMAGE, VECTOR, ActSpace, make_batch
-from dreamer_fast.agent import Agent
+from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig, ConfigError
 
 SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3)
@@ -41,7 +41,7 @@ def test_output_inits():
 
 
 def test_linear_init_std():
-    from dreamer_fast.nets import BlockLinear, Linear
+    from dreamer_fast.agent.nets import BlockLinear, Linear
     torch.manual_seed(0)
     lin = Linear(1000, 500)
     assert abs(lin.weight.std().item() * np.sqrt(1000) - 1.0) < 0.02
@@ -168,7 +168,7 @@ def test_bad_observation_space_is_rejected():
 
 
 def test_block_linear_shared_input_equals_repeated_concat():
-    from dreamer_fast.nets import BlockLinear
+    from dreamer_fast.agent.nets import BlockLinear
     torch.manual_seed(0)
     G, n, m = 4, 6, 10
     layer = BlockLinear(G * (n + m), 20, G)

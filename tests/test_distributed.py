@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dreamer_fast import distributed as D
-from dreamer_fast.agent import TRAINED, Agent
+from dreamer_fast.run import distributed as D
+from dreamer_fast.agent.agent import TRAINED, Agent
 from dreamer_fast.config import SIZES, AgentConfig, OptimConfig
-from dreamer_fast.synthetic import VECTOR, ActSpace, make_batch
+from dreamer_fast.data.synthetic import VECTOR, ActSpace, make_batch
 
 WORLD = 2
 NET = SIZES["debug"]
@@ -88,7 +88,7 @@ NOISE: RowNoise | None = None
 
 def _use_row_noise() -> None:
     """Route every sampler of the train step through NOISE (test-only, in worker processes)."""
-    from dreamer_fast import dists, rssm
+    from dreamer_fast.agent import dists, rssm
 
     def latent(self, logits):
         noise = NOISE.draw(logits.shape[:-1], torch.rand)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dreamer_fast.actor import Policy, PolicyWeights, policy_act, policy_core
-from dreamer_fast.agent import Agent
+from dreamer_fast.run.actor import Policy, PolicyWeights, policy_act, policy_core
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig, parse
-from dreamer_fast.graphs import (GraphedPolicy, GraphedTrainStep, resolve_graphs, state_tensors,
+from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, resolve_graphs, state_tensors,
                                  warm_up)
-from dreamer_fast.synthetic import IMAGE, VECTOR, ActSpace, make_batch
+from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 
 SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3,
                     optim=OptimConfig(warmup=10))
@@ -162,7 +162,7 @@ def test_graph_flags():
 
 def test_categorical_sample_distribution():
     """The exponential-race sampler (no multinomial: capturable) samples the probabilities."""
-    from dreamer_fast.dists import OneHotCategorical
+    from dreamer_fast.agent.dists import OneHotCategorical
 
     torch.manual_seed(0)
     probs = torch.tensor([0.0, 0.1, 0.2, 0.7])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamer_fast.synthetic import IMAGE, VECTOR, ActSpace, make_batch
-from dreamer_fast.agent import Agent
+from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
 from kernels import OPS, categorical, fused, get_ops, rssm_step, twohot
 

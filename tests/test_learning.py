@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreamer_fast.agent import Agent
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig, OptimConfig
-from dreamer_fast.synthetic import ActSpace
+from dreamer_fast.data.synthetic import ActSpace
 
 NET = SIZES["debug"]
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dreamer_fast.limiter import RateLimiter
+from dreamer_fast.data.limiter import RateLimiter
 
 
 def drain(lim):

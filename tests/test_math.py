@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dreamer_fast.dists import BoundedNormal, OneHotCategorical, symexp, symlog
-from dreamer_fast.losses import lambda_return, percentile_scale
+from dreamer_fast.agent.dists import BoundedNormal, OneHotCategorical, symexp, symlog
+from dreamer_fast.agent.losses import lambda_return, percentile_scale
 from kernels.categorical import kl_free_ref, latent_sample_ref, unimix_logprobs
 from kernels.twohot import symexp_bins, twohot_loss_ref, twohot_mean_ref
 

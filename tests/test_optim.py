@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dreamer_fast.config import OptimConfig
-from dreamer_fast.optim import LaProp
+from dreamer_fast.agent.optim import LaProp
 
 
 def _reference(params, grads_per_step, cfg):

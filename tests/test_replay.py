@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamer_fast.replay import Ring
+from dreamer_fast.data.ring import Ring
 
 L = 17  # window length (debug preset: 1 context + 16 trained)
 PAD = 64

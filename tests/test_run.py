@@ -139,18 +139,18 @@ def test_unknown_env_and_oversized_replay_fail_at_once(tmp_path):
 def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch):
     import torch
 
-    from dreamer_fast import resources
+    from dreamer_fast.data import ring
     from dreamer_fast.config import ConfigError
 
     spec = {"image": ((3, 64, 64), torch.uint8), "deter": ((8192,), torch.bfloat16)}
     per_step = 3 * 64 * 64 + 2 * 8192
-    monkeypatch.setattr(resources, "mem_available", lambda: 100_000 * per_step)
+    monkeypatch.setattr(ring, "mem_available", lambda: 100_000 * per_step)
     # Default: SPEC's 5e6 does not fit, so as many as fit in the fraction of free RAM.
-    assert resources.replay_capacity(spec, 0, None, 0.5) == 50_000
+    assert ring.replay_capacity(spec, 0, None, 0.5) == 50_000
     # A resumed run keeps its capacity; an explicit value is used as given.
-    assert resources.replay_capacity(spec, 0, 30_000, 0.5) == 30_000
-    assert resources.replay_capacity(spec, 20_000, None, 0.5) == 20_000
+    assert ring.replay_capacity(spec, 0, 30_000, 0.5) == 30_000
+    assert ring.replay_capacity(spec, 20_000, None, 0.5) == 20_000
     with pytest.raises(ConfigError, match=r"use --replay.capacity 50000"):
-        resources.replay_capacity(spec, 90_000, None, 0.5)
-    monkeypatch.setattr(resources, "mem_available", lambda: 10**9 * per_step)
-    assert resources.replay_capacity(spec, 0, None, 0.75) == resources.SPEC_CAPACITY
+        ring.replay_capacity(spec, 90_000, None, 0.5)
+    monkeypatch.setattr(ring, "mem_available", lambda: 10**9 * per_step)
+    assert ring.replay_capacity(spec, 0, None, 0.75) == ring.SPEC_CAPACITY

@@ -105,7 +105,7 @@ def resumed(out: str) -> dict[int, tuple[int, int]]:
 
 
 def test_two_ranks_sigterm_sigkill_resume_finish_and_world_size(tmp_path):
-    from dreamer_fast.replicas import param_checksum
+    from dreamer_fast.run.replicas import param_checksum
 
     logdir = tmp_path / "dp"
     args = [*ARGS, "--steps", "100000"]

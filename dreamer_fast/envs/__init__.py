@@ -6,6 +6,9 @@ Suites, picked from the id:
     dm_control rendering `image` only.
   * Any other id registered in Gymnasium (`CartPole-v1`, `Pendulum-v1`, `mymodule:MyEnv-v0`):
     a synchronous Gymnasium vector env.
+
+May import: numpy, gymnasium, envpool, dm_control and `dreamer_fast.config`. Imports nothing of
+`agent`, `data` or `run`.
 """
 
 from __future__ import annotations

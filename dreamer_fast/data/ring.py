@@ -28,6 +28,9 @@ Thread-safety of the Python bookkeeping under CPython's GIL: the online queue is
 counters live in one dict per reader thread (only that thread mutates it); the numpy RNG has
 its own internal lock. Payload copies are torch ops (index_select, index_copy_, copy_) which
 release the GIL, so readers and the writer copy in parallel.
+
+What a step holds (`replay_spec`) and how many steps fit in RAM (`replay_capacity`) are
+decided here too, before the ring is allocated.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import threading
 
 import numpy as np
 import torch
+
+from dreamer_fast.config import ConfigError
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -332,3 +337,57 @@ class Ring:
         self.inserted = int(state["stats"]["inserted"])
         self._tallies.clear()
         self._tallies[0] = {k: int(state["stats"][k]) for k in _READER_STATS}
+
+
+def replay_spec(env, net) -> dict:
+    """What the ring stores per step: observations, action, reward, flags, latent (SPEC 5.3)."""
+    spec = {k: (shape, torch.from_numpy(np.zeros((), dtype)).dtype)
+            for k, (shape, dtype) in env.obs_space.items()}
+    spec.update(action=((env.act_space.size,), torch.float32), reward=((), torch.float32),
+                is_first=((), torch.bool), is_last=((), torch.bool), is_terminal=((), torch.bool),
+                deter=((net.deter,), torch.bfloat16), stoch=((net.stoch,), torch.int16))
+    return spec
+
+
+def mem_available() -> int:
+    """Bytes of MemAvailable from /proc/meminfo (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+SPEC_CAPACITY = 5_000_000
+"""The official replay size in steps (SPEC 5.2); the automatic capacity never exceeds it."""
+
+
+def replay_capacity(spec: dict, requested: int, saved: int | None = None,
+                    fraction: float = 0.75) -> int:
+    """The replay capacity in steps, printed with its memory.
+
+    requested 0 (the default) means SPEC's 5e6 steps, or as many as fit in `fraction` of the
+    free RAM (the rest is for the model, the envs and the page cache; on CPU the update's
+    activations live in RAM too, so pass less); a resumed run keeps its saved capacity. An
+    explicit capacity that does not fit fails at once naming a value that does.
+    """
+    per_step = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                   for shape, dtype in spec.values())
+    avail = mem_available()
+    fits = int(fraction * avail / per_step) // 1000 * 1000 if avail else SPEC_CAPACITY
+    capacity = requested or saved or min(SPEC_CAPACITY, fits)
+    need = per_step * capacity
+    print(f"replay: {capacity:,} steps x {per_step:,} bytes = {need / 2**30:.2f} GiB "
+          f"(MemAvailable {avail / 2**30:.1f} GiB)", flush=True)
+    if not requested and not saved and capacity < SPEC_CAPACITY:
+        print(f"replay: SPEC's {SPEC_CAPACITY:,} steps would need "
+              f"{per_step * SPEC_CAPACITY / 2**30:.1f} GiB; using {capacity:,} that fit "
+              "(set --replay.capacity to choose)", flush=True)
+    if avail and need > fraction * avail:
+        raise ConfigError(f"replay of {capacity:,} steps needs {need / 2**30:.1f} GiB but only "
+                          f"{avail / 2**30:.1f} GiB is available; use --replay.capacity {fits} "
+                          f"(or less)")
+    return capacity

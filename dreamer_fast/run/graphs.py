@@ -140,7 +140,7 @@ class GraphedPolicy:
 
     def __init__(self, copies: list, carry: dict[str, torch.Tensor], obs_spec: dict, n: int,
                  greedy: bool = False, warmup: int = WARMUP):
-        from dreamer_fast.actor import policy_core
+        from dreamer_fast.run.actor import policy_core
 
         device = copies[0].device
         if device.type != "cuda":

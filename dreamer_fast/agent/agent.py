@@ -16,13 +16,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from dreamer_fast import distributed as D
-from dreamer_fast import losses as L
+from dreamer_fast.agent import losses as L
+from dreamer_fast.agent import parallel
+from dreamer_fast.agent.dists import one_hot, symexp
+from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
+from dreamer_fast.agent.optim import LaProp
+from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig
-from dreamer_fast.dists import one_hot, symexp
-from dreamer_fast.heads import Actor, ContinueHead, TwohotHead
-from dreamer_fast.optim import LaProp
-from dreamer_fast.rssm import RSSM, Decoder, Encoder
 from kernels import get_ops
 
 LOSSES = tuple(f.name for f in dataclasses.fields(AgentConfig().loss))
@@ -70,7 +70,7 @@ class Agent(nn.Module):
             self.register_buffer("retnorm_hi", torch.zeros(()))
             self.register_buffer("nonfinite", torch.zeros(len(LOSSES), dtype=torch.bool))
             self.opt = LaProp(self.trained_parameters(), cfg.optim)
-        self.reducer: D.GradReducer | None = None  # set by enable_data_parallel
+        self.reducer: parallel.GradReducer | None = None  # set by enable_data_parallel
         self.feat_size = net.deter + net.stoch * net.classes
 
     def _build(self, n: NetConfig, act, ops) -> None:
@@ -101,10 +101,10 @@ class Agent(nn.Module):
         buffer before the optimizer, takes return percentiles over the all-gathered batch,
         and scales the learning rate (after warmup) by sqrt(world size).
         """
-        D.broadcast_([*self.parameters(), *self.buffers(), self.opt.count, *self.opt.nu,
+        parallel.broadcast_([*self.parameters(), *self.buffers(), self.opt.count, *self.opt.nu,
                       *self.opt.mu])
-        self.reducer = D.GradReducer(self.trained_parameters())
-        self.opt.lr_scale = math.sqrt(D.world_size())
+        self.reducer = parallel.GradReducer(self.trained_parameters())
+        self.opt.lr_scale = math.sqrt(parallel.world_size())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; with a reducer attached, zero its buffer so the views stay alive."""
@@ -248,7 +248,7 @@ class Agent(nn.Module):
         weight = torch.cumprod(con, 1)[:, :-1]
         ret = L.lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)
         # Data parallel: percentiles of the global batch, so every rank normalises alike.
-        all_ret = D.all_gather(ret) if self.reducer is not None else ret
+        all_ret = parallel.all_gather(ret) if self.reducer is not None else ret
         scale = L.percentile_scale(all_ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
                                    cfg.perclo, cfg.perchi, cfg.retnorm_limit)
         adv = (ret - val[:, :-1]) / scale

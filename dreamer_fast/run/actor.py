@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dreamer_fast.agent import Agent
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.envs.base import STEP_KEYS
 
 POLICY_MODULES = ("enc", "dyn", "pol")

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dreamer_fast.dists import symlog
-from dreamer_fast.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
+from dreamer_fast.agent.dists import symlog
+from dreamer_fast.agent.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last

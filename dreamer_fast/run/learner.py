@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from dreamer_fast.actor import PolicyWeights, Timer
+from dreamer_fast.run.actor import PolicyWeights, Timer
 
 
 def annotate(batch: dict[str, torch.Tensor]) -> None:

@@ -17,12 +17,12 @@ import os
 import numpy as np
 import torch
 
-from dreamer_fast import checkpoint
-from dreamer_fast.actor import policy_act
-from dreamer_fast.agent import Agent
+from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import ConfigError
 from dreamer_fast.envs import make_env, suite_of
-from dreamer_fast.logger import write_mp4
+from dreamer_fast.run import checkpoint
+from dreamer_fast.run.actor import policy_act
+from dreamer_fast.run.logger import write_mp4
 
 MAX_EVAL_ENVS = 16
 

@@ -1,23 +1,21 @@
 """Data-parallel replicas (DESIGN 3.10): learners in lockstep and replica checks.
 
-See train.py for how the ranks coordinate; these are the pieces that only exist with N > 1.
+See loop.py for how the ranks coordinate; these are the pieces that only exist with N > 1.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from typing import TYPE_CHECKING
-
-from dreamer_fast import distributed as D
+from dreamer_fast.run import distributed as D
 
 if TYPE_CHECKING:
-    from dreamer_fast.learner import Learner
-    from dreamer_fast.limiter import RateLimiter
-    from dreamer_fast.train import Run
+    from dreamer_fast.data.limiter import RateLimiter
+    from dreamer_fast.run.learner import Learner
 
 
 class Lockstep:
@@ -97,8 +95,6 @@ class Lockstep:
             self.cond.notify_all()
 
 
-
-
 def param_checksum(state: dict[str, torch.Tensor]) -> int:
     """An exact, order-sensitive checksum of the bits of the floating tensors of an agent
     state_dict: integers mod a prime, so any device or thread count gives the same value."""
@@ -112,19 +108,19 @@ def param_checksum(state: dict[str, torch.Tensor]) -> int:
     return total
 
 
-def check_replicas(run: Run) -> None:
+def check_replicas(agent, steps: int, updates: int) -> None:
     """Data parallel: every rank must hold the same agent (identical averaged gradients and
-    optimizer steps from one broadcast start); a mismatch is a bug, so it fails loudly."""
-    mine = param_checksum(run.agent.state_dict())
+    optimizer steps from one broadcast start); a mismatch is a bug, so it fails loudly.
+    steps, updates: this rank's counts, for the printed line."""
+    mine = param_checksum(agent.state_dict())
     sums = D.control_all_gather(torch.tensor([mine]))[:, 0]
-    print(f"[rank {run.rank}] {run.ring.inserted:,} agent steps, {run.learner.updates:,} "
+    print(f"[rank {D.rank()}] {steps:,} agent steps, {updates:,} "
           f"updates, parameter checksum {mine}", flush=True)
     if not bool((sums == sums[0]).all()):
         raise RuntimeError(f"data-parallel replicas diverged: parameter checksums {sums.tolist()}")
     if D.is_main():
-        print(f"replicas identical: parameter checksums agree on all {run.world} ranks", flush=True)
-
-
+        print(f"replicas identical: parameter checksums agree on all {D.world_size()} ranks",
+              flush=True)
 
 
 def ranks_str(flags: torch.Tensor) -> str:

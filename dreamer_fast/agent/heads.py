@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dreamer_fast.dists import BoundedNormal, OneHotCategorical
-from dreamer_fast.nets import MLP, Linear
+from dreamer_fast.agent.dists import BoundedNormal, OneHotCategorical
+from dreamer_fast.agent.nets import MLP, Linear
 
 
 class TwohotHead(nn.Module):

@@ -1,0 +1,12 @@
+"""The DreamerV3 algorithm: the math of the world model and the actor-critic.
+
+nets (layers, fan-in init), dists (symlog, twohot, categoricals), rssm (encoder, block-GRU RSSM,
+decoder), heads (reward, continue, actor, critic), losses (lambda-returns, return normaliser),
+optim (AGC -> LaProp), parallel (the gradient all-reduce and return all-gather the math needs
+as one replica of several), agent (the `Agent` with its pure step functions: policy_step,
+train_step, report_step).
+
+May import: torch, numpy, `dreamer_fast.config` and the top-level `kernels` package. Imports
+nothing of `envs`, `data` or `run`: the algorithm knows no threads, envs, files or devices
+beyond the tensors it is given. Module attribute names here are checkpoint keys: keep them.
+"""

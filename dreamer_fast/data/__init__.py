@@ -1,0 +1,9 @@
+"""Replay storage and its flow control, between the actor (writer) and the learner (reader).
+
+ring (the lock-free per-stream ring buffer with latent write-back, what a step holds and how
+many steps fit in RAM), limiter (the samples-per-insert rate limiter that holds the train
+ratio), synthetic (random batches in the learner's input layout, for tests and benches).
+
+May import: torch, numpy, `dreamer_fast.config` and `dreamer_fast.envs.base` (the step format).
+Imports nothing of `agent` or `run`.
+"""

@@ -1,0 +1,177 @@
+"""The run loop: build the actor-learner (session.py), resume, then a scheduler of clocks.
+
+One process per device: an actor thread (actor.py) fills the ring, a learner thread
+(learner.py) trains from it at train_ratio (dreamer_fast/data/limiter.py). The main thread
+only keeps time: progress (1 s), log (`log_every` s), report (`report_every` s), save
+(`save_every` s), and stops on the step budget, Ctrl-C or SIGTERM (saving first).
+
+Data parallel (DESIGN 3.10): under torchrun every process runs all of the above with its own
+envs and ring; gradients meet in one all-reduce per update. The main threads meet every tick
+(0.2 s) in one small all-gather on a separate gloo group (distributed.control_all_gather):
+rank 0's clocks decide log and save, any rank's SIGTERM/Ctrl-C, finished budget or failed
+thread stops all. Two rules keep this deadlock-free. (1) A main thread never waits on another
+rank while it holds its own actor or learner lock: a save pauses and writes this rank's files
+without any collective, so a learner blocked in the all-reduce is only waiting for peers that
+each finish their own save and let go. (2) All learners stop after the same update
+(`Lockstep`): a rank that stopped one update early would leave the others in the collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import torch
+
+from dreamer_fast.config import Config
+from dreamer_fast.run import checkpoint
+from dreamer_fast.run import distributed as D
+from dreamer_fast.run.logger import Logger, format_progress
+from dreamer_fast.run.replicas import check_replicas, ranks_str
+from dreamer_fast.run.session import Run, resolve
+from dreamer_fast.run.stats import Stats, log, report, startup_line
+
+
+class Every:
+    """A wall-clock clock: true once every `seconds` (not at the start)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.time()
+
+    def __call__(self) -> bool:
+        now = time.time()
+        if now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
+
+
+def train(cfg: Config) -> None:
+    """Train (or resume) until cfg.steps agent steps; save on exit, Ctrl-C and SIGTERM.
+
+    Under torchrun (WORLD_SIZE > 1) this process is one replica of a data-parallel world: the
+    same flags on every rank, cfg.steps counted over all of them (module docstring)."""
+    D.init()
+    run = None
+    try:
+        run = Run(resolve(cfg))
+        _train(run)
+    finally:
+        # After a failure a learner may still sit in a collective with a vanished peer;
+        # tearing the group down under it could hang, and the process is exiting anyway.
+        if run is None or not run.threads_alive():
+            D.destroy()
+
+
+def _train(run: Run) -> None:
+    cfg = run.cfg  # with the concrete replay capacity
+    os.makedirs(cfg.logdir, exist_ok=True)
+    if not run.resume() and D.is_main():
+        with open(os.path.join(cfg.logdir, "config.json"), "w") as f:
+            f.write(checkpoint.config_json(cfg))  # for people; resume reads the checkpoint
+    if run.world > 1:
+        run.agent.enable_data_parallel()  # after the resume: rank 0's state on every rank
+    if D.is_main():
+        print(startup_line(run), flush=True)
+    logger = Logger(cfg.logdir, enabled=D.is_main())
+    stop = threading.Event()
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if run.world > 1 else [])
+    # Data parallel: Ctrl-C must not raise mid-collective; the flag reaches every rank.
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+    run.start()
+    stats = Stats(run)
+    try:
+        finished = (loop if run.world == 1 else loop_replicas)(run, stats, logger, stop)
+    except KeyboardInterrupt:
+        logger.message("interrupted: saving")
+        finished = False
+    except BaseException:
+        run.stop(finished=False, failed=True)  # not saved: the last checkpoint stays
+        logger.close()
+        raise
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    finish(run, stats, logger, finished)
+
+
+def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
+    """Stop the threads, log and report a last time, save, close."""
+    run.stop(finished)
+    log(run, stats, logger)
+    steps = run.ring.inserted if run.world == 1 else run.global_steps
+    if D.is_main():
+        report(run, logger, steps)
+    run.save()
+    logger.message(f"saved {os.path.join(run.cfg.logdir, checkpoint.CHECKPOINT)} at "
+                   f"{steps:,} steps, {run.learner.updates:,} updates")
+    if run.world > 1:
+        check_replicas(run.agent, run.ring.inserted, run.learner.updates)
+    logger.close()
+
+
+def loop(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
+    """The scheduler of clocks. Returns True when the step budget was reached."""
+    cfg = run.cfg
+    progress_stats = Stats(run)
+    clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
+              "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
+    while not stop.wait(0.2):
+        run.check_threads()
+        if not run.threads[0].is_alive():
+            return run.ring.inserted >= cfg.steps
+        if clocks["log"]():
+            log(run, stats, logger)
+        if clocks["progress"]():
+            logger.progress(format_progress(run.ring.inserted, cfg.steps,
+                                            progress_stats.rates(), run.fill(), stats.score))
+            progress_stats.last = progress_stats.snapshot()
+        if clocks["report"]():
+            report(run, logger, run.ring.inserted)
+        if clocks["save"]():
+            run.save()
+    logger.message("SIGTERM: saving")
+    return False
+
+
+def loop_replicas(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
+    """The scheduler of clocks of a data-parallel world, on every rank. Each tick one control
+    all-gather of (stop requested, actor done, thread failed, agent steps, log, save): rank 0's
+    clocks decide log and save, any rank's stop request stops all. Returns True once every
+    rank reached its share of the step budget."""
+    cfg, main = run.cfg, D.is_main()
+    progress_stats = Stats(run)
+    clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
+              "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
+    last = (time.time(), run.global_steps)
+    while True:
+        stop.wait(0.2)
+        done = run.actor_done()  # read before `failed`: a failure ends the actor
+        failed = run.actor.error is not None or run.learner.error is not None
+        row = [stop.is_set(), done, failed, run.ring.inserted,
+               main and clocks["log"](), main and clocks["save"]()]
+        rows = D.control_all_gather(torch.tensor(row, dtype=torch.float64))
+        run.global_steps = int(rows[:, 3].sum())
+        if rows[:, 2].any():
+            run.check_threads()
+            raise RuntimeError(f"rank(s) {ranks_str(rows[:, 2])} failed; stopping")
+        if rows[:, 1].all():
+            return True
+        if rows[:, 0].any():
+            logger.message(f"stop requested on rank(s) {ranks_str(rows[:, 0])} (SIGTERM or "
+                           "Ctrl-C): saving")
+            return False
+        if rows[0, 4]:
+            log(run, stats, logger)
+        if main and clocks["progress"]():
+            now = (time.time(), run.global_steps)
+            rates = {**progress_stats.rates(),
+                     "steps_per_s": (now[1] - last[1]) / max(1e-9, now[0] - last[0])}
+            logger.progress(format_progress(now[1], cfg.steps, rates, run.fill(), stats.score))
+            progress_stats.last, last = progress_stats.snapshot(), now
+        if main and clocks["report"]():
+            report(run, logger, run.global_steps)
+        if rows[0, 5]:
+            run.save()
