@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from dreamer_fast.config import ConfigError, parse
+import os
+
+from dreamer_fast.config import ConfigError, choose, parse
 
 
 def main(argv: list[str]) -> None:
@@ -24,9 +26,26 @@ def main(argv: list[str]) -> None:
         else:
             from dreamer_fast.run.loop import train
 
-            train(parse(argv))
+            choice = choose(argv, route)
+            cfg = parse(argv, choice=choice)
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+                for note in choice.notes:
+                    print(note, flush=True)
+            train(cfg)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+def route(env_id: str, pixels: bool) -> tuple[str, str]:
+    """The preset from the env's suite; an unknown id fails naming the closest ones."""
+    from dreamer_fast.envs import preset_for
+
+    try:
+        return preset_for(env_id, pixels)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _eval_args(argv: list[str]) -> dict:

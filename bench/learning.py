@@ -1,21 +1,20 @@
-"""Learning benchmark (not a test): DreamerV3 on CartPole-v1 on the CPU, return vs wall-clock.
+"""Learning benchmark suite (not a test): each task from its plain `python run.py --env ID`.
 
-    python bench/learning.py                 # 30 minutes at most, stops early on the target
-    python bench/learning.py --minutes 10 --logdir /tmp/cartpole
+    python bench/learning.py                                   # the three tasks below, in turn
+    python bench/learning.py --tasks CartPole-v1 Acrobot-v1 CartpoleBalance-v1 MyEnv-v0
+    python bench/learning.py --tasks CartPole-v1 --tag lr1e-3 --flags --agent.optim.lr 1e-3
 
-Target: mean training-episode return >= 450 (over the last 10 episodes) within 30 minutes of
-CPU wall-clock on a 2-core machine. Runs `run.py` in a subprocess with the settings below,
-reads its metrics.jsonl, then evaluates the final checkpoint (10 sampled episodes). Writes
-bench/results/learning-cartpole.json (curve, settings, environment record) and a PNG plot.
+One run at a time (the machine's cores are the learner's), each `python run.py --env ID` with
+no flag beyond `--preset control` for an EnvPool DMC id (and `--flags`, for sweeps). A task
+stops when the mean of its last 10 training episodes reaches the target, at its time limit, or
+when the run ends its step budget (`--full`: never at the target). The final checkpoint is then
+evaluated over 10 episodes. Per task it writes bench/results/learning-<task>[-<tag>].json
+(return vs wall-clock minutes and vs agent steps, flags, environment record, evaluation) and a
+.png of both curves; bench/results/learning-summary.md holds one row per task and tag.
 
-Settings, chosen for a learner that does ~4 updates/s on one busy CPU core:
-  * model: deter 128, hidden 64, units 64, 16 latents x 8 classes, 4 GRU blocks (~0.3 s per
-    B16xT32 update on one core vs 0.46 s for size1m; CartPole's 4-d state needs no more).
-  * batch 16 x 32, imagination horizon 15; train_ratio 128 (1 update per 4 agent steps), so
-    30 minutes give ~7k updates over ~25k agent steps, the range where DreamerV3 solves it.
-  * lr 3e-4 with 100 warm-up updates: 4e-5 is tuned for size200m; small nets learn faster
-    with a larger step, and AGC (0.3) keeps updates bounded.
-  * 4 envs (episodes last up to 500 steps; more envs only dilute the online queue).
+Targets (2-core CPU, one seed): CartPole-v1 >= 475 within 10 minutes; Acrobot-v1 >= -100
+within 20; CartpoleBalance-v1 >= 800 within 45 (the official DreamerV3 reaches 840 +- 91 at 100k
+env steps on it: danijar/dreamerv3, scores of dmc_proprio).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,14 +33,21 @@ sys.path.insert(0, ROOT)
 
 from bench.common import environment  # noqa: E402
 
-TARGET, WINDOW = 450.0, 10
-FLAGS = ["--env", "CartPole-v1", "--preset", "debug", "--num-envs", "4", "--steps", "200000",
-         "--train-ratio", "128", "--net.deter", "128", "--net.hidden", "64", "--net.units", "64",
-         "--net.stoch", "16", "--net.classes", "8", "--net.blocks", "4",
-         "--agent.batch-size", "16", "--agent.batch-length", "32", "--agent.imag-horizon", "15",
-         "--agent.optim.lr", "3e-4", "--agent.optim.warmup", "100",
-         "--replay.capacity", "200000", "--log-every", "15", "--save-every", "300",
-         "--report-every", "600"]
+WINDOW = 10
+TARGETS = {"CartPole-v1": (475.0, 10.0), "Acrobot-v1": (-100.0, 20.0),
+           "CartpoleBalance-v1": (800.0, 45.0)}
+"""Task -> (mean return of the last WINDOW training episodes, minutes)."""
+DEFAULT_MINUTES = 30.0  # for a task without a target
+
+
+def task_flags(task: str) -> list[str]:
+    """The plain command's flags: the env id, plus `--preset control` for an EnvPool DMC id."""
+    from dreamer_fast.envs import suite_of
+
+    flags = ["--env", task]
+    if suite_of(task) == "dmc":
+        flags += ["--preset", "control"]
+    return flags
 
 
 def read_curve(path: str, t0: float) -> list[dict]:
@@ -68,61 +75,149 @@ def recent_mean(curve: list[dict]) -> float | None:
     return None
 
 
-def train(logdir: str, minutes: float) -> tuple[list[dict], float | None, float]:
-    proc = subprocess.Popen([sys.executable, "run.py", *FLAGS, "--logdir", logdir], cwd=ROOT)
-    t0, reached = time.time(), None
+def first_reached(curve: list[dict], target: float) -> dict | None:
+    """The first log row at which the mean of the last WINDOW episodes reached the target."""
+    for i in range(len(curve)):
+        mean = recent_mean(curve[:i + 1])
+        if mean is not None and mean >= target:
+            return curve[i]
+    return None
+
+
+def train(cmd: list[str], logdir: str, minutes: float, target: float | None,
+          full: bool) -> tuple[list[dict], float]:
+    log = open(os.path.join(logdir, "bench-stdout.txt"), "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.time()
     try:
         while proc.poll() is None and time.time() - t0 < minutes * 60:
-            time.sleep(10)
-            curve = read_curve(os.path.join(logdir, "metrics.jsonl"), t0)
-            mean = recent_mean(curve)
-            if mean is not None and mean >= TARGET:
-                reached = (time.time() - t0) / 60
+            time.sleep(5)
+            mean = recent_mean(read_curve(os.path.join(logdir, "metrics.jsonl"), t0))
+            if not full and target is not None and mean is not None and mean >= target:
                 break
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # saves a checkpoint, then exits
             proc.wait(timeout=300)
-    return read_curve(os.path.join(logdir, "metrics.jsonl"), t0), reached, t0
+        log.close()
+    return read_curve(os.path.join(logdir, "metrics.jsonl"), t0), t0
 
 
-def plot(curve: list[dict], path: str) -> None:
+def plot(curve: list[dict], target: float | None, title: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["minutes"] for r in curve], [r["return"] for r in curve], marker=".")
-    ax.axhline(TARGET, color="gray", linestyle="--", label=f"target {TARGET:g}")
-    ax.set(xlabel="wall-clock minutes (CPU)", ylabel="training episode return",
-           title="dreamer_fast on CartPole-v1 (CPU)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, label in ((axes[0], "minutes", "wall-clock minutes"),
+                           (axes[1], "steps", "agent steps")):
+        ax.plot([r[key] for r in curve], [r["return"] for r in curve], marker=".")
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
+            ax.legend()
+        ax.set(xlabel=label)
+    axes[0].set(ylabel="training episode return (per log interval)")
+    fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary_row(r: dict) -> str:
+    reached = r["reached"]
+    ev = r["eval"]
+    return (f"| {r['task']}{' (' + r['tag'] + ')' if r['tag'] else ''} | "
+            f"{r['target'] if r['target'] is not None else '-'} in "
+            f"{r['target_minutes']:g} min | "
+            + (f"**{reached['minutes']:.1f} min**, {reached['steps']:,} steps"
+               if reached else "not reached") + " | "
+            + (f"{r['final_recent_mean']:.1f}" if r["final_recent_mean"] is not None else "-")
+            + f" | {r['final_steps']:,} steps, {r['minutes']:.1f} min | "
+            + (f"{ev['mean']:.1f} +- {ev['std']:.1f}" if ev else "-")
+            + f" | `{r['commit'][:12]}` |")
+
+
+def write_summary(out: str) -> None:
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("learning-") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                r = json.load(f)
+            if r.get("bench") == "learning-suite":
+                rows.append(summary_row(r))
+    with open(os.path.join(out, "learning-summary.md"), "w") as f:
+        f.write("| task | target | reached at | last-10 mean at the end | ran | eval (10 eps)"
+                " | commit |\n| --- | --- | --- | --- | --- | --- | --- |\n")
+        f.write("\n".join(rows) + "\n")
+
+
+def replot(out: str) -> None:
+    for name in sorted(os.listdir(out)):
+        if name.startswith("learning-") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                r = json.load(f)
+            if r.get("bench") == "learning-suite":
+                plot(r["curve"], r["target"], f"dreamer_fast: {r['command']}",
+                     os.path.join(out, name[:-5] + ".png"))
+    write_summary(out)
+
+
+def run_task(task: str, args) -> dict:
+    target, minutes = TARGETS.get(task, (None, DEFAULT_MINUTES))
+    minutes = args.minutes or minutes
+    name = task.replace(":", "_").replace("/", "_") + (f"-{args.tag}" if args.tag else "")
+    logdir = os.path.join(args.logroot, f"{name}-{int(time.time())}")
+    os.makedirs(logdir, exist_ok=True)
+    flags = task_flags(task) + list(args.flags)
+    cmd = [sys.executable, "run.py", *flags, "--logdir", logdir]
+    print(f"[{task}] {' '.join(cmd[1:])}", flush=True)
+    curve, t0 = train(cmd, logdir, minutes, target, args.full)
+    elapsed = (time.time() - t0) / 60
+    subprocess.run([sys.executable, "run.py", "--eval", "--logdir", logdir, "--episodes",
+                    str(WINDOW)], cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    eval_file = os.path.join(logdir, "eval", "returns.json")
+    evaluation = None
+    if os.path.exists(eval_file):
+        with open(eval_file) as f:
+            evaluation = json.load(f)
+    reached = first_reached(curve, target) if target is not None else None
+    result = {"bench": "learning-suite", "task": task, "tag": args.tag, "target": target,
+              "target_minutes": minutes, "window": WINDOW, "reached": reached,
+              "final_recent_mean": recent_mean(curve),
+              "final_steps": curve[-1]["steps"] if curve else 0, "minutes": elapsed,
+              "command": "python " + " ".join(cmd[1:-2]), "curve": curve,
+              "eval": evaluation, **environment()}
+    out = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"learning-{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(curve, target, f"dreamer_fast: python {' '.join(cmd[1:-2])}",
+         os.path.join(out, f"learning-{name}.png"))
+    write_summary(out)
+    print(f"[{task}] {summary_row(result)}", flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--logdir", default=f"/tmp/learning-cartpole-{int(time.time())}")
+    parser.add_argument("--tasks", nargs="+", default=list(TARGETS))
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time limit per task (default: the task's target time)")
+    parser.add_argument("--full", action="store_true",
+                        help="do not stop at the target (run to the time limit or budget)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (sweeps)")
+    parser.add_argument("--logroot", default=os.path.join("/tmp", "dreamer-learning"))
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw every learning-*.png and the summary from the JSON files")
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="extra run.py flags (sweeps only; the suite runs without)")
     args = parser.parse_args()
-    curve, reached, _ = train(args.logdir, args.minutes)
-    subprocess.run([sys.executable, "run.py", "--eval", "--logdir", args.logdir,
-                    "--episodes", "10"], cwd=ROOT, check=False)
-    eval_file = os.path.join(args.logdir, "eval", "returns.json")
-    evaluation = json.load(open(eval_file)) if os.path.exists(eval_file) else None
-    result = {"bench": "learning-cartpole", "target": TARGET, "window": WINDOW,
-              "target_met": reached is not None, "minutes_to_target": reached,
-              "final_recent_mean": recent_mean(curve), "flags": FLAGS, "curve": curve,
-              "eval": evaluation, **environment()}
-    out = os.path.join(ROOT, "bench", "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "learning-cartpole.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(curve, os.path.join(out, "learning-cartpole.png"))
-    print(f"target {'met' if reached else 'NOT met'}: "
-          f"{'%.1f min' % reached if reached else ''} final mean {result['final_recent_mean']}")
+    if args.replot:
+        return replot(os.path.join(ROOT, "bench", "results"))
+    for task in args.tasks:
+        run_task(task, args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal
 
+import torch
 import tyro
 
 
-DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "debug")
+DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "control", "vision",
+                "debug")
 
 
 class ConfigError(ValueError):
@@ -103,6 +105,8 @@ def _size(deter: int, hidden: int, classes: int, depth: int, units: int) -> NetC
 
 SIZES: dict[str, NetConfig] = {
     "debug": _size(deter=64, hidden=32, classes=4, depth=4, units=32),
+    "size300k": NetConfig(deter=128, hidden=64, stoch=16, classes=8, blocks=4, depth=4,
+                          units=64),
     "size1m": _size(deter=512, hidden=64, classes=4, depth=4, units=64),
     "size12m": _size(deter=2048, hidden=256, classes=16, depth=16, units=256),
     "size25m": _size(deter=3072, hidden=384, classes=24, depth=24, units=384),
@@ -111,7 +115,8 @@ SIZES: dict[str, NetConfig] = {
     "size200m": _size(deter=8192, hidden=1024, classes=64, depth=64, units=1024),
     "size400m": _size(deter=12288, hidden=1536, classes=96, depth=96, units=1536),
 }
-"""Model size presets (SPEC 4). 'debug' is a tiny width for tests and CPU smoke runs."""
+"""Model size presets (the official sizes). 'debug' is a tiny width for tests and CPU smoke
+runs; 'size300k' (about 0.3M parameters on classic control) is the `control` preset's model."""
 
 
 @dataclass(frozen=True)
@@ -284,9 +289,12 @@ class Config:
     num_envs: int = 16
     """Parallel environments."""
     preset: str | None = None
-    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, debug); default from --env."""
+    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, control, vision, debug);
+    default from the env's suite: EnvPool Atari -> atari, EnvPool DMC -> dmc_proprio (with
+    pixels dmc_vision), Gymnasium -> control (vector observations) or vision (images)."""
     model: str | None = None
-    """Model size preset (debug, size1m ... size400m); default from the domain preset."""
+    """Model size preset (debug, size300k, size1m ... size400m); default from the domain
+    preset (without a GPU, size12m and larger become size1m)."""
     steps: int = 51_000_000
     """Agent steps to train for (after action repeat)."""
     train_ratio: float = 32.0
@@ -335,6 +343,10 @@ _ATARI = EnvConfig(repeat=4, image_size=96, gray=True, sticky=0.25, full_action_
 _ATARI100K = EnvConfig(repeat=4, image_size=64, gray=False, sticky=0.0,
                        full_action_space=False)
 _DMC = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
+_GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
+"""Gymnasium envs: no action repeat, the env's own registered time limit."""
+CONTROL_STEPS = 200_000
+"""Step budget of the control preset (CartPole-v1 and Acrobot-v1 learn within ~30k here)."""
 
 DOMAINS: dict[str, Config] = {
     "atari": Config(env="Pong-v5", num_envs=16, steps=51_000_000, train_ratio=32.0,
@@ -348,6 +360,15 @@ DOMAINS: dict[str, Config] = {
     "dmc_vision": Config(env="WalkerWalk-v1", num_envs=16, steps=1_100_000, train_ratio=256.0,
                          net=SIZES["size200m"], env_opts=replace(_DMC, pixels=True),
                          preset="dmc_vision", model="size200m"),
+    "control": Config(env="CartPole-v1", num_envs=4, steps=CONTROL_STEPS, train_ratio=64.0,
+                      net=SIZES["size300k"], agent=AgentConfig(
+                          batch_size=16, batch_length=16,
+                          optim=OptimConfig(lr=3e-4, warmup=100)),
+                      env_opts=_GYM, replay=ReplayConfig(capacity=1_000_000), log_every=15.0,
+                      report_every=600.0, save_every=300.0, preset="control",
+                      model="size300k"),
+    "vision": Config(env="CarRacing-v3", num_envs=16, steps=1_100_000, train_ratio=256.0,
+                     net=SIZES["size12m"], env_opts=_GYM, preset="vision", model="size12m"),
     "debug": Config(env="CartPole-v1", num_envs=4, steps=10_000, train_ratio=64.0,
                     net=SIZES["debug"], agent=AgentConfig(batch_size=4, batch_length=16,
                                                           imag_horizon=5),
@@ -355,21 +376,6 @@ DOMAINS: dict[str, Config] = {
                     report_every=60.0, save_every=60.0, preset="debug", model="debug"),
 }
 """Domain presets (SPEC 5.4), each a full Config."""
-
-
-def domain_for_env(env: str) -> str:
-    """Default domain preset of an env id: EnvPool Atari -> atari, DMC -> dmc_proprio."""
-    if env.endswith("-v5"):
-        return "atari"
-    name = env.split("-")[0]
-    if env.endswith("-v1") and any(name.startswith(d) for d in _DMC_DOMAINS):
-        return "dmc_proprio"
-    return "debug"
-
-
-_DMC_DOMAINS = ("Acrobot", "BallInCup", "Cartpole", "Cheetah", "Finger", "Fish", "Hopper",
-                "Humanoid", "Manipulator", "Pendulum", "PointMass", "Reacher", "Swimmer",
-                "Walker", "Quadruped")
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -383,21 +389,75 @@ def _flag(argv: list[str], name: str) -> str | None:
     return value
 
 
-def parse(argv: list[str] | None = None) -> Config:
-    """Build the Config from command-line flags.
+Route = Callable[[str, bool], tuple[str, str]]
+"""env id, pixels -> (domain preset, why): dreamer_fast.envs.preset_for (by suite, never name)."""
 
-    The domain preset comes from `--preset` or the env id, the model size from `--model` or
-    the domain; every field can then be overridden (`--net.deter 1024`, `--agent.lam 0.9`).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a.replace("--num_envs", "--num-envs").replace("--train_ratio", "--train-ratio")
-            for a in argv]
+CPU_MODEL = "size1m"
+"""The model a preset's GPU-sized model (deter >= LARGE_DETER) becomes without a GPU."""
+LARGE_DETER = 2048
+"""deter from which (size12m and up) a CPU update takes minutes: measured 77 s per size12m
+image update and 1.3 s per size1m vector update on 2 cores (bench/learner.py)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the defaults were chosen from, for the start line."""
+
+    preset: str
+    model: str
+    notes: tuple[str, ...]
+
+
+def _has_cuda(device: str) -> bool:
+    if device == "auto":
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def choose(argv: list[str], route: Route | None) -> Choice:
+    """The domain preset (`--preset`, else from the env's suite by `route`) and the model
+    (`--model`, else the preset's; without a GPU a model of deter >= LARGE_DETER becomes
+    CPU_MODEL, so the first command runs where it is typed), with one line on each choice."""
     env = _flag(argv, "env") or Config.env
-    preset = _flag(argv, "preset") or domain_for_env(env)
+    preset, notes = _flag(argv, "preset"), []
+    if preset is None:
+        if route is None:
+            raise ConfigError("no --preset given and no route to pick one from the env")
+        pixels = "--env-opts.pixels" in argv or _flag(argv, "env-opts.pixels") == "True"
+        preset, why = route(env, pixels)
+        notes.append(f"preset {preset} ({why}; --preset to change)")
     if preset not in DOMAINS:
         raise ConfigError(f"invalid config: preset={preset!r}; allowed: {', '.join(DOMAINS)}")
-    model = _flag(argv, "model") or DOMAINS[preset].model
+    model = _flag(argv, "model")
+    if model is None:
+        model = DOMAINS[preset].model
+        device = _flag(argv, "device") or Config.device
+        if SIZES[model].deter >= LARGE_DETER and not _has_cuda(device):
+            notes.append(f"model {CPU_MODEL} instead of the preset's {model}: no GPU here, and "
+                         f"a {model} update takes minutes on a CPU (--model {model} for the "
+                         "paper's settings)")
+            model = CPU_MODEL
     if model not in SIZES:
         raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
-    default = replace(DOMAINS[preset], env=env, preset=preset, model=model, net=SIZES[model])
+    return Choice(preset, model, tuple(notes))
+
+
+def parse(argv: list[str] | None = None, route: Route | None = None,
+          choice: Choice | None = None) -> Config:
+    """Build the Config from command-line flags.
+
+    The domain preset comes from `--preset` or the env's suite (`route`), the model size from
+    `--model` or the domain (see `choose`); every field can then be overridden
+    (`--net.deter 1024`, `--agent.lam 0.9`).
+    """
+    argv = _normalise(sys.argv[1:] if argv is None else argv)
+    choice = choice or choose(argv, route)
+    env = _flag(argv, "env") or Config.env
+    default = replace(DOMAINS[choice.preset], env=env, preset=choice.preset, model=choice.model,
+                      net=SIZES[choice.model])
     return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    return [a.replace("--num_envs", "--num-envs").replace("--train_ratio", "--train-ratio")
+            for a in argv]

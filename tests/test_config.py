@@ -2,15 +2,64 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig, parse
+from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig, choose
+from dreamer_fast.config import parse as _parse
+from dreamer_fast.envs import preset_for
 
 
-def test_env_picks_domain_and_model():
+def parse(argv):
+    return _parse(argv, route=preset_for)
+
+
+# id -> preset; every one keeps the env's own time limit (0: the registered one; Atari's
+# 27000 agent steps is EnvPool's own). The module:Env id is tests/image_envs.py.
+ROUTES = [
+    (["--env", "CartPole-v1"], "control"), (["--env", "Acrobot-v1"], "control"),
+    (["--env", "MountainCarContinuous-v0"], "control"), (["--env", "HalfCheetah-v5"], "control"),
+    (["--env", "Pong-v5"], "atari"), (["--env", "WalkerWalk-v1"], "dmc_proprio"),
+    (["--env", "AcrobotSwingup-v1"], "dmc_proprio"),
+    (["--env", "CartpoleBalance-v1"], "dmc_proprio"),
+    (["--env", "CartpoleBalance-v1", "--env-opts.pixels"], "dmc_vision"),
+    (["--env", "image_envs:TinyImage-v0"], "vision"),
+]
+
+
+@pytest.mark.parametrize("argv,preset", ROUTES,
+                         ids=lambda a: " ".join(a) if isinstance(a, list) else a)
+def test_preset_from_suite_never_from_name(argv, preset):
+    choice = choose(argv, preset_for)
+    cfg = _parse(argv, choice=choice)
+    assert cfg.preset == preset and choice.notes[0].startswith(f"preset {preset} (")
+    assert "--preset to change" in choice.notes[0]
+    assert cfg.env_opts.time_limit == (27000 if preset == "atari" else 0)
+    assert cfg.preset != "debug"
+
+
+def test_notes_name_the_suite_and_the_cpu_model(monkeypatch):
+    choice = choose(["--env", "CartPole-v1"], preset_for)
+    assert choice.notes == ("preset control (Gymnasium, vector observations; --preset to "
+                            "change)",)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    choice = choose(["--env", "Pong-v5", "--num-envs", "64"], preset_for)
+    assert choice.model == "size1m" and "--model size200m for the paper's settings" in (
+        choice.notes[1])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert choose(["--env", "Pong-v5"], preset_for).model == "size200m"  # a GPU: the paper's
+    assert choose(["--env", "Pong-v5", "--device", "cuda"], preset_for).model == "size200m"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    # An explicit choice is kept, and so is a preset whose model is small already.
+    assert choose(["--env", "Pong-v5", "--model", "size12m"], preset_for).model == "size12m"
+    assert choose(["--env", "CartPole-v1"], preset_for).model == "size300k"
+
+
+def test_env_picks_domain_and_model(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     cfg = parse(["--env", "Pong-v5", "--num-envs", "64"])
     assert (cfg.preset, cfg.model, cfg.num_envs) == ("atari", "size200m", 64)
     assert cfg.env_opts.gray and cfg.env_opts.image_size == 96 and cfg.train_ratio == 32
@@ -24,7 +73,8 @@ def test_env_picks_domain_and_model():
 
 
 def test_presets_exist():
-    assert set(DOMAINS) == {"atari", "atari100k", "dmc_proprio", "dmc_vision", "debug"}
+    assert set(DOMAINS) == {"atari", "atari100k", "dmc_proprio", "dmc_vision", "control",
+                            "vision", "debug"}
     assert {"size1m", "size12m", "size25m", "size50m", "size100m", "size200m",
             "size400m"} <= set(SIZES)
     assert SIZES["size12m"].deter == 2048 and SIZES["size400m"].classes == 96
@@ -48,8 +98,8 @@ def test_unknown_presets_list_allowed_values():
 
 
 def test_help_documents_fields():
-    out = subprocess.run([sys.executable, "-c", "from dreamer_fast.config import parse; "
-                          "parse(['--help'])"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "run.py", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for flag in ("--env", "--num-envs", "--preset", "--model", "--net.deter",
                  "--agent.optim.lr", "--replay.capacity", "--env-opts.sticky"):
         assert flag in out.stdout

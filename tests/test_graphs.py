@@ -152,10 +152,10 @@ def test_graph_flags():
     assert resolve_graphs("auto", torch.device("cuda")) is True
     with pytest.raises(ConfigError, match="graphs='on' needs a CUDA device"):
         resolve_graphs("on", cpu)
-    cfg = parse(["--env", "CartPole-v1", "--graphs", "off", "--compile"])
+    cfg = parse(["--env", "CartPole-v1", "--preset", "debug", "--graphs", "off", "--compile"])
     assert cfg.graphs == "off" and cfg.compile is True
     with pytest.raises(SystemExit):
-        parse(["--env", "CartPole-v1", "--graphs", "maybe"])
+        parse(["--env", "CartPole-v1", "--preset", "debug", "--graphs", "maybe"])
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
         GraphedTrainStep(_agent(VECTOR, ActSpace(True, 3)), {})
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CARTPOLE = ["--env", "CartPole-v1", "--steps", "1000", "--train-ratio", "16", "--seed", "1",
+CARTPOLE = ["--env", "CartPole-v1", "--preset", "debug", "--steps", "1000", "--train-ratio", "16",
+            "--seed", "1",
             "--log-every", "1", "--save-every", "2", "--report-every", "3"]
 PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
         "--agent.batch-length", "16", "--replay.capacity", "4000", "--num-envs", "2",

@@ -14,12 +14,13 @@ May import: numpy, gymnasium, envpool, dm_control and `dreamer_fast.config`. Imp
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 
 from dreamer_fast.config import EnvConfig
 from dreamer_fast.envs.base import ActSpace, VecEnv
 
-__all__ = ["ActSpace", "VecEnv", "make_env", "suite_of"]
+__all__ = ["ActSpace", "VecEnv", "make_env", "preset_for", "suite_of"]
 
 _ENVPOOL_SUITES = {"envpool.atari": "atari", "envpool.mujoco.dmc": "dmc"}
 """EnvPool task family (the import path of its registry entry) -> our suite."""
@@ -68,6 +69,36 @@ def suite_of(env_id: str) -> str:
         raise ValueError(f"env id {env_id!r} is an EnvPool {family} task, which dreamer_fast "
                          "does not support (EnvPool Atari, EnvPool DMC and Gymnasium ids do)")
     raise _unknown(env_id)
+
+
+@functools.lru_cache(maxsize=None)
+def preset_for(env_id: str, pixels: bool = False) -> tuple[str, str]:
+    """(domain preset, why) for an env id, from its suite and observations, never its name.
+
+    EnvPool Atari -> atari; EnvPool DMC -> dmc_proprio (dmc_vision with `pixels`); Gymnasium
+    -> vision when any observation is an image (a uint8 Box of rank 2 or 3), else control.
+    A Gymnasium env is built once (and closed) to read its observation space.
+    """
+    suite = suite_of(env_id)
+    if suite == "atari":
+        return "atari", "EnvPool Atari"
+    if suite == "dmc":
+        return (("dmc_vision", "EnvPool DMC, pixels") if pixels else
+                ("dmc_proprio", "EnvPool DMC, proprioceptive vectors"))
+    import gymnasium
+    from gymnasium import spaces
+    import numpy as np
+
+    env = gymnasium.make(env_id)
+    try:
+        space = env.observation_space
+    finally:
+        env.close()
+    subs = space.spaces.values() if isinstance(space, spaces.Dict) else [space]
+    if any(isinstance(s, spaces.Box) and s.dtype == np.uint8 and len(s.shape) in (2, 3)
+           for s in subs):
+        return "vision", "Gymnasium, image observations"
+    return "control", "Gymnasium, vector observations"
 
 
 def make_env(env_id: str, num_envs: int, opts: EnvConfig, seed: int = 0) -> VecEnv:

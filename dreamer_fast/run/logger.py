@@ -102,10 +102,14 @@ def openloop_frames(truth: torch.Tensor, model: torch.Tensor) -> np.ndarray:
 
 
 def format_progress(steps: int, total: int, rates: dict, fill: float,
-                    score: float | None) -> str:
-    """One progress line: agent steps, env steps/s, updates/s, replay fill, return, time left."""
+                    score: float | None, eta_rate: float | None) -> str:
+    """One progress line: agent steps, env steps/s, updates/s, replay fill, return, time left.
+
+    rates: smoothed steps_per_s and updates_per_s (HeldRate.rates). eta_rate: the agent
+    steps/s the time left is computed from (HeldRate.eta_rate); None while unknown (before
+    the first update the actor runs at its unthrottled prefill speed) shows `left ?`."""
     sps = rates.get("steps_per_s", 0.0)
-    left = (total - steps) / sps if sps > 0 else math.inf
+    left = (total - steps) / eta_rate if eta_rate else math.inf
     score_text = "-" if score is None else f"{score:.1f}"
     return (f"step {steps:,}/{total:,} | {sps:,.0f} env steps/s | "
             f"{rates.get('updates_per_s', 0.0):.2f} updates/s | replay {fill:.0%} | "
@@ -116,5 +120,8 @@ def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    if d:
+        return f"{d}d{h:02d}h"
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

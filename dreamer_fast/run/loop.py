@@ -28,10 +28,10 @@ import torch
 from dreamer_fast.config import Config
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
-from dreamer_fast.run.logger import Logger, format_progress
+from dreamer_fast.run.logger import Logger
 from dreamer_fast.run.replicas import check_replicas, ranks_str
 from dreamer_fast.run.session import Run, resolve
-from dreamer_fast.run.stats import Stats, log, report, startup_line
+from dreamer_fast.run.stats import Progress, Stats, log, report, startup_line
 
 
 class Every:
@@ -115,19 +115,20 @@ def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
 def loop(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
     """The scheduler of clocks. Returns True when the step budget was reached."""
     cfg = run.cfg
-    progress_stats = Stats(run)
+    progress = Progress(cfg)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
     while not stop.wait(0.2):
         run.check_threads()
         if not run.threads[0].is_alive():
             return run.ring.inserted >= cfg.steps
+        progress.sample(run.ring.inserted, run.learner.updates)
         if clocks["log"]():
             log(run, stats, logger)
         if clocks["progress"]():
-            logger.progress(format_progress(run.ring.inserted, cfg.steps,
-                                            progress_stats.rates(), run.fill(), stats.score))
-            progress_stats.last = progress_stats.snapshot()
+            logger.progress(progress.line(run.ring.inserted, run.fill(), stats.score))
+            if note := progress.note(run.ring.inserted):
+                logger.message(note)
         if clocks["report"]():
             report(run, logger, run.ring.inserted)
         if clocks["save"]():
@@ -142,10 +143,9 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, stop: threading.Event)
     clocks decide log and save, any rank's stop request stops all. Returns True once every
     rank reached its share of the step budget."""
     cfg, main = run.cfg, D.is_main()
-    progress_stats = Stats(run)
+    progress = Progress(cfg, run.world)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
-    last = (time.time(), run.global_steps)
     while True:
         stop.wait(0.2)
         done = run.actor_done()  # read before `failed`: a failure ends the actor
@@ -165,12 +165,11 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, stop: threading.Event)
             return False
         if rows[0, 4]:
             log(run, stats, logger)
+        progress.sample(run.global_steps, run.learner.updates)  # lockstep: same on all ranks
         if main and clocks["progress"]():
-            now = (time.time(), run.global_steps)
-            rates = {**progress_stats.rates(),
-                     "steps_per_s": (now[1] - last[1]) / max(1e-9, now[0] - last[0])}
-            logger.progress(format_progress(now[1], cfg.steps, rates, run.fill(), stats.score))
-            progress_stats.last, last = progress_stats.snapshot(), now
+            logger.progress(progress.line(run.global_steps, run.fill(), stats.score))
+            if note := progress.note(run.global_steps):
+                logger.message(note)
         if main and clocks["report"]():
             report(run, logger, run.global_steps)
         if rows[0, 5]:

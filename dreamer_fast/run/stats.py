@@ -5,6 +5,7 @@ Helpers of loop.py; they read the live objects of a `Run` and write through the 
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from dreamer_fast.run import distributed as D
-from dreamer_fast.run.logger import Logger, openloop_frames
+from dreamer_fast.run.logger import Logger, format_duration, format_progress, openloop_frames
 
 if TYPE_CHECKING:
     from dreamer_fast.run.session import Run
@@ -77,6 +78,104 @@ class Stats:
         returns, lengths = np.array(eps).T
         return {"episode/return": float(returns.mean()), "episode/length": float(lengths.mean()),
                 "episode/return_max": float(returns.max()), "episode/count": len(eps)}
+
+
+class HeldRate:
+    """The agent-step rate a run holds, for the progress line and its time left.
+
+    Rates are over a sliding window of `window_s` seconds of (time, agent steps, updates)
+    samples, not the last second (which flickered between 0 and bursts). The window starts
+    at the first update it saw: before it the actor runs unthrottled to fill the replay (the
+    prefill burst), which says nothing of the rate to come. Agent steps are capped by what
+    the learner allows: a learner-bound run takes only updates/s x batch_steps / train_ratio
+    agent steps per second (the rate limiter holds the ratio). The rate is unknown (None)
+    until updates have run for `min_s` seconds.
+    """
+
+    def __init__(self, batch_steps: int, train_ratio: float, window_s: float = 60.0,
+                 min_s: float = 10.0):
+        self.per_update = batch_steps / train_ratio  # agent steps one update allows
+        self.window_s, self.min_s = window_s, min_s
+        self.samples: collections.deque = collections.deque()
+
+    def add(self, t: float, steps: int, updates: int) -> None:
+        self.samples.append((t, steps, updates))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+
+    def _span(self) -> tuple[tuple, tuple] | None:
+        """(first, last) sample: from the last sample before the window's first update (the
+        whole window when it holds no update); None with fewer than two samples."""
+        if len(self.samples) < 2:
+            return None
+        start = self.samples[0]
+        for sample in self.samples:
+            if sample[2] > self.samples[0][2]:
+                break
+            start = sample
+        if start is self.samples[-1]:  # no update in the window
+            start = self.samples[0]
+        return start, self.samples[-1]
+
+    def rates(self) -> dict:
+        span = self._span()
+        if span is None:
+            return {"steps_per_s": 0.0, "updates_per_s": 0.0}
+        (t0, s0, u0), (t1, s1, u1) = span
+        dt = max(1e-9, t1 - t0)
+        return {"steps_per_s": (s1 - s0) / dt, "updates_per_s": (u1 - u0) / dt}
+
+    def eta_rate(self) -> float | None:
+        """Agent steps/s to extrapolate with; None while updates ran for under min_s."""
+        span = self._span()
+        if span is None or span[1][2] <= span[0][2] or span[1][0] - span[0][0] < self.min_s:
+            return None
+        r = self.rates()
+        return min(r["steps_per_s"], r["updates_per_s"] * self.per_update)
+
+
+def feasibility_note(cfg, steps: int, rate: float) -> str | None:
+    """A line when the rest of the run would take more than a day at `rate` agent steps/s:
+    how long, and the flags that make it feasible here."""
+    left = (cfg.steps - steps) / rate
+    if left <= 86400:
+        return None
+    hints = [f"--steps {int(steps + rate * 86400)} (what a day gives)"]
+    if cfg.net.deter > 512:
+        hints.insert(0, "a smaller --model (e.g. --model size1m)")
+    if cfg.preset not in ("control", "debug") and not cfg.env.endswith("-v5"):
+        hints.insert(0, "--preset control")
+    return (f"note: at the {rate:,.1f} agent steps/s this run holds here, the remaining "
+            f"{cfg.steps - steps:,} steps take {format_duration(left)}, more than a day; "
+            f"for a run that finishes here use {' or '.join(hints)}")
+
+
+class Progress:
+    """The progress line of the run loop: sampled every tick, printed on its clock, with a
+    one-time note when the run would take more than a day here (see feasibility_note)."""
+
+    def __init__(self, cfg, world: int = 1, window_s: float = 60.0):
+        # In a data-parallel world every update moves world x B x T replayed steps.
+        self.cfg = cfg
+        self.held = HeldRate(cfg.agent.batch_size * cfg.agent.batch_length * world,
+                             cfg.train_ratio, window_s)
+        self.noted = False
+
+    def sample(self, steps: int, updates: int, t: float | None = None) -> None:
+        self.held.add(time.time() if t is None else t, steps, updates)
+
+    def line(self, steps: int, fill: float, score: float | None) -> str:
+        return format_progress(steps, self.cfg.steps, self.held.rates(), fill, score,
+                               self.held.eta_rate())
+
+    def note(self, steps: int) -> str | None:
+        """The feasibility note, once, as soon as the held rate is known (else None)."""
+        rate = self.held.eta_rate()
+        if self.noted or rate is None or len(self.held.samples) < 2 or (
+                self.held.samples[-1][0] - self.held.samples[0][0] < self.held.window_s / 2):
+            return None
+        self.noted = True
+        return feasibility_note(self.cfg, steps, rate)
 
 
 def report(run: Run, logger: Logger, step: int) -> None:
