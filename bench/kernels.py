@@ -1,5 +1,5 @@
 """Time every fused op, forward / backward / both, as Triton vs its eager reference vs
-torch.compile of the reference, on the size12m and size200m shapes (DESIGN 4, STYLE 14).
+torch.compile of the reference, on the size12m and size200m shapes.
 
     python bench/kernels.py                                  # GPU: size12m + size200m
     python bench/kernels.py --sizes size12m --iters 3        # CPU (interpreter; see below)

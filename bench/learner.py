@@ -1,4 +1,4 @@
-"""Time the eager learner update (train_step) on named, fixed workloads (DESIGN 4).
+"""Time the eager learner update (train_step) on named, fixed workloads.
 
     python bench/learner.py                     # all workloads
     python bench/learner.py --workloads debug size1m-vec --iters 5

@@ -1,4 +1,4 @@
-"""Throughput suite (issue 5, DESIGN 4): named workloads, modes side by side in one run.
+"""Throughput suite: named workloads, modes side by side in one run.
 
     python bench/throughput.py                                  # default set for this device
     python bench/throughput.py --workloads learner-paper-s-img --modes eager compile

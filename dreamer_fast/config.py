@@ -1,8 +1,9 @@
 """Every setting of dreamer_fast, as typed tyro dataclasses, plus the named presets.
 
-Model size presets (SPEC 4) are `NetConfig` instances in `SIZES`; domain presets (SPEC 5.4)
-are full `Config` instances in `DOMAINS`. `parse(argv)` picks the domain from the env id (or
-`--preset`), the size from the domain (or `--model`), then lets any field be overridden.
+Model size presets are `NetConfig` instances in `SIZES`; domain presets are full `Config`
+instances in `DOMAINS`. `parse(argv, route)` picks the domain from `--preset` or the env's
+suite (`route`, e.g. dreamer_fast.envs.preset_for), the size from the domain (or `--model`),
+then lets any field be overridden.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _positive(obj, prefix: str, names: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Network widths and layer counts (SPEC 1, 4). Fields are module constructor arguments."""
+    """Network widths and layer counts. Fields are module constructor arguments."""
 
     deter: int = 8192
     """Recurrent (deterministic) state size D of the block GRU."""
@@ -121,7 +122,7 @@ runs; 'size300k' (about 0.3M parameters on classic control) is the `control` pre
 
 @dataclass(frozen=True)
 class LossScales:
-    """Scale of every loss term (SPEC 2.8); the total loss is their weighted sum."""
+    """Scale of every loss term; the total loss is their weighted sum."""
 
     rec: float = 1.0
     """Reconstruction of every decoded observation key."""
@@ -148,7 +149,7 @@ class LossScales:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AGC -> LaProp -> momentum -> warmed-up learning rate (SPEC 3)."""
+    """AGC -> LaProp -> momentum -> warmed-up learning rate."""
 
     lr: float = 4e-5
     """Learning rate after warmup."""
@@ -175,7 +176,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The learning algorithm: losses, imagination, return normalisation (SPEC 2)."""
+    """The learning algorithm: losses, imagination, return normalisation."""
 
     batch_size: int = 16
     """Sequences per update (per process)."""
@@ -208,7 +209,7 @@ class AgentConfig:
     fast path) or the plain PyTorch references; auto = triton on CUDA, fused elsewhere."""
     precision: Literal["auto", "bfloat16", "float32"] = "auto"
     """Matmul/conv precision (autocast); parameters, norms, distributions and losses stay
-    float32. auto = bfloat16 on CUDA, float32 elsewhere (SPEC decisions)."""
+    float32. auto = bfloat16 on CUDA, float32 elsewhere."""
     loss: LossScales = field(default_factory=LossScales)
     """Loss scales."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -234,7 +235,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """How the environment is built (SPEC 5.4)."""
+    """How the environment is built."""
 
     repeat: int = 4
     """Action repeat (frame skip) of Atari; DMC uses 1."""
@@ -253,7 +254,7 @@ class EnvConfig:
     pixels: bool = False
     """DMC: observe 64x64 camera images instead of proprioceptive vectors."""
     camera: int = -1
-    """DMC camera id; -1 picks per SPEC 5.4 (0; quadruped 2; rodent 4)."""
+    """DMC camera id; -1 picks as the official code (0; quadruped 2; rodent 4)."""
     batch_size: int = 0
     """EnvPool async batch (envs returned per recv); 0 = num_envs (synchronous)."""
 
@@ -267,11 +268,12 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """The shared-memory ring buffer (SPEC 5.2, DESIGN 3.8)."""
+    """The shared-memory ring buffer."""
 
     capacity: int = 0
-    """Capacity in agent steps over all env streams; 0 = SPEC's 5,000,000 or, when that does
-    not fit, as many as fit in 75% of the free RAM (decided at start, kept on resume)."""
+    """Capacity in agent steps over all env streams; 0 = the official 5,000,000 or, when
+    that does not fit, as many as fit in 75% of the free RAM with a GPU, 50% on a CPU
+    (decided at start, kept on resume)."""
     online: bool = True
     """Train on every fresh non-overlapping window first, then sample uniformly."""
 
@@ -335,7 +337,7 @@ class Config:
 
     @property
     def updates_per_step(self) -> float:
-        """Learner updates per agent step (SPEC 5.1)."""
+        """Learner updates per agent step."""
         return self.train_ratio / (self.agent.batch_size * self.agent.batch_length)
 
 
@@ -375,7 +377,7 @@ DOMAINS: dict[str, Config] = {
                     env_opts=_DMC, replay=ReplayConfig(capacity=100_000), log_every=10.0,
                     report_every=60.0, save_every=60.0, preset="debug", model="debug"),
 }
-"""Domain presets (SPEC 5.4), each a full Config."""
+"""Domain presets, each a full Config."""
 
 
 def _flag(argv: list[str], name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Categorical latent ops (SPEC 1.3, 2.1): unimix, straight-through sampling, KL free bits.
+"""Categorical latent ops: unimix, straight-through sampling, KL free bits.
 
 Each public op has a `<name>_ref` with the identical signature. The Triton versions do each
 op in one kernel per pass over a row of S groups of K classes (eager PyTorch runs ~15 launches

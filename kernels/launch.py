@@ -1,6 +1,6 @@
 """How the Triton kernels become torch ops: registration, launch grids, tile sizes.
 
-On a GPU every op is a `torch.library.triton_op` (DESIGN 3.6), so torch.compile sees the kernels
+On a GPU every op is a `torch.library.triton_op`, so torch.compile sees the kernels
 and CUDA graphs capture them. Under `TRITON_INTERPRET=1` (CPU tests) `triton.jit` returns an
 interpreted function that torch.compile cannot trace (it would run it on fake tensors), so there
 the same function becomes an opaque `torch.library.custom_op` with an explicit fake (shape) rule.

@@ -1,6 +1,6 @@
 """Pointwise chains of the RSSM step: RMSNorm + SiLU after a projection, and the GRU gates.
 
-The GEMMs stay in cuBLAS; these are the chains between them (DESIGN 3.6). Each public op has
+The GEMMs stay in cuBLAS; these are the chains between them. Each public op has
 a `<name>_ref` beside it with the identical signature: the plain-PyTorch math, used on CPU.
 The Triton ops read and write each value once per pass: eager PyTorch runs ~10 launches for
 either forward and ~20 for its backward, and at the observe scan's 16 rows launches are all
@@ -34,7 +34,7 @@ def rms_silu_ref(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> tor
 
 
 def gru_update_ref(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Block-GRU gate math and state update (SPEC 1.3 step 7).
+    """Block-GRU gate math and state update.
 
     gates: (..., 3D), the BlockLinear output laid out per block as [reset, cand, update] of
     D/blocks each; deter: (..., D) the previous state. Returns the new state (..., D):
@@ -270,7 +270,7 @@ _gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
 
 
 def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Block-GRU gate math and state update (SPEC 1.3 step 7). Triton, one pass each way.
+    """Block-GRU gate math and state update. Triton, one pass each way.
 
     gates: (..., 3D) float32/bfloat16, the BlockLinear output laid out per block as
     [reset, cand, update] of D/blocks each; deter: (..., D) float32/bfloat16, the previous

@@ -1,4 +1,4 @@
-"""Symexp twohot heads (SPEC 1.5): the loss against raw targets and the symmetric expectation.
+"""Symexp twohot heads: the loss against raw targets and the symmetric expectation.
 
 Bins are symexp(linspace(-20, 20, K)) built from the negative half and its mirror, so they are
 exactly symmetric with a bin at 0. Targets are interpolated in raw space; beyond the ends all

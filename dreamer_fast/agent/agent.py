@@ -1,6 +1,6 @@
-"""The DreamerV3 agent: world model, actor, critic, one loss, one optimizer (SPEC 1-3).
+"""The DreamerV3 agent: world model, actor, critic, one loss, one optimizer.
 
-Pure step functions on tensors (STYLE 3): `policy_step` (acting with a carried latent),
+Pure step functions on tensors: `policy_step` (acting with a carried latent),
 `train_step` (one update on 65-step windows, returns metrics and fresh latents) and
 `report_step` (open-loop predictions). Metrics are detached 0-d device tensors (no sync).
 """
@@ -93,7 +93,7 @@ class Agent(nn.Module):
         return [p for name in TRAINED for p in getattr(self, name).parameters()]
 
     def enable_data_parallel(self) -> None:
-        """Train as one replica of the torch.distributed world (DESIGN 3.10, SPEC 2.4 and 3).
+        """Train as one replica of the torch.distributed world.
 
         Call on every rank after loading any checkpoint and before the first update (and
         before graph capture). Copies rank 0's parameters, buffers and optimizer state to all
@@ -219,7 +219,7 @@ class Agent(nn.Module):
         entropy (N, H) of the action sampled in each of the first H states, with gradient to
         the actor only. The actor runs once per state: the distribution that samples the
         rollout's action is the one the policy loss differentiates (the world model gets no
-        gradient from imagination, SPEC 2.3).
+        gradient from imagination, as in the paper).
         """
         feats, logps, ents = [], [], []
         for _ in range(self.cfg.imag_horizon):
@@ -234,7 +234,7 @@ class Agent(nn.Module):
         return torch.stack(feats, 1), torch.stack(logps, 1), torch.stack(ents, 1)
 
     def _imag_losses(self, feat, logp, ent, metrics):
-        """Actor and critic losses on imagined trajectories (SPEC 2.3-2.6).
+        """Actor and critic losses on imagined trajectories.
 
         Returns (policy loss, value loss, lambda-return R_0 of every start (N,)).
         """
@@ -263,7 +263,7 @@ class Agent(nn.Module):
         return policy, value, ret[:, 0]
 
     def _repval_loss(self, batch, feat, boot):
-        """Critic loss on the replayed sequence, bootstrapped by imagined returns (SPEC 2.7)."""
+        """Critic loss on the replayed sequence, bootstrapped by imagined returns."""
         cfg = self.cfg
         last, term = batch["is_last"][:, 1:], batch["is_terminal"][:, 1:]
         ret = L.lambda_return(last, term, batch["reward"][:, 1:], boot.detach(), cfg.discount,

@@ -1,4 +1,4 @@
-"""Distributions and transforms (SPEC 1.5): symlog/symexp, the actor's action distributions."""
+"""Distributions and transforms: symlog/symexp, the actor's action distributions."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class OneHotCategorical:
 
 
 class BoundedNormal:
-    """Independent normal per action dim: mean tanh(m), std in (minstd, maxstd) (SPEC 1.5).
+    """Independent normal per action dim: mean tanh(m), std in (minstd, maxstd).
 
     Samples are not squashed; log-prob and entropy are summed over action dims.
     """

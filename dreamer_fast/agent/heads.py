@@ -1,4 +1,4 @@
-"""Heads on feat = concat(h, flatten(z)) (SPEC 1.5): reward, continue, actor, critic."""
+"""Heads on feat = concat(h, flatten(z)): reward, continue, actor, critic."""
 
 from __future__ import annotations
 

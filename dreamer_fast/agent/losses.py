@@ -1,4 +1,4 @@
-"""Loss math as free functions (SPEC 2.3-2.7): lambda-returns, return normaliser, actor/critic."""
+"""Loss math as free functions: lambda-returns, return normaliser, actor/critic."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Building blocks (SPEC 1.1): fan-in truncated-normal Linear, BlockLinear, RMSNorm+SiLU, MLP.
+"""Building blocks: fan-in truncated-normal Linear, BlockLinear, RMSNorm+SiLU, MLP.
 
 Every hidden layer is Linear -> RMSNorm -> SiLU (no residuals). The norm+activation goes through
 `ops.rms_silu` so the Triton kernel and its reference share one call site.
@@ -33,7 +33,7 @@ class BlockLinear(nn.Module):
     """Block-diagonal linear: the input's G contiguous chunks each get their own matrix.
 
     x: (..., inp) -> (..., out), outputs concatenated in block order, one bias of size out.
-    Init uses the full fan-in `inp` (SPEC 1.1), not inp / G.
+    Init uses the full fan-in `inp`, not inp / G.
     """
 
     def __init__(self, inp: int, out: int, blocks: int, outscale: float = 1.0):

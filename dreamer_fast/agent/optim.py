@@ -1,4 +1,4 @@
-"""AGC -> LaProp -> momentum -> warmed-up lr (SPEC 3), capturable: all state on the device.
+"""AGC -> LaProp -> momentum -> warmed-up lr, capturable: all state on the device.
 
 Step count and learning rate are device tensors updated by foreach ops, with no host sync
 and no data-dependent Python control flow, so a CUDA graph can capture `step` unchanged.
@@ -17,7 +17,7 @@ class LaProp:
     Per step t (from 1): g <- g * min(1, agc * max(pmin, |p|) / |g|) (per tensor);
     nu <- b2 nu + (1 - b2) g^2; u = g / (sqrt(nu / (1 - b2^t)) + eps);
     mu <- m mu + (1 - m) u; p <- p - lr * lr_scale * min(1, t / warmup) * mu / (1 - m^t).
-    lr_scale is sqrt(world size) under data parallel (DESIGN 3.10), 1 otherwise; a Python
+    lr_scale is sqrt(world size) under data parallel, 1 otherwise; a Python
     float read on every step, so set it before a CUDA graph captures `step`.
     """
 

@@ -1,4 +1,4 @@
-"""The agent's side of data parallelism (SPEC 2.4 and 3; DESIGN 3.10): plain torch.distributed.
+"""The agent's side of data parallelism: plain torch.distributed.
 
 What the learning math itself needs when it runs as one replica of several: one flat gradient
 buffer averaged by a single all-reduce, the return batch all-gathered for the percentiles, and

@@ -1,4 +1,4 @@
-"""World model networks (SPEC 1.2-1.4): Encoder, block-GRU RSSM, Decoder.
+"""World model networks: Encoder, block-GRU RSSM, Decoder.
 
 Observation spaces are dicts name -> (shape, dtype). Vector keys are rank-1 float arrays;
 image keys are rank-3 uint8 arrays, channels first (C, H, W), with H = W divisible by 16.
@@ -79,7 +79,7 @@ class Encoder(nn.Module):
 
 
 class RSSM(nn.Module):
-    """Block-GRU recurrent state-space model (SPEC 1.3).
+    """Block-GRU recurrent state-space model.
 
     State: deter h (N, D) and stoch z (N, S, K) one-hot (straight-through). Actions arrive as
     vectors (one-hot for discrete); continuous ones are scaled by 1/max(1, |a|) here.
@@ -167,7 +167,7 @@ class RSSM(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (deter, stoch) -> reconstructions: symlog vectors and sigmoid images (SPEC 1.4)."""
+    """Latent (deter, stoch) -> reconstructions: symlog vectors and sigmoid images."""
 
     def __init__(self, obs_space: dict, deter: int, latent: int, units: int, depth: int,
                  blocks: int, dec_layers: int, ops):

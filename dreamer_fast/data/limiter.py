@@ -1,4 +1,4 @@
-"""Samples-per-insert rate limiter between the actor and the learner (SPEC 5.1, DESIGN 2).
+"""Samples-per-insert rate limiter between the actor and the learner.
 
 Keeps replayed steps R (batch_steps per update) at train_ratio r times the agent steps I
 inserted after warm-up, blocking whichever side runs ahead. With m = min_inserts,

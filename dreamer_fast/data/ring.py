@@ -1,4 +1,4 @@
-"""Lock-free ring buffer of agent steps, time-major per env stream (DESIGN 3.8, SPEC 5.2-5.3).
+"""Lock-free ring buffer of agent steps, time-major per env stream.
 
 One writer thread (the actor) and any number of reader threads (the learner, its prefetcher).
 
@@ -20,7 +20,7 @@ Protocol (a seqlock with one writer, no locks on the data path):
   write-back (needs `margin` actor steps on that stream during one copy, i.e. the learner thread
   preempted for tens of ms), the new step may keep the stale latent of step t; this is
   detected after the copy and counted in `latent_clobbered` (benign: a latent is only the
-  initial RSSM carry of a window, SPEC 5.3). Readers racing a write-back of the same step may
+  initial RSSM carry of a window). Readers racing a write-back of the same step may
   see a mix of its old and new latent, both latents of that same step.
 
 Thread-safety of the Python bookkeeping under CPython's GIL: the online queue is a
@@ -340,7 +340,7 @@ class Ring:
 
 
 def replay_spec(env, net) -> dict:
-    """What the ring stores per step: observations, action, reward, flags, latent (SPEC 5.3)."""
+    """What the ring stores per step: observations, action, reward, flags, latent."""
     spec = {k: (shape, torch.from_numpy(np.zeros((), dtype)).dtype)
             for k, (shape, dtype) in env.obs_space.items()}
     spec.update(action=((env.act_space.size,), torch.float32), reward=((), torch.float32),
@@ -362,17 +362,17 @@ def mem_available() -> int:
 
 
 SPEC_CAPACITY = 5_000_000
-"""The official replay size in steps (SPEC 5.2); the automatic capacity never exceeds it."""
+"""The official replay size in steps; the automatic capacity never exceeds it."""
 
 
 def replay_capacity(spec: dict, requested: int, saved: int | None = None,
                     fraction: float = 0.75) -> int:
     """The replay capacity in steps, printed with its memory.
 
-    requested 0 (the default) means SPEC's 5e6 steps, or as many as fit in `fraction` of the
-    free RAM (the rest is for the model, the envs and the page cache; on CPU the update's
-    activations live in RAM too, so pass less); a resumed run keeps its saved capacity. An
-    explicit capacity that does not fit fails at once naming a value that does.
+    requested 0 (the default) means the official 5e6 steps, or as many as fit in `fraction`
+    of the free RAM (the rest is for the model, the envs and the page cache; on CPU the
+    update's activations live in RAM too, so pass less); a resumed run keeps its saved
+    capacity. An explicit capacity that does not fit fails at once naming a value that does.
     """
     per_step = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
                    for shape, dtype in spec.values())
@@ -383,7 +383,7 @@ def replay_capacity(spec: dict, requested: int, saved: int | None = None,
     print(f"replay: {capacity:,} steps x {per_step:,} bytes = {need / 2**30:.2f} GiB "
           f"(MemAvailable {avail / 2**30:.1f} GiB)", flush=True)
     if not requested and not saved and capacity < SPEC_CAPACITY:
-        print(f"replay: SPEC's {SPEC_CAPACITY:,} steps would need "
+        print(f"replay: the official {SPEC_CAPACITY:,} steps would need "
               f"{per_step * SPEC_CAPACITY / 2**30:.1f} GiB; using {capacity:,} that fit "
               "(set --replay.capacity to choose)", flush=True)
     if avail and need > fraction * avail:

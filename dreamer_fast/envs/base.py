@@ -1,4 +1,4 @@
-"""The vectorised environment contract shared by every adapter (SPEC 1.6, DESIGN 3.7).
+"""The vectorised environment contract shared by every adapter.
 
 Every adapter turns its suite into the same batched send/recv loop:
 
@@ -45,14 +45,14 @@ class VecEnv:
         obs_space: per-env (shape, dtype) of every observation key.
         act_space: the action space.
 
-    Episode boundaries (DESIGN 3.7):
+    Episode boundaries:
         * `is_first` marks the first observation of an episode; its reward is 0.
         * `is_last = terminated or truncated`; `is_terminal = terminated` only, so a time-limit
           truncation has is_last True and is_terminal False.
         * The `send` that follows an `is_last` step is a reset: the env ignores that action and
           its next step is an `is_first` observation with reward 0 (next-step autoreset, as in
           EnvPool and Gymnasium 1.x). **The caller (actor) must store a zero action for an
-          is_last step**, because the action it sends there is never executed (SPEC 1.6).
+          is_last step**, because the action it sends there is never executed.
 
     Arrays returned by `recv` are fresh per call: the caller may keep them.
     """
@@ -111,7 +111,7 @@ class SyncVecEnv(VecEnv):
 
 
 class BoxAction:
-    """Maps raw policy actions in [-1, 1] onto a Box's bounds (SPEC 9.11: clip only here).
+    """Maps raw policy actions in [-1, 1] onto a Box's bounds.
 
     Dimensions with an infinite bound are clipped to [-1, 1] and passed unscaled.
     """

@@ -30,7 +30,7 @@ def dmc_tasks() -> dict[str, tuple[str, str]]:
 
 
 def default_camera(domain: str) -> int:
-    """Camera of SPEC 5.4: 0; quadruped 2; rodent 4."""
+    """Camera of the official DMC config: 0; quadruped 2; rodent 4."""
     return {"quadruped": 2, "rodent": 4}.get(domain, 0)
 
 

@@ -17,11 +17,11 @@ from dreamer_fast.envs.base import VecEnv, finish_step
 from dreamer_fast.envs.spaces import ActConverter, ObsConverter
 
 DMC_EPISODE = 1000
-"""Env (physics control) steps per DMC episode (SPEC 5.4)."""
+"""Env (physics control) steps per DMC episode."""
 
 
 def atari_kwargs(opts: EnvConfig) -> dict:
-    """EnvPool Atari options from the env config (SPEC 5.4)."""
+    """EnvPool Atari options from the env config."""
     kwargs = dict(
         frame_skip=opts.repeat, repeat_action_probability=opts.sticky, noop_max=opts.noops,
         episodic_life=False, reward_clip=False, use_fire_reset=False,

@@ -1,4 +1,4 @@
-"""The actor thread: steps the envs with the policy and writes every step into the ring (DESIGN 2).
+"""The actor thread: steps the envs with the policy and writes every step into the ring.
 
     recv (env_id) -> gather carries -> policy_step on the device -> scatter carries -> send
     -> ring.add (obs, action zeroed on is_last, reward, flags, latent) -> limiter.insert
@@ -225,7 +225,7 @@ def policy_core(policy, carry: dict, inp: dict, obs_keys, greedy: bool = False):
     rows = {k: v.index_select(0, ids) for k, v in carry.items()}
     action, rows, latent = policy.policy_step(
         rows, {k: inp[k] for k in (*obs_keys, "is_first")}, greedy)
-    # The action sent at an is_last step is never executed: store zero (SPEC 1.6).
+    # The action sent at an is_last step is never executed: store zero.
     action = action * (~inp["is_last"])[:, None].to(action.dtype)
     rows["action"] = action
     for k, v in rows.items():

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic files readable by torch.load(weights_only=True) (SPEC 5.5).
+"""Checkpoints: atomic files readable by torch.load(weights_only=True).
 
 <logdir>/checkpoint.pt holds parameters, optimizer state, counters, RNG states, the config (a
 JSON string) and the limiter; <logdir>/replay.pt holds the ring. Each is written to a temp
@@ -6,7 +6,7 @@ file and renamed with os.replace, so a crash mid-save leaves the previous file i
 replay is written first and both carry the same `save_id`, so a kill between the two renames
 is detected on resume (the replay is then newer than the checkpoint: still usable).
 
-Data parallel (world size N > 1, DESIGN 3.10): rank r writes its own ring, rate limiter and
+Data parallel (world size N > 1): rank r writes its own ring, rate limiter and
 RNG states to <logdir>/replay-rank{r}.pt (each self-consistent), rank 0 alone writes
 checkpoint.pt, which records N: a resume must use the same world size.
 """

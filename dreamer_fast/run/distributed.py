@@ -1,4 +1,4 @@
-"""Data parallel over torch.distributed: one process per device under torchrun (DESIGN 3.10).
+"""Data parallel over torch.distributed: one process per device under torchrun.
 
 Every rank is a full actor-learner with its own envs and replay; only gradients (one
 all-reduce of a flat buffer per update) and the return percentiles (one all-gather) cross

@@ -1,4 +1,4 @@
-"""CUDA graphs for the learner update and the actor's policy step (DESIGN 3.1-3.5).
+"""CUDA graphs for the learner update and the actor's policy step.
 
     GraphedTrainStep(agent, example)   agent.train_step as ONE graph: observe scan, imagination
                                        scan, every loss, the backward, the gradient all-reduce,
@@ -17,7 +17,7 @@ because only a GPU can capture): everything that changes between updates is a de
 (the lr warm-up, the step count, the return-normaliser EMA, the non-finite flags), no host sync
 happens inside (no .item(), no tensor-valued `if`), and the sampling noise comes from
 torch.rand / exponential_, whose Philox offsets a graph advances on each replay.
-Capture happens before the actor thread starts (DESIGN 3.4), so no uncaptured CUDA work runs
+Capture happens before the actor thread starts, so no uncaptured CUDA work runs
 in the process meanwhile.
 """
 
@@ -117,7 +117,7 @@ class GraphedTrainStep:
         agent.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: library threads (NCCL's watchdog polls its events) may touch CUDA
-        # meanwhile; our own threads have not started (DESIGN 3.4).
+        # meanwhile; our own threads have not started.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = agent.train_step(self.static)
         self.replays = 0

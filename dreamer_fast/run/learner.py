@@ -1,4 +1,4 @@
-"""The learner thread: rate-limited replay -> device -> train_step -> latents back (DESIGN 2).
+"""The learner thread: rate-limited replay -> device -> train_step -> latents back.
 
     limiter.sample() -> ring.sample(B, out=pinned staging[k]) -> annotate is_last
     -> device (non_blocking) -> agent.train_step -> latents to pinned host[k] (async)
@@ -6,8 +6,8 @@
 
 Staging is double-buffered: while the device trains on batch i the host may refill the other
 buffer; an event per buffer guards reuse. Latents are written back one update late so the
-device-to-host copy overlaps the next update instead of stalling on it (SPEC 5.3 only needs
-them eventually; write_latents skips steps overwritten meanwhile).
+device-to-host copy overlaps the next update instead of stalling on it (replay context only
+needs them eventually; write_latents skips steps overwritten meanwhile).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dreamer_fast.run.actor import PolicyWeights, Timer
 
 
 def annotate(batch: dict[str, torch.Tensor]) -> None:
-    """SPEC 5.2: mark is_last wherever the next step of the window is is_first (in place).
+    """Mark is_last wherever the next step of the window is is_first (in place).
 
     Windows may cross episode boundaries; the step before an is_first is the last step of an
     episode even when the ring stored it otherwise (e.g. it was overwritten or the stream
@@ -40,7 +40,7 @@ class Learner:
         self.agent, self.ring, self.limiter, self.weights = agent, ring, limiter, weights
         self.device = agent.device
         self.batch_size = batch_size
-        pin = self.device.type == "cuda"  # pinned once, never per batch (DESIGN 3.8)
+        pin = self.device.type == "cuda"  # pinned once, never per batch
         self.staging = [{k: torch.empty((batch_size, ring.length, *shape), dtype=dtype,
                                         pin_memory=pin) for k, (shape, dtype) in ring.spec.items()}
                         for _ in range(2)]
@@ -112,7 +112,7 @@ class Learner:
         return host, event
 
     def write_back(self) -> None:
-        """Write the previous update's latents into the ring (SPEC 5.3)."""
+        """Write the previous update's latents into the ring."""
         if self.pending is None:
             return
         keys, (host, event) = self.pending

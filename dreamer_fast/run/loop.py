@@ -5,7 +5,7 @@ One process per device: an actor thread (actor.py) fills the ring, a learner thr
 only keeps time: progress (1 s), log (`log_every` s), report (`report_every` s), save
 (`save_every` s), and stops on the step budget, Ctrl-C or SIGTERM (saving first).
 
-Data parallel (DESIGN 3.10): under torchrun every process runs all of the above with its own
+Data parallel: under torchrun every process runs all of the above with its own
 envs and ring; gradients meet in one all-reduce per update. The main threads meet every tick
 (0.2 s) in one small all-gather on a separate gloo group (distributed.control_all_gather):
 rank 0's clocks decide log and save, any rank's SIGTERM/Ctrl-C, finished budget or failed

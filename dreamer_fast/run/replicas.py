@@ -1,4 +1,4 @@
-"""Data-parallel replicas (DESIGN 3.10): learners in lockstep and replica checks.
+"""Data-parallel replicas: learners in lockstep and replica checks.
 
 See loop.py for how the ranks coordinate; these are the pieces that only exist with N > 1.
 """

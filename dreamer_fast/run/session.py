@@ -76,7 +76,7 @@ class Run:
         B, T = cfg.agent.batch_size, cfg.agent.batch_length
         self.ring = Ring(spec, cfg.num_envs, cfg.replay.capacity, T + 1, cfg.replay.online,
                          seed)
-        # Enough steps that every stream holds a window and B*T starts exist (SPEC 5.1).
+        # Enough steps that every stream holds a window and B*T starts exist.
         self.limiter = RateLimiter(cfg.train_ratio, B * T, cfg.num_envs * (T + 1) + B * T)
         self.counters = {"steps": 0, "updates": 0, "elapsed_s": 0.0, "save_id": 0}
 
@@ -102,8 +102,9 @@ class Run:
         self.t0 = time.time() - float(self.counters["elapsed_s"])
 
     def capture(self) -> None:
-        """CUDA graphs of the update and the policy step, before any thread starts (DESIGN
-        3.4): warm-up (undone) and capture on this thread, with nothing else on the GPU."""
+        """CUDA graphs of the update and the policy step, before any thread starts (no
+        other CUDA work may run during a capture): warm-up (undone) and capture on this
+        thread, with nothing else on the GPU."""
         start = time.perf_counter()
         example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
         self.learner.graph = GraphedTrainStep(self.agent, example)

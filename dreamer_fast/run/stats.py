@@ -227,7 +227,8 @@ def reduce_log(run: Run, stats: Stats, values: dict, bad: list[str]) -> tuple[in
 
 def startup_line(run: Run) -> str:
     cfg, world = run.cfg, run.world
-    line = f"logdir: {cfg.logdir} | device {cfg.device} | model {cfg.model} | "
+    line = (f"logdir: {cfg.logdir} | device {cfg.device} | preset {cfg.preset} | model "
+            f"{cfg.model} | ")
     if world == 1:
         return line + f"{cfg.num_envs} envs | train_ratio {cfg.train_ratio:g}"
     B = cfg.agent.batch_size
