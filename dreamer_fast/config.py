@@ -272,7 +272,7 @@ class ReplayConfig:
 
     capacity: int = 0
     """Capacity in agent steps over all env streams; 0 = the official 5,000,000 or, when
-    that does not fit, as many as fit in 75% of the free RAM with a GPU, 50% on a CPU
+    that does not fit, as many as fit in 75% of the free RAM with a GPU, 30% on a CPU
     (decided at start, kept on resume)."""
     online: bool = True
     """Train on every fresh non-overlapping window first, then sample uniformly."""

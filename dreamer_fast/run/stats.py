@@ -143,7 +143,9 @@ def feasibility_note(cfg, steps: int, rate: float) -> str | None:
     hints = [f"--steps {int(steps + rate * 86400)} (what a day gives)"]
     if cfg.net.deter > 512:
         hints.insert(0, "a smaller --model (e.g. --model size1m)")
-    if cfg.preset not in ("control", "debug") and not cfg.env.endswith("-v5"):
+    if cfg.preset == "atari":
+        hints.insert(0, "--preset atari100k (110,000 steps)")
+    elif cfg.preset in ("dmc_proprio", "dmc_vision", "vision"):
         hints.insert(0, "--preset control")
     return (f"note: at the {rate:,.1f} agent steps/s this run holds here, the remaining "
             f"{cfg.steps - steps:,} steps take {format_duration(left)}, more than a day; "
