@@ -14,8 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = ["--env", "CartPole-v1", "--preset", "debug", "--steps", "1000", "--train-ratio", "16",
-            "--seed", "1",
-            "--log-every", "1", "--save-every", "2", "--report-every", "3"]
+            "--seed", "1", "--log-every", "1", "--save-every", "2", "--report-every", "3"]
 PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
         "--agent.batch-length", "16", "--replay.capacity", "4000", "--num-envs", "2",
         "--env-opts.image-size", "64", "--env-opts.time-limit", "200", "--train-ratio", "8",

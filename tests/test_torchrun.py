@@ -20,8 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 # debug preset (CartPole): 4 envs per rank, B4 x T16; warm-up 4 * 17 + 64 = 132 steps a rank.
 ARGS = ["--env", "CartPole-v1", "--preset", "debug", "--train-ratio", "16", "--seed", "1",
-        "--log-every", "1",
-        "--save-every", "2", "--report-every", "3"]
+        "--log-every", "1", "--save-every", "2", "--report-every", "3"]
 
 
 def free_port() -> int:

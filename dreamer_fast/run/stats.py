@@ -172,8 +172,8 @@ class Progress:
 
     def note(self, steps: int) -> str | None:
         """The feasibility note, once, as soon as the held rate is known (else None)."""
-        rate = self.held.eta_rate()
-        if self.noted or rate is None or len(self.held.samples) < 2 or (
+        rate = self.held.eta_rate()  # None until updates ran for min_s
+        if self.noted or rate is None or (
                 self.held.samples[-1][0] - self.held.samples[0][0] < self.held.window_s / 2):
             return None
         self.noted = True
