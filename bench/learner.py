@@ -27,6 +27,11 @@ IMAGE = {"image": ((3, 64, 64), np.uint8)}
 WORKLOADS = {
     # name: (size, obs space, act space, batch, length, horizon)
     "debug": ("debug", {"vector": ((7,), np.float32)}, ActSpace(True, 3), 4, 16, 5),
+    # the control preset's model on CartPole's spaces, at three batch sizes (one sequence length)
+    "size300k-B8": ("size300k", {"vector": ((4,), np.float32)}, ActSpace(True, 2), 8, 16, 15),
+    "size300k-B16": ("size300k", {"vector": ((4,), np.float32)}, ActSpace(True, 2), 16, 16, 15),
+    "size300k-B32": ("size300k", {"vector": ((4,), np.float32)}, ActSpace(True, 2), 32, 16, 15),
+    "size300k-B64": ("size300k", {"vector": ((4,), np.float32)}, ActSpace(True, 2), 64, 16, 15),
     "size1m-vec": ("size1m", {"vector": ((24,), np.float32)}, ActSpace(False, 6), 16, 64, 15),
     "size12m-img": ("size12m", IMAGE, ActSpace(True, 18), 16, 64, 15),
     "size200m-img": ("size200m", IMAGE, ActSpace(True, 18), 16, 64, 15),

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is allowed."""
 
 
+class RunError(ConfigError):
+    """A run stopped for a reason its one-line message names, with what was kept and what to
+    do (non-finite losses or env data, a final save without disk space)."""
+
+
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid config: {name}={value!r}; allowed: {allowed}")
@@ -272,10 +277,17 @@ class ReplayConfig:
 
     capacity: int = 0
     """Capacity in agent steps over all env streams; 0 = the official 5,000,000 or, when
-    that does not fit, as many as fit in 75% of the free RAM with a GPU, 30% on a CPU
-    (decided at start, kept on resume)."""
+    that does not fit, as many as fit in 75% (GPU) or 50% (CPU) of the RAM left free after
+    the estimated training memory, and never more than --steps (decided at start, kept on
+    resume)."""
     online: bool = True
     """Train on every fresh non-overlapping window first, then sample uniformly."""
+    resume_empty: bool = False
+    """Resume a run whose replay folder is missing or unusable with an empty replay, keeping
+    its weights and step and update counts (the replay refills before training goes on)."""
+    keep_chunks: bool = False
+    """Keep every replay chunk on disk (a dataset of the whole run) instead of removing the
+    chunks that have left the in-memory replay."""
 
     def __post_init__(self):
         _check(self.capacity >= 0, "replay.capacity", self.capacity,

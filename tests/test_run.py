@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from dreamer_fast.data.store import list_replay
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = ["--env", "CartPole-v1", "--preset", "debug", "--steps", "1000", "--train-ratio", "16",
             "--seed", "1", "--log-every", "1", "--save-every", "2", "--report-every", "3"]
@@ -73,9 +75,12 @@ def test_cartpole_smoke_kill_resume_contract_and_eval(tmp_path):
     proc.kill()
     proc.wait()
     saved = load(logdir)
-    saved_steps = int(load(logdir, "replay.pt")["ring"]["count"].sum())
+    saved_steps = saved["counters"]["steps"]
     assert 0 < saved_steps < 1000 and saved["counters"]["updates"] > 0
-    assert {"checkpoint.pt", "replay.pt", "metrics.jsonl", "config.json"} <= set(os.listdir(logdir))
+    assert {"checkpoint.pt", "replay", "metrics.jsonl", "config.json"} <= set(os.listdir(logdir))
+    info = list_replay(str(logdir / "replay"))
+    assert info["manifest"]["run_id"] == saved["run_id"]
+    assert saved["save_id"] in info["save_points"]  # the checkpoint's own save point is kept
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
 
     code, out = run(CARTPOLE, logdir)  # the same command resumes
@@ -114,7 +119,7 @@ def test_pong_smoke_report_sigterm_and_eval_video(tmp_path):
     wait_for(lambda: os.listdir(reports) and load(logdir)["counters"]["updates"] > 0, proc, 200)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM: saving" in out, out
+    assert proc.returncode == 0 and "SIGTERM: stopping and saving" in out, out
     assert re.search(r"replay: 4,000 steps x [\d,]+ bytes", out)
     ckpt = load(logdir)
     assert ckpt["counters"]["updates"] > 0 and json.loads(ckpt["config"])["env"] == "Pong-v5"
@@ -152,5 +157,11 @@ def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch):
     assert ring.replay_capacity(spec, 20_000, None, 0.5) == 20_000
     with pytest.raises(ConfigError, match=r"use --replay.capacity 50000"):
         ring.replay_capacity(spec, 90_000, None, 0.5)
+    # A resume keeps a saved capacity that no longer fits, with a warning, never an error.
+    assert ring.replay_capacity(spec, 0, 90_000, 0.5) == 90_000
+    # The training memory is kept free, and the automatic capacity never exceeds the budget.
+    assert ring.replay_capacity(spec, 0, None, 0.5, reserve=40_000 * per_step) == 30_000
+    assert ring.replay_capacity(spec, 0, None, 0.5, steps=12_345) == 12_345
+    assert ring.replay_capacity(spec, 0, None, 0.5, steps=10, minimum=500) == 500
     monkeypatch.setattr(ring, "mem_available", lambda: 10**9 * per_step)
     assert ring.replay_capacity(spec, 0, None, 0.75) == ring.SPEC_CAPACITY

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +88,15 @@ def load(logdir, name="checkpoint.pt"):
     return torch.load(os.path.join(logdir, name), weights_only=True)
 
 
+def save_point(logdir, rank, save_id=None) -> tuple[dict, np.ndarray]:
+    """(meta, per-stream counts) of rank's replay save point (default: the checkpoint's)."""
+    save_id = load(logdir)["save_id"] if save_id is None else save_id
+    with np.load(os.path.join(logdir, f"replay-rank{rank}", f"save-{save_id:06d}.npz")) as d:
+        return json.loads(str(d["meta"])), d["count"]
+
+
 def replay_steps(logdir, rank) -> int:
-    return int(load(logdir, f"replay-rank{rank}.pt")["ring"]["count"].sum())
+    return int(save_point(logdir, rank)[1].sum())
 
 
 def checksums(out: str) -> dict[int, int]:
@@ -123,8 +131,8 @@ def test_two_ranks_sigterm_sigkill_resume_finish_and_world_size(tmp_path):
     ckpt = load(logdir)
     assert ckpt["world_size"] == 2 and ckpt["counters"]["updates"] > 0
     files = set(os.listdir(logdir))
-    assert {"checkpoint.pt", "replay-rank0.pt", "replay-rank1.pt", "metrics.jsonl",
-            "config.json"} <= files and "replay.pt" not in files
+    assert {"checkpoint.pt", "replay-rank0", "replay-rank1", "metrics.jsonl",
+            "config.json"} <= files and "replay" not in files
     assert len([f for f in files if f.startswith("events.out.tfevents")]) == 1
     assert not [f for f in files if ".tmp" in f]
     # Replicas identical, and equal to the saved agent.
@@ -132,7 +140,8 @@ def test_two_ranks_sigterm_sigkill_resume_finish_and_world_size(tmp_path):
     assert sums.keys() == {0, 1} and sums[0] == sums[1] == param_checksum(ckpt["agent"]), sums
     assert "replicas identical" in out0
     steps = [replay_steps(logdir, r) for r in range(WORLD)]
-    limiters = [load(logdir, f"replay-rank{r}.pt")["limiter"] for r in range(WORLD)]
+    limiters = [save_point(logdir, r)[0]["limiter"] for r in range(WORLD)]
+    assert {save_point(logdir, r)[0]["run_id"] for r in range(WORLD)} == {ckpt["run_id"]}
     assert all(s > 0 for s in steps) and all(lim["replayed"] > 0 for lim in limiters)
     # Logged steps are summed over ranks.
     rows = [r for r in map(json.loads, open(logdir / "metrics.jsonl")) if "counts/steps" in r]
@@ -142,11 +151,8 @@ def test_two_ranks_sigterm_sigkill_resume_finish_and_world_size(tmp_path):
     # 2. The same command resumes both ranks; then SIGKILL of the whole group mid-run.
     world = World(args, logdir)
     updates = ckpt["counters"]["updates"]
-    # Ranks save at the same tick but without a barrier (no collective while paused), so a
-    # rank's replay may trail checkpoint.pt by a save; wait until every rank has written it.
-    world.wait_for(lambda: load(logdir)["counters"]["updates"] > updates + 5 and all(
-        load(logdir, f"replay-rank{r}.pt")["save_id"] >= load(logdir)["save_id"]
-        for r in range(WORLD)), 150)
+    # Every rank's save point is written before rank 0 publishes the checkpoint naming it.
+    world.wait_for(lambda: load(logdir)["counters"]["updates"] > updates + 5, 150)
     world.killpg(signal.SIGKILL)
     out0, out1 = world.wait(30)
     assert resumed(out0) == {0: (steps[0], updates)}, out0

@@ -91,6 +91,7 @@ class Ring:
                          for k, (shape, dtype) in self.spec.items()}
         self._flat = {k: v.view(num_streams * cap, *v.shape[2:]) for k, v in self._storage.items()}
         self._count = np.zeros(num_streams, np.int64)        # published steps per stream
+        self._first = np.zeros(num_streams, np.int64)        # oldest valid step (resume)
         self._next_online = np.zeros(num_streams, np.int64)  # writer only: next queued start
         # At most cap // length + 1 windows per stream can be queued and valid at once; when full,
         # append drops the oldest entry (the one most likely overwritten already).
@@ -142,7 +143,7 @@ class Ring:
     # ------------------------------------------------------------------ readers
     def _bounds(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """First valid start and number of valid starts per stream for these counts."""
-        lo = np.maximum(count - self.cap + self.margin, 0)
+        lo = np.maximum(count - self.cap + self.margin, self._first)
         return lo, np.maximum(count - self.length - lo + 1, 0)
 
     def sampleable(self) -> int:
@@ -201,7 +202,8 @@ class Ring:
             except IndexError:
                 break
             count = int(self._count[j])
-            if s + self.length <= count and s >= count - self.cap + self.margin:
+            if (s + self.length <= count and s >= count - self.cap + self.margin
+                    and s >= self._first[j]):
                 stream[n], start[n] = j, s
                 n += 1
             else:
@@ -252,7 +254,8 @@ class Ring:
         for i, (j, start) in enumerate(keys):
             first, end = start + 1, start + self.length  # steps [first, end) get written
             for key, value in src.items():
-                first = max(first, int(self._count[j]) - self.cap + self.margin)
+                first = max(first, int(self._count[j]) - self.cap + self.margin,
+                            int(self._first[j]))
                 self._copy_in(self._storage[key][j], first, end, value[i, first - start - 1:])
             if first < end:
                 written += end - first
@@ -275,6 +278,59 @@ class Ring:
         ring[a:a + m].copy_(value[:m])
         if m < n:
             ring[:n - m].copy_(value[m:n])
+
+    # ------------------------------------------------------------------ persistence
+    def count(self, stream: int) -> int:
+        """Steps ever written to `stream` (any thread)."""
+        return int(self._count[stream])
+
+    def read_steps(self, stream: int, start: int, end: int, check: bool = True
+                   ) -> dict[str, torch.Tensor] | None:
+        """A copy of steps [start, end) of one stream (published ones), or None when the
+        writer began overwriting any of them before the copy finished (`check`; without it
+        the caller has paused the writer)."""
+        if end <= start:
+            return {k: torch.empty((0, *shape), dtype=dtype)
+                    for k, (shape, dtype) in self.spec.items()}
+        idx = torch.arange(start, end) % self.cap
+        out = {k: v[stream].index_select(0, idx) for k, v in self._storage.items()}
+        if check and start < int(self._count[stream]) - self.cap + 1:
+            return None
+        return out
+
+    def write_steps(self, stream: int, start: int, data: dict[str, torch.Tensor]) -> None:
+        """Put stored steps back (resume, before the writer starts): steps start, start+1, ...
+        of `stream` from data[k] (n, *shape); keys may be a subset of the spec."""
+        for k, v in data.items():
+            n = len(v)
+            if n:
+                self._copy_in(self._storage[k][stream], start, start + n,
+                              self._as_tensor(k, v, (n,)))
+
+    def small_state(self) -> dict:
+        """The ring's state without its payload (counts, online queue, RNG, counters), as
+        numpy arrays and JSON-able values; with `write_steps` it restores the ring."""
+        stats = self.stats()
+        return {"count": self._count.copy(), "first": self._first.copy(),
+                "next_online": self._next_online.copy(),
+                "queue": np.asarray(list(self._queue), np.int64).reshape(-1, 2),
+                "rng": json.dumps(self._rng.bit_generator.state),
+                "stats": {k: stats[k] for k in ("inserted", *_READER_STATS)}}
+
+    def restore_small_state(self, state: dict) -> None:
+        self._count[:] = state["count"]
+        self._first[:] = state["first"]
+        self._next_online[:] = state["next_online"]
+        self._queue.clear()
+        self._queue.extend((int(j), int(s)) for j, s in np.asarray(state["queue"]).reshape(-1, 2))
+        self._rng.bit_generator.state = json.loads(state["rng"])
+        self.inserted = int(state["stats"]["inserted"])
+        self._tallies.clear()
+        self._tallies[0] = {k: int(state["stats"][k]) for k in _READER_STATS}
+
+    def reset_counts(self, inserted: int) -> None:
+        """An empty ring that continues the step count of a run whose replay is gone."""
+        self.inserted = int(inserted)
 
     # ------------------------------------------------------------------ bookkeeping
     def _tally(self) -> dict[str, int]:
@@ -366,28 +422,47 @@ SPEC_CAPACITY = 5_000_000
 
 
 def replay_capacity(spec: dict, requested: int, saved: int | None = None,
-                    fraction: float = 0.75) -> int:
+                    fraction: float = 0.75, reserve: int = 0, steps: int | None = None,
+                    minimum: int = 0) -> int:
     """The replay capacity in steps, printed with its memory.
 
     requested 0 (the default) means the official 5e6 steps, or as many as fit in `fraction`
-    of the free RAM (the rest is for the model, the envs and the page cache; on CPU the
-    update's activations live in RAM too, so pass less); a resumed run keeps its saved
-    capacity. An explicit capacity that does not fit fails at once naming a value that does.
+    of the RAM left free after `reserve` bytes (the model's training memory, estimated by
+    the caller), and never more than `steps` (the run's step budget; at least `minimum`).
+    A resumed run keeps its saved capacity and only warns when RAM looks tight. An explicit
+    capacity that does not fit fails at once naming a value that does.
     """
     per_step = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
                    for shape, dtype in spec.values())
     avail = mem_available()
-    fits = int(fraction * avail / per_step) // 1000 * 1000 if avail else SPEC_CAPACITY
-    capacity = requested or saved or min(SPEC_CAPACITY, fits)
+    room = max(0.0, fraction * (avail - reserve))
+    fits = int(room / per_step) // 1000 * 1000 if avail else SPEC_CAPACITY
+    if requested:  # on a resume a different one is refused by the config check
+        capacity = requested
+    elif saved:
+        capacity = saved
+    else:
+        capacity = min(SPEC_CAPACITY, fits)
+        if steps is not None:
+            capacity = max(min(capacity, steps), minimum)
     need = per_step * capacity
     print(f"replay: {capacity:,} steps x {per_step:,} bytes = {need / 2**30:.2f} GiB "
-          f"(MemAvailable {avail / 2**30:.1f} GiB)", flush=True)
-    if not requested and not saved and capacity < SPEC_CAPACITY:
+          f"(MemAvailable {avail / 2**30:.1f} GiB, {reserve / 2**30:.1f} GiB of it kept for "
+          "training)", flush=True)
+    if not requested and not saved and capacity < min(SPEC_CAPACITY, steps or SPEC_CAPACITY):
         print(f"replay: the official {SPEC_CAPACITY:,} steps would need "
               f"{per_step * SPEC_CAPACITY / 2**30:.1f} GiB; using {capacity:,} that fit "
               "(set --replay.capacity to choose)", flush=True)
-    if avail and need > fraction * avail:
-        raise ConfigError(f"replay of {capacity:,} steps needs {need / 2**30:.1f} GiB but only "
-                          f"{avail / 2**30:.1f} GiB is available; use --replay.capacity {fits} "
-                          f"(or less)")
+    if avail and need > room:
+        if saved == capacity:
+            print(f"warning: the saved replay of {capacity:,} steps needs {need / 2**30:.1f} GiB "
+                  f"and {avail / 2**30:.1f} GiB is available with {reserve / 2**30:.1f} GiB "
+                  "needed for training: memory may run out; free some RAM if it does",
+                  flush=True)
+        elif requested or fits < minimum:
+            raise ConfigError(f"replay of {capacity:,} steps needs {need / 2**30:.1f} GiB but "
+                              f"only {room / 2**30:.1f} GiB is free for it ({avail / 2**30:.1f} "
+                              f"GiB available, {reserve / 2**30:.1f} GiB kept for training); "
+                              f"use --replay.capacity {max(fits, 1000)} (or less) or a smaller "
+                              "--model")
     return capacity

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.agent import Agent
+from dreamer_fast.config import RunError
 from dreamer_fast.envs.base import STEP_KEYS
 
 POLICY_MODULES = ("enc", "dyn", "pol")
@@ -133,6 +134,8 @@ class Actor:
         self.device, self.steps = device, steps
         self.discrete = env.act_space.discrete
         self.obs_keys = list(env.obs_space)
+        self.float_keys = [k for k, (_, dtype) in env.obs_space.items()
+                           if np.issubdtype(np.dtype(dtype), np.floating)] + ["reward"]
         self.carry = weights.copies[0].initial_carry(env.num_envs)
         self.score = np.zeros(env.num_envs, np.float64)
         self.length = np.zeros(env.num_envs, np.int64)
@@ -162,6 +165,7 @@ class Actor:
         """One recv -> policy -> send -> store. False once the limiter has closed."""
         with self.timer.section("env"):
             obs = self.env.recv()
+            self.check_finite(obs)
         with self.timer.section("policy"):
             action, sent, latent = self.act(obs)
         with self.timer.section("env"):
@@ -191,6 +195,20 @@ class Actor:
             return action, sent.cpu().numpy(), latent  # host sync: the env needs the action
         finally:
             lock.release()
+
+    def check_finite(self, obs: dict) -> None:
+        """NaN or inf in a float observation or the reward: RunError naming the key, the env
+        index and the value, before the step reaches the policy or the replay."""
+        for key in self.float_keys:
+            value = np.asarray(obs[key])
+            ok = np.isfinite(value)
+            if not ok.all():
+                row = int(np.argwhere(~ok.reshape(len(ok), -1).all(1))[0, 0])
+                bad = value.reshape(len(value), -1)[row][~ok.reshape(len(ok), -1)[row]][0]
+                raise RunError(
+                    f"env index {int(obs['env_id'][row])} returned a non-finite {key!r} "
+                    f"({bad}) at agent step {self.ring.inserted:,}; it never reached the replay. "
+                    f"Fix the env, or wrap it to clip or replace non-finite {key} values")
 
     def track(self, obs: dict) -> None:
         """Per-env episode return and length; finished episodes go to `episodes`."""

@@ -1,14 +1,23 @@
-"""Checkpoints: atomic files readable by torch.load(weights_only=True).
+"""Checkpoints and save points: what a save writes, and what a resume reads back.
 
-<logdir>/checkpoint.pt holds parameters, optimizer state, counters, RNG states, the config (a
-JSON string) and the limiter; <logdir>/replay.pt holds the ring. Each is written to a temp
-file and renamed with os.replace, so a crash mid-save leaves the previous file intact. The
-replay is written first and both carry the same `save_id`, so a kill between the two renames
-is detected on resume (the replay is then newer than the checkpoint: still usable).
+A save point S is two files written in order, each atomically (temp file, fsync, rename):
+1. this rank's replay save point <replay folder>/save-S.npz (dreamer_fast/data/store.py:
+   each env stream's open tail, the ring's sampling state, the rate limiter, the counters);
+   the full chunks before it were written by the background writer as the streams filled;
+2. <logdir>/checkpoint.pt (rank 0): parameters, optimizer state, counters, RNG states, the
+   config (a JSON string), the run id and S. Readable by torch.load(weights_only=True).
 
-Data parallel (world size N > 1): rank r writes its own ring, rate limiter and
-RNG states to <logdir>/replay-rank{r}.pt (each self-consistent), rank 0 alone writes
-checkpoint.pt, which records N: a resume must use the same world size.
+The checkpoint names S, so a resume restores weights, counters, limiter and replay from one
+save point: a kill between the two renames resumes from S - 1 (its save point is kept until
+S + 1 is written). The run id (made at a run's start) is in the checkpoint, the replay
+manifest and every save point; a replay of another run is refused.
+
+Data parallel (world size N > 1): rank r writes its own replay folder replay-rank{r} (its
+ring, rate limiter and RNG states), rank 0 alone writes checkpoint.pt, which records N: a
+resume must use the same world size.
+
+Runs saved before the replay folder existed (one replay.pt holding the whole ring) still
+resume: `restore_legacy`.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import numpy as np
 import torch
 
 from dreamer_fast.config import Config, ConfigError
+from dreamer_fast.data.store import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"
 
 RUNTIME_FIELDS = ("steps", "logdir", "device", "log_every", "report_every", "save_every",
-                  "agent.kernels", "agent.precision", "graphs", "compile")
+                  "agent.kernels", "agent.precision", "graphs", "compile",
+                  "replay.resume_empty", "replay.keep_chunks")
 """Config fields that may change between a run and its resume; all others must match."""
 
 
@@ -92,39 +103,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def replay_dir(logdir: str, rank: int = 0, world: int = 1) -> str:
+    """This rank's replay folder: replay alone, replay-rank{r} in a world of N > 1."""
+    return os.path.join(logdir, "replay" if world == 1 else f"replay-rank{rank}")
 
 
-def replay_file(rank: int = 0, world: int = 1) -> str:
-    """This rank's replay file name: replay.pt alone, replay-rank{r}.pt in a world of N > 1."""
-    return REPLAY if world == 1 else f"replay-rank{rank}.pt"
+def cpu_copy(obj):
+    """A copy of a (nested) state dict with every tensor copied to the CPU, so that the file
+    can be written while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
-def save(logdir: str, cfg: Config, agent, limiter, ring, counters: dict, rank: int = 0,
-         world: int = 1) -> None:
-    """Write replay then checkpoint; call with the actor and the learner paused.
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
-    With world > 1 every rank calls it (same counters): the replay file also holds this
-    rank's limiter and RNG states; only rank 0 writes checkpoint.pt."""
-    save_id = int(counters.get("save_id", 0)) + 1
-    counters = {**counters, "save_id": save_id}
-    replay = {"save_id": save_id, "ring": ring.state_dict()}
-    if world > 1:
-        replay.update(limiter=limiter.state_dict(), rng=rng_state())
-    atomic_save(replay, os.path.join(logdir, replay_file(rank, world)))
-    if rank != 0:
-        return
-    atomic_save({
-        "save_id": save_id, "config": config_json(cfg), "agent": agent.state_dict(),
-        "opt": agent.opt.state_dict(), "limiter": limiter.state_dict(), "counters": counters,
-        "rng": rng_state(), "world_size": world,
-    }, os.path.join(logdir, CHECKPOINT))
+
+def write_checkpoint(logdir: str, payload: dict) -> int:
+    """checkpoint.pt, atomically (temp file, fsync, rename); DiskFull when out of space."""
+    path = os.path.join(logdir, CHECKPOINT)
+    return atomic_write(path, lambda f: torch.save(payload, f), _nbytes(payload) + 2**20)
+
+
+def rng_arrays(state: dict) -> tuple[dict, dict]:
+    """rng_state() as (JSON-able part, numpy arrays) for a save point file."""
+    arrays = {"rng_torch": state["torch"].numpy()}
+    for i, t in enumerate(state.get("cuda", [])):
+        arrays[f"rng_cuda{i}"] = t.numpy()
+    return {"numpy": state["numpy"], "python": state["python"]}, arrays
+
+
+def rng_from_arrays(meta: dict, arrays: dict) -> dict:
+    state = {"torch": torch.from_numpy(arrays["rng_torch"]), **meta}
+    cuda = sorted(k for k in arrays if k.startswith("rng_cuda"))
+    if cuda:
+        state["cuda"] = [torch.from_numpy(arrays[k]) for k in cuda]
+    return state
 
 
 def find(path: str) -> str | None:
@@ -144,7 +169,33 @@ def saved_capacity(logdir: str) -> int | None:
 
 
 def load_checkpoint(file: str, map_location="cpu") -> dict:
-    return torch.load(file, map_location=map_location, weights_only=True)
+    """torch.load(weights_only=True) of a checkpoint, or one ConfigError line naming the file
+    and what is wrong with it (empty, truncated, not a checkpoint of this program)."""
+    try:
+        size = os.path.getsize(file)
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {file}: {e.strerror}") from None
+    if size == 0:
+        raise ConfigError(f"checkpoint {file} is empty (0 bytes): it was cut off while being "
+                          "copied or written; restore it from a copy, or move it away to start "
+                          "this logdir afresh")
+    try:
+        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint {file} is truncated or damaged ({first}); restore it "
+                          "from a copy, or move it away to start this logdir afresh") from None
+    except Exception as e:  # weights_only refuses pickled objects: not one of ours
+        raise ConfigError(f"{file} is not a dreamer_fast checkpoint (torch.load with "
+                          f"weights_only=True refused it: {type(e).__name__}); use a run folder "
+                          "written by run.py, or another --logdir") from None
+    missing = [k for k in ("config", "agent", "opt", "counters") if
+               not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"{file} is not a dreamer_fast checkpoint (it lacks "
+                          f"{', '.join(missing)}); use a run folder written by run.py, or "
+                          "another --logdir")
+    return ckpt
 
 
 def check_compatible(ckpt: dict, cfg: Config, file: str) -> None:
@@ -168,26 +219,18 @@ def check_world_size(ckpt: dict, world: int, file: str) -> None:
                           + " with the same flags, or use a new --logdir.")
 
 
-def restore(file: str, ckpt: dict, agent, limiter, ring, rank: int = 0,
-            world: int = 1) -> dict:
-    """Load a checkpoint (and this rank's replay) into the live objects; returns the counters."""
-    agent.load_state_dict(ckpt["agent"])
-    agent.opt.load_state_dict(ckpt["opt"])
-    set_rng_state(ckpt["rng"])
-    name = replay_file(rank, world)
-    replay = os.path.join(os.path.dirname(file), name)
-    if os.path.isfile(replay):
-        # mmap: the ring is copied from the page cache, never held twice in RAM.
-        data = torch.load(replay, map_location="cpu", weights_only=True, mmap=True)
-        ring.load_state_dict(data["ring"])
-        # Only with its data: it counts the ring. Ranks > 1 keep their own, and their RNG.
-        limiter.load_state_dict(data.get("limiter", ckpt["limiter"]))
-        if "rng" in data:
-            set_rng_state(data["rng"])
-        if data["save_id"] != ckpt["save_id"]:
-            print(f"note: {replay} (save {data['save_id']}) differs from the checkpoint "
-                  f"(save {ckpt['save_id']}): a save was interrupted; resuming with both")
-    else:
-        print(f"warning: no {name} beside {file}: resuming with an empty replay "
-              "and a fresh rate limiter")
-    return dict(ckpt["counters"])
+def restore_legacy(file: str, ckpt: dict, limiter, ring, rank: int = 0,
+                   world: int = 1) -> bool:
+    """The replay of a run saved before the chunk folder (one replay.pt holding the whole
+    ring), if it is there; returns whether it was."""
+    replay = os.path.join(os.path.dirname(file), REPLAY if world == 1 else
+                          f"replay-rank{rank}.pt")
+    if not os.path.isfile(replay):
+        return False
+    # mmap: the ring is copied from the page cache, never held twice in RAM.
+    data = torch.load(replay, map_location="cpu", weights_only=True, mmap=True)
+    ring.load_state_dict(data["ring"])
+    limiter.load_state_dict(data.get("limiter", ckpt["limiter"]))
+    if "rng" in data:
+        set_rng_state(data["rng"])
+    return True

@@ -25,13 +25,14 @@ import time
 
 import torch
 
-from dreamer_fast.config import Config
+from dreamer_fast.config import Config, RunError
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.logger import Logger
 from dreamer_fast.run.replicas import check_replicas, ranks_str
 from dreamer_fast.run.session import Run, resolve
-from dreamer_fast.run.stats import Progress, Stats, log, report, startup_line
+from dreamer_fast.run import estimate
+from dreamer_fast.run.stats import Progress, Stats, feasibility_note, log, report, startup_line
 
 
 class Every:
@@ -48,6 +49,45 @@ class Every:
         return False
 
 
+class StopSignals:
+    """SIGINT and SIGTERM while a run trains and saves. The first asks the loop to stop (it
+    saves, then the process exits 0); a second says the save goes on; only a third exits at
+    once, saying what was not saved. Installed explicitly, so a process that started with
+    SIGINT ignored (a background job of a non-interactive shell) still stops on Ctrl-C; kept
+    until the final save has finished."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.name: str | None = None
+        self.count = 0
+        self.kept = lambda: "nothing was saved yet"
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            self.name = name
+            self.stop.set()
+        elif self.count == 2:
+            print(f"{name}: still stopping and saving; a third signal exits without saving",
+                  flush=True)
+        else:
+            print(f"{name} a third time: exiting without the final save; the steps and updates "
+                  f"since the last save are lost; {self.kept()}", flush=True)
+            os._exit(130)
+
+
 def train(cfg: Config) -> None:
     """Train (or resume) until cfg.steps agent steps; save on exit, Ctrl-C and SIGTERM.
 
@@ -56,8 +96,10 @@ def train(cfg: Config) -> None:
     D.init()
     run = None
     try:
-        run = Run(resolve(cfg))
-        _train(run)
+        with StopSignals() as signals:
+            run = Run(resolve(cfg))
+            signals.kept = run.kept
+            _train(run, signals)
     finally:
         # After a failure a learner may still sit in a collective with a vanished peer;
         # tearing the group down under it could hang, and the process is exiting anyway.
@@ -65,9 +107,8 @@ def train(cfg: Config) -> None:
             D.destroy()
 
 
-def _train(run: Run) -> None:
+def _train(run: Run, signals: StopSignals) -> None:
     cfg = run.cfg  # with the concrete replay capacity
-    os.makedirs(cfg.logdir, exist_ok=True)
     if not run.resume() and D.is_main():
         with open(os.path.join(cfg.logdir, "config.json"), "w") as f:
             f.write(checkpoint.config_json(cfg))  # for people; resume reads the checkpoint
@@ -75,50 +116,55 @@ def _train(run: Run) -> None:
         run.agent.enable_data_parallel()  # after the resume: rank 0's state on every rank
     if D.is_main():
         print(startup_line(run), flush=True)
+        # Before anything trains: an estimate from the model's work and this device's speed
+        # (the progress line's held rate takes over once updates run).
+        per_update, _ = estimate.run_seconds(cfg, run.agent, run.device)
+        rate = 1.0 / (per_update * cfg.updates_per_step) * run.world
+        if note := feasibility_note(cfg, run.ring.inserted, rate,
+                                    f"estimated for {cfg.model} on this {run.device.type}"):
+            print(note, flush=True)
     logger = Logger(cfg.logdir, enabled=D.is_main())
-    stop = threading.Event()
-    signals = [signal.SIGTERM] + ([signal.SIGINT] if run.world > 1 else [])
-    # Data parallel: Ctrl-C must not raise mid-collective; the flag reaches every rank.
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     run.start()
     stats = Stats(run)
     try:
-        finished = (loop if run.world == 1 else loop_replicas)(run, stats, logger, stop)
-    except KeyboardInterrupt:
+        finished = (loop if run.world == 1 else loop_replicas)(run, stats, logger, signals)
+    except KeyboardInterrupt:  # only if a SIGINT handler other than ours was in place
         logger.message("interrupted: saving")
         finished = False
     except BaseException:
         run.stop(finished=False, failed=True)  # not saved: the last checkpoint stays
         logger.close()
         raise
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
     finish(run, stats, logger, finished)
 
 
 def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
-    """Stop the threads, log and report a last time, save, close."""
-    run.stop(finished)
-    log(run, stats, logger)
-    steps = run.ring.inserted if run.world == 1 else run.global_steps
-    if D.is_main():
-        report(run, logger, steps)
-    run.save()
-    logger.message(f"saved {os.path.join(run.cfg.logdir, checkpoint.CHECKPOINT)} at "
-                   f"{steps:,} steps, {run.learner.updates:,} updates")
-    if run.world > 1:
-        check_replicas(run.agent, run.ring.inserted, run.learner.updates)
-    logger.close()
+    """Stop the threads, log and report a last time, save, close. The final save is checked
+    like every save (non-finite losses stop unsaved); without disk space it is an error."""
+    try:
+        run.stop(finished)
+        log(run, stats, logger)
+        steps = run.ring.inserted if run.world == 1 else run.global_steps
+        if D.is_main():
+            report(run, logger, steps)
+        if not run.save():
+            raise RunError(f"the final save failed for lack of disk space; {run.kept()}. Free "
+                           "some space and rerun the same command to resume from there")
+        logger.message(f"saved {os.path.join(run.cfg.logdir, checkpoint.CHECKPOINT)} at "
+                       f"{steps:,} steps, {run.learner.updates:,} updates")
+        if run.world > 1:
+            check_replicas(run.agent, run.ring.inserted, run.learner.updates)
+    finally:
+        logger.close()
 
 
-def loop(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
+def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
     """The scheduler of clocks. Returns True when the step budget was reached."""
     cfg = run.cfg
     progress = Progress(cfg)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
-    while not stop.wait(0.2):
+    while not signals.stop.wait(0.2):
         run.check_threads()
         if not run.threads[0].is_alive():
             return run.ring.inserted >= cfg.steps
@@ -133,11 +179,11 @@ def loop(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
             report(run, logger, run.ring.inserted)
         if clocks["save"]():
             run.save()
-    logger.message("SIGTERM: saving")
+    logger.message(f"{signals.name}: stopping and saving")
     return False
 
 
-def loop_replicas(run: Run, stats: Stats, logger: Logger, stop: threading.Event) -> bool:
+def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
     """The scheduler of clocks of a data-parallel world, on every rank. Each tick one control
     all-gather of (stop requested, actor done, thread failed, agent steps, log, save): rank 0's
     clocks decide log and save, any rank's stop request stops all. Returns True once every
@@ -147,10 +193,10 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, stop: threading.Event)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
     while True:
-        stop.wait(0.2)
+        signals.stop.wait(0.2)
         done = run.actor_done()  # read before `failed`: a failure ends the actor
         failed = run.actor.error is not None or run.learner.error is not None
-        row = [stop.is_set(), done, failed, run.ring.inserted,
+        row = [signals.stop.is_set(), done, failed, run.ring.inserted,
                main and clocks["log"](), main and clocks["save"]()]
         rows = D.control_all_gather(torch.tensor(row, dtype=torch.float64))
         run.global_steps = int(rows[:, 3].sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import Config, ConfigError
+from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
 from dreamer_fast.data.ring import Ring, replay_capacity, replay_spec
+from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, list_replay,
+                                     read_manifest, remove_stale_temps)
 from dreamer_fast.envs import make_env
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.actor import Actor, PolicyWeights
-from dreamer_fast.run.device import set_cpu_threads, warn_large_on_cpu
+from dreamer_fast.run.device import set_cpu_threads, update_memory, warn_large_on_cpu
 from dreamer_fast.run.graphs import GraphedPolicy, GraphedTrainStep, compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.replicas import Lockstep
@@ -65,11 +68,15 @@ class Run:
             raise ConfigError(str(e)) from e
         spec = replay_spec(self.env, cfg.net)
         # Before anything big is allocated; the concrete capacity is what a resume compares.
-        capacity = replay_capacity(spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
-                                   # CPU: the update's activations live in RAM too (Pong,
-                                   # size1m, 64 envs: 15.2 GB peak RSS at 50%)
-                                   (0.75 if self.device.type == "cuda" else 0.3)
-                                   / D.local_world_size())
+        T = cfg.agent.batch_length
+        local = D.local_world_size()
+        capacity = replay_capacity(
+            spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
+            # CPU: the page cache, the envs and the update's peaks need slack beyond the
+            # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
+            (0.75 if self.device.type == "cuda" else 0.5) / local,
+            reserve=update_memory(cfg, spec) * local, steps=self.budget,
+            minimum=cfg.num_envs * (T + 1 + 8))
         self.cfg = cfg = dataclasses.replace(
             cfg, replay=dataclasses.replace(cfg.replay, capacity=capacity))
         warn_large_on_cpu(cfg)
@@ -81,6 +88,11 @@ class Run:
         # Enough steps that every stream holds a window and B*T starts exist.
         self.limiter = RateLimiter(cfg.train_ratio, B * T, cfg.num_envs * (T + 1) + B * T)
         self.counters = {"steps": 0, "updates": 0, "elapsed_s": 0.0, "save_id": 0}
+        self.run_id: str | None = None  # set by resume (saved) or a fresh start (new)
+        self.store: ChunkStore | None = None
+        self.writer_error: BaseException | None = None
+        self._writer_stop = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def start(self) -> None:
         """Threads start after any resume (they read the restored weights and counters)."""
@@ -101,6 +113,9 @@ class Run:
                         threading.Thread(target=learn, name="learner", daemon=True)]
         for t in self.threads:
             t.start()
+        self._writer = threading.Thread(target=self._write_replay, name="replay-writer",
+                                        daemon=True)
+        self._writer.start()
         self.t0 = time.time() - float(self.counters["elapsed_s"])
 
     def capture(self) -> None:
@@ -118,42 +133,227 @@ class Run:
               f"{time.perf_counter() - start:.1f}s", flush=True)
 
     def resume(self) -> bool:
+        """Restore the last save point of cfg.logdir, if any (else start a fresh replay
+        folder); returns whether it resumed. Every problem is one ConfigError line."""
+        os.makedirs(self.cfg.logdir, exist_ok=True)
+        remove_stale_temps(self.cfg.logdir)
+        folder = checkpoint.replay_dir(self.cfg.logdir, self.rank, self.world)
         file = checkpoint.find(self.cfg.logdir)
         if file is None:
+            self._fresh(folder)
             return False
         ckpt = checkpoint.load_checkpoint(file, self.device)
         checkpoint.check_compatible(ckpt, self.cfg, file)
         checkpoint.check_world_size(ckpt, self.world, file)
-        self.counters.update(checkpoint.restore(file, ckpt, self.agent, self.limiter, self.ring,
-                                                self.rank, self.world))
+        self.agent.load_state_dict(ckpt["agent"])
+        self.agent.opt.load_state_dict(ckpt["opt"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.counters.update(ckpt["counters"])
+        self.counters["save_id"] = int(ckpt.get("save_id", self.counters.get("save_id", 0)))
+        self.run_id = ckpt.get("run_id")
+        if self.run_id is None:  # saved before the replay folder: one replay.pt
+            self.run_id = self._new_run_id()
+            if not checkpoint.restore_legacy(file, ckpt, self.limiter, self.ring, self.rank,
+                                             self.world):
+                self._empty_replay(file, f"no {checkpoint.REPLAY} beside {file}")
+            self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
+            self.store.create()
+            self.store.start_from_ring()
+        else:
+            self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
+            self._load_replay(file, folder)
         who = f"[rank {self.rank}] " if self.world > 1 else ""
-        print(f"{who}resumed from {file}: {self.ring.inserted:,} agent steps, "
-              f"{self.counters['updates']:,} updates, replay {self.fill():.0%} full", flush=True)
+        print(f"{who}resumed from {file} (run {self.run_id}, save {self.counters['save_id']}): "
+              f"{self.ring.inserted:,} agent steps, {self.counters['updates']:,} updates, "
+              f"replay {self.fill():.0%} full", flush=True)
         return True
+
+    def _new_run_id(self) -> str:
+        """12 hex digits, rank 0's in a data-parallel world (every rank calls it)."""
+        rid = int.from_bytes(os.urandom(6), "big")
+        if self.world > 1:  # 48 bits are exact in a float64
+            rid = int(D.control_all_gather(torch.tensor([float(rid)], dtype=torch.float64))[0, 0])
+        return f"{rid:012x}"
+
+    def _fresh(self, folder: str) -> None:
+        """A new run: a new run id and replay folder. A replay folder left by a run that
+        never saved a checkpoint holds nothing resumable and is cleared; one with save points
+        but no checkpoint beside it is refused."""
+        self.run_id = self._new_run_id()
+        if os.path.exists(folder):
+            try:
+                info = list_replay(folder)
+            except ReplayFileError as e:
+                raise ConfigError(f"{folder} is in the way of a new run ({e}); move it away or "
+                                  "use a new --logdir") from None
+            if info["save_points"]:
+                raise ConfigError(
+                    f"{folder} holds the replay of run {info['manifest']['run_id']} (save "
+                    f"points {info['save_points']}) but {self.cfg.logdir} has no "
+                    f"{checkpoint.CHECKPOINT}; put the checkpoint back to resume, or use a new "
+                    "--logdir")
+            print(f"note: removing {folder}: the replay of a run that never saved a checkpoint",
+                  flush=True)
+            shutil.rmtree(folder)
+        self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
+        self.store.create()
+
+    def _load_replay(self, file: str, folder: str) -> None:
+        """The replay, limiter (and with N > 1 processes this rank's RNG) of the checkpoint's
+        save point; a missing, foreign or unusable one is an error unless
+        --replay.resume-empty."""
+        save_id = self.counters["save_id"]
+        try:
+            manifest = read_manifest(folder)
+        except ReplayFileError as e:
+            return self._empty_replay(file, str(e))
+        if manifest.get("run_id") != self.run_id:
+            return self._empty_replay(file, f"{folder} holds the replay of run "
+                                      f"{manifest.get('run_id')}, not of this run "
+                                      f"({self.run_id}): files of two runs")
+        mine = self.store.manifest()
+        for key in ("num_streams", "capacity_per_stream", "chunk_steps", "keys"):
+            if manifest.get(key) != mine[key]:
+                return self._empty_replay(file, f"{folder}/manifest.json has {key} "
+                                          f"{manifest.get(key)}, this run needs {mine[key]}")
+        try:
+            meta = self.store.load(save_id)
+        except ReplayFileError as e:
+            return self._empty_replay(file, str(e))
+        self.limiter.load_state_dict(meta["limiter"])
+        if self.world > 1:
+            checkpoint.set_rng_state(checkpoint.rng_from_arrays(meta["rng"], meta["arrays"]))
+
+    def _empty_replay(self, file: str, why: str) -> None:
+        """Continue with an empty replay (--replay.resume-empty), or the error naming it."""
+        steps, updates = int(self.counters["steps"]), int(self.counters["updates"])
+        if not self.cfg.replay.resume_empty:
+            raise ConfigError(
+                f"the replay of {file} (save {self.counters['save_id']}, {steps:,} steps) "
+                f"cannot be restored: {why}. Rerun with --replay.resume-empty to continue "
+                f"with an empty replay keeping the weights and counts ({steps:,} steps, "
+                f"{updates:,} updates), or restore the replay folder")
+        print(f"warning: {why}; resuming with an empty replay (--replay.resume-empty): the "
+              f"counts stay at {steps:,} steps, {updates:,} updates", flush=True)
+        folder = self.store.path if self.store else checkpoint.replay_dir(
+            self.cfg.logdir, self.rank, self.world)
+        if os.path.exists(folder):
+            aside = f"{folder}.unused-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(folder, aside)
+            print(f"note: moved the unusable {folder} to {aside}", flush=True)
+        self.ring.reset_counts(-(-steps // self.world))
+        if self.store is not None:
+            self.store.create()
 
     def fill(self) -> float:
         return min(1.0, self.ring.inserted / (self.ring.cap * self.ring.num_streams))
 
     def check_threads(self) -> None:
         for part in (self.actor, self.learner):
+            if isinstance(part.error, RunError):
+                raise RunError(f"{part.error}; {self.kept()}") from None
             if part.error is not None:
                 raise RuntimeError(f"{type(part).__name__.lower()} thread failed") from part.error
+        if self.writer_error is not None:
+            raise RuntimeError("replay writer thread failed") from self.writer_error
+
+    def kept(self) -> str:
+        """What is on disk to resume from, for messages."""
+        if not self.counters.get("save_id"):
+            return f"nothing was saved (no checkpoint in {self.cfg.logdir} yet)"
+        return (f"{os.path.join(self.cfg.logdir, checkpoint.CHECKPOINT)} keeps save "
+                f"{self.counters['save_id']} at {int(self.counters['steps']):,} steps, "
+                f"{int(self.counters['updates']):,} updates")
+
+    def nonfinite(self) -> list[str]:
+        """Names of the losses that were ever non-finite, or ['parameters'] when only the
+        weights are (one host sync each)."""
+        bad = self.agent.nonfinite_losses()
+        params = list(self.agent.parameters())
+        if not bad and params and not bool(torch.stack([torch.isfinite(p).all()
+                                                        for p in params]).all()):
+            bad = ["parameters"]
+        return bad
+
+    def nonfinite_message(self, bad: list[str]) -> str:
+        return (f"non-finite {', '.join(bad)} by update {self.learner.updates:,}; stopping "
+                f"without saving them: {self.kept()}. Lower --agent.optim.lr or check the "
+                "env's rewards and observations")
+
+    def _write_replay(self) -> None:
+        """Replay writer thread: full chunks to disk as the streams fill them. Out of disk
+        space it says so once and tries again later (a save then keeps the open tails)."""
+        told = False
+        while not self._writer_stop.wait(0.5):
+            try:
+                self.store.write_ready()
+                told = False
+            except DiskFull as e:
+                if not told:
+                    print(f"warning: replay chunk not written: {e}; retrying every 0.5 s",
+                          flush=True)
+                    told = True
+            except BaseException as e:  # surfaced by check_threads
+                self.writer_error = e
+                return
 
     def pause(self):
         """Context: actor and learner paused between steps (actor first: see learner.lock)."""
         return _Paused(self.actor.lock, self.learner.lock)
 
-    def save(self) -> None:
-        """Every rank at once (the same counters): its replay file; rank 0 also checkpoint.pt.
-        No collective in here (see the module docstring, rule 1)."""
+    def save(self) -> bool:
+        """Save point counters['save_id'] + 1 (checkpoint.py): every rank its replay save
+        point, then rank 0 checkpoint.pt. The actor and learner are paused only to check the
+        losses and copy the state and the open replay tails; the files are written after.
+        Out of disk space it prints one line, removes its partial files and returns False
+        (the previous save point stays whole). Non-finite losses raise RunError, unsaved."""
+        save_id = int(self.counters["save_id"]) + 1
         with self.pause():
+            bad = self.nonfinite()
+            if bad and self.world == 1:
+                raise RunError(self.nonfinite_message(bad))
             steps = self.ring.inserted if self.world == 1 else max(self.global_steps,
                                                                    self.ring.inserted)
-            self.counters.update(steps=steps, updates=self.learner.updates,
-                                 elapsed_s=time.time() - self.t0)
-            checkpoint.save(self.cfg.logdir, self.cfg, self.agent, self.limiter, self.ring,
-                            self.counters, self.rank, self.world)
-            self.counters["save_id"] += 1
+            counters = {**self.counters, "steps": steps, "updates": self.learner.updates,
+                        "elapsed_s": time.time() - self.t0, "save_id": save_id}
+            snap = self.store.snapshot()
+            limiter = self.limiter.state_dict()
+            rng = checkpoint.rng_state()
+            payload = None
+            if self.rank == 0:
+                payload = {"run_id": self.run_id, "save_id": save_id,
+                           "config": checkpoint.config_json(self.cfg),
+                           "agent": checkpoint.cpu_copy(self.agent.state_dict()),
+                           "opt": checkpoint.cpu_copy(self.agent.opt.state_dict()),
+                           "limiter": limiter, "counters": counters, "rng": rng,
+                           "world_size": self.world}
+        if self.world > 1:  # every rank stops, or none; no collective while paused (rule 1)
+            flags = D.control_all_gather(torch.tensor([bool(bad)], dtype=torch.float64))
+            if bool(flags.any()):
+                raise RunError(self.nonfinite_message(bad or ["losses on another rank"]))
+        rng_meta, rng_arrays = checkpoint.rng_arrays(rng)
+        error = None
+        try:
+            self.store.write_point(snap, save_id, {"limiter": limiter, "counters": counters,
+                                                   "rng": rng_meta, "arrays": rng_arrays})
+        except DiskFull as e:
+            error = e
+        if self.world > 1:  # rank 0 publishes only once every rank's save point is written
+            ok = D.control_all_gather(torch.tensor([error is None], dtype=torch.float64))
+            if error is None and not bool(ok.all()):
+                error = RuntimeError("another rank could not write its replay save point")
+        if error is None and self.rank == 0:
+            try:
+                checkpoint.write_checkpoint(self.cfg.logdir, payload)
+            except DiskFull as e:
+                error = e
+        if error is not None:
+            print(f"save {save_id} failed: {error}; {self.kept()} and is intact; its partial "
+                  "files were removed", flush=True)
+            return False
+        self.counters = counters
+        self.store.commit(save_id, snap["state"]["count"])
+        return True
 
     def stop(self, finished: bool, failed: bool = False) -> None:
         """Stop both threads; on a finished run the learner first catches up with the ratio.
@@ -176,8 +376,19 @@ class Run:
             self.learner.catch_up()
         if not any(t.is_alive() for t in self.threads):
             self.learner.finish()
+        self._writer_stop.set()
+        if self._writer is not None:
+            self._writer.join()
+            if not failed and not self.actor_alive():
+                try:  # the actor has stopped: the final save's tails stay short
+                    self.store.write_ready()
+                except DiskFull:
+                    pass  # the save point keeps those steps in its tail
         self.limiter.close()
         self.env.close()
+
+    def actor_alive(self) -> bool:
+        return bool(getattr(self, "threads", ())) and self.threads[0].is_alive()
 
     def actor_done(self) -> bool:
         return not self.threads[0].is_alive()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dreamer_fast.config import RunError
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.logger import Logger, format_duration, format_progress, openloop_frames
 
@@ -134,9 +135,10 @@ class HeldRate:
         return min(r["steps_per_s"], r["updates_per_s"] * self.per_update)
 
 
-def feasibility_note(cfg, steps: int, rate: float) -> str | None:
+def feasibility_note(cfg, steps: int, rate: float,
+                     how: str = "this run holds here") -> str | None:
     """A line when the rest of the run would take more than a day at `rate` agent steps/s:
-    how long, and the flags that make it feasible here."""
+    how long, and the flags that make it feasible here. `how` says where the rate is from."""
     left = (cfg.steps - steps) / rate
     if left <= 86400:
         return None
@@ -147,7 +149,7 @@ def feasibility_note(cfg, steps: int, rate: float) -> str | None:
         hints.insert(0, "--preset atari100k (110,000 steps)")
     elif cfg.preset in ("dmc_proprio", "dmc_vision", "vision"):
         hints.insert(0, "--preset control")
-    return (f"note: at the {rate:,.1f} agent steps/s this run holds here, the remaining "
+    return (f"note: at the {rate:,.1f} agent steps/s {how}, the remaining "
             f"{cfg.steps - steps:,} steps take {format_duration(left)}, more than a day; "
             f"for a run that finishes here use {' or '.join(hints)}")
 
@@ -202,8 +204,7 @@ def log(run: Run, stats: Stats, logger: Logger) -> None:
         step, bad = reduce_log(run, stats, values, bad)
     logger.scalars(step, values)
     if bad:
-        raise FloatingPointError(f"non-finite losses: {', '.join(bad)}; stopping (the last "
-                                 "checkpoint holds the last finite state)")
+        raise RunError(run.nonfinite_message(bad))
 
 
 def reduce_log(run: Run, stats: Stats, values: dict, bad: list[str]) -> tuple[int, list[str]]:

@@ -1,0 +1,239 @@
+"""Runs survive what happens to real runs (subprocesses, CPU, tiny settings): SIGKILL in the
+middle of a checkpoint or chunk write, signals during a save, a shell that ignores SIGINT,
+non-finite losses and env data, missing, foreign, truncated and empty files, a full disk.
+
+DREAMER_FAST_WRITE_DELAY_S makes every file write wait before its rename, so a kill or a
+signal lands mid-write on purpose."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dreamer_fast.config import ConfigError
+from dreamer_fast.data.store import ReplayFileError, list_replay
+from dreamer_fast.run import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+# Capacity 2000 over 4 envs: chunks of 125 steps, the first after ~500 agent steps.
+BASE = ["--preset", "debug", "--train-ratio", "16", "--replay.capacity", "2000",
+        "--log-every", "1", "--report-every", "1000"]
+CARTPOLE = ["--env", "CartPole-v1", *BASE, "--steps", "100000", "--save-every", "2"]
+
+
+def start(args, logdir, delay=0.0, ignore_sigint=False):
+    env = {**os.environ, "PYTHONPATH": TESTS, "DREAMER_FAST_WRITE_DELAY_S": str(delay)}
+    # A background job of a non-interactive shell starts with SIGINT ignored.
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return subprocess.Popen([sys.executable, "run.py", *args, "--logdir", str(logdir)],
+                            cwd=ROOT, env=env, preexec_fn=pre, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(args, logdir, timeout=180):
+    proc = start(args, logdir)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def load(logdir):
+    return torch.load(os.path.join(logdir, "checkpoint.pt"), weights_only=True)
+
+
+def wait_for(predicate, proc, timeout=150):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        try:
+            if predicate():
+                return
+        except (OSError, RuntimeError, EOFError, KeyError, ConfigError, ReplayFileError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out:\n{proc.communicate()[0]}")
+
+
+def temps(logdir):
+    return glob.glob(os.path.join(logdir, "*.tmp*")) + glob.glob(
+        os.path.join(logdir, "replay", "*.tmp*")) + glob.glob(
+        os.path.join(logdir, "replay", "*", "*.tmp*"))
+
+
+def resumed(out):
+    m = re.search(r"resumed from .*: ([\d,]+) agent steps, ([\d,]+) updates", out)
+    assert m, out
+    return tuple(int(g.replace(",", "")) for g in m.groups())
+
+
+def finite(ckpt):
+    return all(torch.isfinite(v).all() for v in ckpt["agent"].values() if v.is_floating_point())
+
+
+def test_sigkill_mid_checkpoint_and_chunk_write_then_resume(tmp_path):
+    logdir = tmp_path / "run"
+    last = (0, 0)
+    for target in ("checkpoint.pt.tmp", "replay/stream"):
+        proc = start(CARTPOLE, logdir, delay=0.4)
+        wait_for(lambda: load(logdir)["counters"]["updates"] > 0, proc)
+        wait_for(lambda: any(target in p for p in temps(logdir)), proc)
+        proc.kill()  # SIGKILL while a temp file waits for its rename
+        proc.wait()
+        ckpt = load(logdir)
+        counts = (ckpt["counters"]["steps"], ckpt["counters"]["updates"])
+        assert counts >= last  # never backwards
+        last = counts
+        assert temps(logdir)  # the dead writer's temp file is left behind ...
+        code, out = run([*CARTPOLE[:-2], "--save-every", "1000", "--steps",
+                         str(counts[0] + 200)], logdir)
+        assert code == 0, out
+        assert resumed(out) == counts  # ... the resume restores one save point exactly
+        assert not temps(logdir)  # ... and removes the dead process's temp files
+        assert "dropped" not in out
+        last = (load(logdir)["counters"]["steps"], load(logdir)["counters"]["updates"])
+    final = load(logdir)
+    info = list_replay(str(logdir / "replay"))
+    assert final["save_id"] in info["save_points"] and info["manifest"]["run_id"] == final["run_id"]
+
+
+def test_sigint_during_save_finishes_it_and_double_sigterm(tmp_path):
+    logdir = tmp_path / "int"
+    proc = start(CARTPOLE, logdir, delay=0.5)
+    wait_for(lambda: load(logdir)["counters"]["updates"] > 0, proc)
+    before = load(logdir)["save_id"]
+    wait_for(lambda: any("checkpoint.pt.tmp" in p for p in temps(logdir)), proc)
+    proc.send_signal(signal.SIGINT)  # inside a periodic save
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGINT: stopping and saving" in out, out
+    assert load(logdir)["save_id"] >= before + 2 and not temps(logdir)  # that save and the final
+
+    logdir = tmp_path / "term"
+    proc = start([*CARTPOLE[:-2], "--save-every", "1000"], logdir, delay=1.0)
+    wait_for(lambda: list_replay(str(logdir / "replay"))["chunks"][0], proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: any("save-" in p for p in temps(logdir)), proc)  # the final save
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "still stopping and saving; a third signal exits without saving" in out, out
+    ckpt = load(logdir)
+    assert ckpt["save_id"] == 1 and ckpt["counters"]["steps"] > 0 and not temps(logdir)
+
+
+def test_background_job_with_sigint_ignored_stops_on_sigint(tmp_path):
+    logdir = tmp_path / "bg"
+    proc = start(CARTPOLE, logdir, ignore_sigint=True)
+    wait_for(lambda: load(logdir)["counters"]["updates"] > 0, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGINT: stopping and saving" in out, out
+
+
+def test_nonfinite_losses_and_env_data_keep_the_last_finite_checkpoint(tmp_path):
+    logdir = tmp_path / "lr"
+    code, out = run([*CARTPOLE[:-2], "--save-every", "1", "--agent.optim.lr", "1e20",
+                     "--agent.optim.warmup", "0"], logdir)
+    assert code != 0 and "non-finite" in out and "stopping without saving them" in out, out
+    assert "Traceback" not in out
+    if os.path.exists(logdir / "checkpoint.pt"):
+        assert finite(load(logdir))
+
+    logdir = tmp_path / "nan"
+    code, out = run(["--env", "fault_envs:NanReward-v0", *BASE, "--steps", "100000",
+                     "--save-every", "1"], logdir)
+    assert code != 0 and "Traceback" not in out, out
+    assert re.search(r"env index \d returned a non-finite 'reward' \(nan\)", out), out
+    if os.path.exists(logdir / "checkpoint.pt"):
+        assert finite(load(logdir))
+        for path in glob.glob(str(logdir / "replay" / "save-*.npz")):
+            with np.load(path) as d:
+                assert np.isfinite(d["tail_reward"]).all()
+
+
+def test_missing_foreign_truncated_and_empty_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for logdir in (a, b):
+        code, out = run([*CARTPOLE[:-2], "--steps", "300"], logdir)
+        assert code == 0, out
+    ckpt_a = load(a)
+
+    # Another run's replay beside this checkpoint: refused, naming both run ids.
+    shutil.move(a / "replay", tmp_path / "a-replay")
+    shutil.copytree(b / "replay", a / "replay")
+    code, out = run([*CARTPOLE[:-2], "--steps", "400"], a)
+    assert code != 0 and load(b)["run_id"] in out and ckpt_a["run_id"] in out, out
+    assert "--replay.resume-empty" in out and "Traceback" not in out
+
+    # A missing replay: an error naming the flag; with it, the counts carry on.
+    shutil.rmtree(a / "replay")
+    code, out = run([*CARTPOLE[:-2], "--steps", "400"], a)
+    assert code != 0 and "--replay.resume-empty" in out and "Traceback" not in out, out
+    code, out = run([*CARTPOLE[:-2], "--steps", "400", "--replay.resume-empty"], a)
+    assert code == 0, out
+    assert resumed(out) == (ckpt_a["counters"]["steps"], ckpt_a["counters"]["updates"])
+    assert load(a)["counters"]["steps"] >= 400
+
+    # Checkpoint files: empty, truncated, not a checkpoint, a pickle.
+    file = str(b / "checkpoint.pt")
+    data = open(file, "rb").read()
+    cases = {b"": "is empty (0 bytes)", data[: len(data) // 3]: "is truncated or damaged"}
+    for content, message in cases.items():
+        with open(file, "wb") as f:
+            f.write(content)
+        with pytest.raises(ConfigError, match=re.escape(file) + ".*" + re.escape(message)):
+            checkpoint.load_checkpoint(file)
+    torch.save({"weights": torch.zeros(3)}, file)
+    with pytest.raises(ConfigError, match="is not a dreamer_fast checkpoint .*lacks config"):
+        checkpoint.load_checkpoint(file)
+    torch.save({"x": np.dtype}, file)  # a pickled object weights_only refuses
+    with pytest.raises(ConfigError, match="is not a dreamer_fast checkpoint"):
+        checkpoint.load_checkpoint(file)
+    code, out = run([*CARTPOLE[:-2], "--steps", "400"], b)
+    assert code != 0 and "is not a dreamer_fast checkpoint" in out and "Traceback" not in out
+
+
+def test_full_disk_save_fails_cleanly_and_retries(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from dreamer_fast.config import parse
+    from dreamer_fast.data import store as S
+    from dreamer_fast.run.session import Run, resolve
+
+    cfg = parse([*CARTPOLE[:-2], "--steps", "100000", "--logdir", str(tmp_path / "full")])
+    run_ = Run(resolve(dataclasses.replace(cfg, device="cpu")))
+    run_.resume()
+    run_.start()
+    try:
+        while run_.learner.updates < 2:
+            time.sleep(0.1)
+        assert run_.save()
+        good = load(tmp_path / "full")
+        real = np.savez
+
+        def full(f, **arrays):
+            f.write(b"x" * 1000)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(S.np, "savez", full)
+        assert not run_.save()
+        line = capsys.readouterr().out
+        assert re.search(r"save 2 failed: \[Errno 28\] no space left on device writing "
+                         r".*save-000002.npz \(needs about [\d.]+ MiB, [\d,.]+ MiB free\); "
+                         r".*checkpoint.pt keeps save 1 at [\d,]+ steps", line), line
+        assert load(tmp_path / "full")["save_id"] == good["save_id"] == 1
+        assert not temps(tmp_path / "full")
+        monkeypatch.setattr(S.np, "savez", real)
+        assert run_.save() and load(tmp_path / "full")["save_id"] == 2  # the retry works
+    finally:
+        run_.stop(finished=False)
