@@ -73,3 +73,35 @@ def test_more_than_a_day_names_the_flags():
     for i in range(61):
         control.sample(12 * i, 3 * i, float(i))
     assert control.note(720) is None  # 2.3 hours: no note
+
+
+def test_start_estimate_counts_the_update_and_says_when_a_run_needs_days():
+    import numpy as np
+    import torch
+
+    from dreamer_fast.agent.agent import Agent
+    from dreamer_fast.config import AgentConfig, parse
+    from dreamer_fast.data.synthetic import ActSpace
+    from dreamer_fast.run import estimate
+    from dreamer_fast.run.stats import feasibility_note
+
+    def flops(obs, B):
+        cfg = AgentConfig(batch_size=B, batch_length=16, imag_horizon=15)
+        agent = Agent(obs, ActSpace(True, 3), SIZES["debug"], cfg, torch.device("cpu"))
+        return estimate.update_flops(agent), agent
+
+    vec = {"vector": ((7,), np.float32)}
+    img = {"image": ((3, 64, 64), np.uint8)}
+    f16, agent = flops(vec, 16)
+    assert flops(vec, 32)[0] == 2 * f16  # linear in the batch
+    # Convolutions counted at their output sizes: far more than their weights alone.
+    fimg, img_agent = flops(img, 16)
+    convs = estimate._macs([img_agent.enc], run=lambda: img_agent.enc(
+        {"image": torch.zeros((1, 1, 3, 64, 64), dtype=torch.uint8)}))
+    assert convs > 20 * estimate._macs([img_agent.enc]) and fimg > 3 * f16
+    # A run of 10^9 steps at any sensible rate needs more than a day: the note says so.
+    cfg = parse(["--env", "CartPole-v1", "--preset", "control", "--steps", str(10**9)])
+    per_update, total = estimate.run_seconds(cfg, agent, torch.device("cpu"))
+    assert per_update > 0 and total > 86400
+    note = feasibility_note(cfg, 0, 1 / (per_update * cfg.updates_per_step), "estimated here")
+    assert note and "estimated here" in note and "--steps" in note

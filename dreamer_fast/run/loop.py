@@ -10,9 +10,10 @@ envs and ring; gradients meet in one all-reduce per update. The main threads mee
 (0.2 s) in one small all-gather on a separate gloo group (distributed.control_all_gather):
 rank 0's clocks decide log and save, any rank's SIGTERM/Ctrl-C, finished budget or failed
 thread stops all. Two rules keep this deadlock-free. (1) A main thread never waits on another
-rank while it holds its own actor or learner lock: a save pauses and writes this rank's files
-without any collective, so a learner blocked in the all-reduce is only waiting for peers that
-each finish their own save and let go. (2) All learners stop after the same update
+rank while it holds its own actor or learner lock: a save pauses only to copy this rank's
+state and meets the other ranks (two control all-gathers: non-finite flags, save points
+written) after letting go, so a learner blocked in the all-reduce is only waiting for peers
+that each finish their copy and let go. (2) All learners stop after the same update
 (`Lockstep`): a rank that stopped one update early would leave the others in the collective.
 """
 

@@ -43,6 +43,9 @@ def resolve(cfg: Config) -> Config:
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but no CUDA device is visible here; use "
+                          "--device auto or --device cpu")
     return dataclasses.replace(cfg, logdir=logdir, device=device)
 
 
@@ -297,28 +300,32 @@ class Run:
                 self.writer_error = e
                 return
 
-    def pause(self):
-        """Context: actor and learner paused between steps (actor first: see learner.lock)."""
-        return _Paused(self.actor.lock, self.learner.lock)
-
     def save(self) -> bool:
         """Save point counters['save_id'] + 1 (checkpoint.py): every rank its replay save
-        point, then rank 0 checkpoint.pt. The actor and learner are paused only to check the
-        losses and copy the state and the open replay tails; the files are written after.
+        point, then rank 0 checkpoint.pt. The actor is paused only to copy the open replay
+        tails and the small state, the learner also to check the losses and copy the weights;
+        the files are written after, while training goes on.
         Out of disk space it prints one line, removes its partial files and returns False
         (the previous save point stays whole). Non-finite losses raise RunError, unsaved."""
         save_id = int(self.counters["save_id"]) + 1
-        with self.pause():
-            bad = self.nonfinite()
-            if bad and self.world == 1:
-                raise RunError(self.nonfinite_message(bad))
-            steps = self.ring.inserted if self.world == 1 else max(self.global_steps,
-                                                                   self.ring.inserted)
-            counters = {**self.counters, "steps": steps, "updates": self.learner.updates,
-                        "elapsed_s": time.time() - self.t0, "save_id": save_id}
-            snap = self.store.snapshot()
-            limiter = self.limiter.state_dict()
-            rng = checkpoint.rng_state()
+        # Actor first (see learner.lock). The actor waits only for the replay's open tails and
+        # the small state; the learner also for the copy of the weights and optimizer state.
+        self.actor.lock.acquire()
+        self.learner.lock.acquire()
+        try:
+            try:
+                bad = self.nonfinite()
+                if bad and self.world == 1:
+                    raise RunError(self.nonfinite_message(bad))
+                steps = self.ring.inserted if self.world == 1 else max(self.global_steps,
+                                                                       self.ring.inserted)
+                counters = {**self.counters, "steps": steps, "updates": self.learner.updates,
+                            "elapsed_s": time.time() - self.t0, "save_id": save_id}
+                snap = self.store.snapshot()
+                limiter = self.limiter.state_dict()
+                rng = checkpoint.rng_state()
+            finally:
+                self.actor.lock.release()
             payload = None
             if self.rank == 0:
                 payload = {"run_id": self.run_id, "save_id": save_id,
@@ -327,6 +334,8 @@ class Run:
                            "opt": checkpoint.cpu_copy(self.agent.opt.state_dict()),
                            "limiter": limiter, "counters": counters, "rng": rng,
                            "world_size": self.world}
+        finally:
+            self.learner.lock.release()
         if self.world > 1:  # every rank stops, or none; no collective while paused (rule 1)
             flags = D.control_all_gather(torch.tensor([bool(bad)], dtype=torch.float64))
             if bool(flags.any()):
@@ -395,16 +404,3 @@ class Run:
 
     def threads_alive(self) -> bool:
         return any(t.is_alive() for t in getattr(self, "threads", ()))
-
-
-class _Paused:
-    def __init__(self, *locks):
-        self.locks = locks
-
-    def __enter__(self):
-        for lock in self.locks:
-            lock.acquire()
-
-    def __exit__(self, *exc):
-        for lock in reversed(self.locks):
-            lock.release()
