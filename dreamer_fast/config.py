@@ -277,7 +277,7 @@ class ReplayConfig:
 
     capacity: int = 0
     """Capacity in agent steps over all env streams; 0 = the official 5,000,000 or, when
-    that does not fit, as many as fit in 75% (GPU) or 50% (CPU) of the RAM left free after
+    that does not fit, as many as fit in 75% (GPU) or 40% (CPU) of the RAM left free after
     the estimated training memory, and never more than --steps (decided at start, kept on
     resume)."""
     online: bool = True

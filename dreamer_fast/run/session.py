@@ -77,7 +77,7 @@ class Run:
             spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
             # CPU: the page cache, the envs and the update's peaks need slack beyond the
             # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
-            (0.75 if self.device.type == "cuda" else 0.5) / local,
+            (0.75 if self.device.type == "cuda" else 0.4) / local,
             reserve=update_memory(cfg, spec) * local, steps=self.budget,
             minimum=cfg.num_envs * (T + 1 + 8))
         self.cfg = cfg = dataclasses.replace(

@@ -132,13 +132,16 @@ class HeldRate:
         if span is None or span[1][2] <= span[0][2] or span[1][0] - span[0][0] < self.min_s:
             return None
         r = self.rates()
-        return min(r["steps_per_s"], r["updates_per_s"] * self.per_update)
+        rate = min(r["steps_per_s"], r["updates_per_s"] * self.per_update)
+        return rate if rate > 0 else None  # the actor held back all window: not known yet
 
 
 def feasibility_note(cfg, steps: int, rate: float,
                      how: str = "this run holds here") -> str | None:
     """A line when the rest of the run would take more than a day at `rate` agent steps/s:
     how long, and the flags that make it feasible here. `how` says where the rate is from."""
+    if not rate or rate <= 0:  # no steps held yet (e.g. the envs are still starting)
+        return None
     left = (cfg.steps - steps) / rate
     if left <= 86400:
         return None
