@@ -357,8 +357,9 @@ class Run:
             except DiskFull as e:
                 error = e
         if error is not None:
-            print(f"save {save_id} failed: {error}; {self.kept()} and is intact; its partial "
-                  "files were removed", flush=True)
+            intact = " and is intact" if self.counters.get("save_id") else ""
+            print(f"save {save_id} failed: {error}; {self.kept()}{intact}; its partial files "
+                  "were removed; the next save tries again", flush=True)
             return False
         self.counters = counters
         self.store.commit(save_id, snap["state"]["count"])
