@@ -128,13 +128,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str) -> list[str]:
-    """Remove `*.tmp<pid>` files (here and one level down) whose process is gone."""
+def remove_stale_temps(folder: str, depth: int = 1, mine: bool = False) -> list[str]:
+    """Remove `*.tmp<pid>` files in folder (and `depth` levels down) whose process is gone;
+    with `mine`, also this process's own (call it only before this process writes there)."""
     removed = []
-    for path in glob.glob(os.path.join(folder, "*.tmp*")) + glob.glob(
-            os.path.join(folder, "*", "*.tmp*")):
+    paths = []
+    for level in range(depth + 1):
+        paths += glob.glob(os.path.join(folder, *["*"] * level, "*.tmp*"))
+    for path in paths:
         m = _TMP.search(path)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and ((mine and int(m.group(1)) == os.getpid()) or not _pid_alive(int(m.group(1)))):
             try:
                 os.remove(path)
                 removed.append(path)
@@ -204,6 +207,7 @@ class ChunkStore:
         self._lock = threading.Lock()  # persisted[] and the chunk files of the writer
         self._committed: np.ndarray | None = None  # counts of the last published save point
         self._evicted = np.zeros(ring.num_streams, np.int64)  # chunks below are removed
+        self._lost_upto = np.zeros(ring.num_streams, np.int64)  # end of the last lost chunk
 
     # -------------------------------------------------------------- layout
     def manifest(self) -> dict:
@@ -233,7 +237,7 @@ class ChunkStore:
             os.makedirs(os.path.dirname(self.chunk_path(j, 0)), exist_ok=True)
         text = json.dumps(self.manifest(), indent=1).encode()
         atomic_write(file, lambda f: f.write(text), len(text))
-        remove_stale_temps(self.path)
+        remove_stale_temps(self.path, mine=True)
 
     def start_from_ring(self) -> None:
         """For a ring restored some other way (an older save format): write from the oldest
@@ -259,6 +263,7 @@ class ChunkStore:
                 if data is None:  # overwritten before it was written out
                     with self._lock:
                         self.persisted[j] = k + 1
+                        self._lost_upto[j] = end  # steps below are not all on disk
                     self.lost_steps += self.chunk
                     continue
                 self.bytes_written += _save_npz(self.chunk_path(j, k),
@@ -273,7 +278,9 @@ class ChunkStore:
         """With the actor paused: each stream's tail (copied) and the ring state."""
         with self._lock:
             persisted = self.persisted * self.chunk
+            lost_upto = self._lost_upto.copy()
         state = self.ring.small_state()
+        state["first"] = np.maximum(state["first"], lost_upto)
         # Chunks the writer never got to before the ring overwrote them are lost: then the
         # tail starts at the oldest chunk boundary still in the ring, and so do the steps.
         oldest = -(-np.maximum(state["count"] - self.ring.cap, 0) // self.chunk) * self.chunk
@@ -326,7 +333,7 @@ class ChunkStore:
         A damaged chunk drops it and every older step of its stream (the ring holds one
         contiguous run of steps per stream), saying how many; chunks written after the save
         point are removed (those step numbers will be written again)."""
-        remove_stale_temps(self.path)
+        remove_stale_temps(self.path, mine=True)
         point = self.point_path(save_id)
         if not os.path.exists(point):
             raise ReplayFileError(f"{point} is missing")
@@ -361,8 +368,9 @@ class ChunkStore:
                 skip = max(0, lo - s)
                 self.ring.write_steps(j, s + skip, {key: v[skip:] for key, v in arrays.items()})
             for path in glob.glob(os.path.join(os.path.dirname(self.chunk_path(j, 0)), "*.npz")):
-                if int(os.path.basename(path)[:-4]) >= a // C:
-                    _remove(path)  # written after this save point
+                k = int(os.path.basename(path)[:-4])
+                if k >= a // C or (not self.keep and k < int(first[j]) // C):
+                    _remove(path)  # written after this save point, or out of the ring
         for j, (steps, why) in dropped.items():
             log(f"warning: replay stream {j}: dropped {steps:,} steps ({why})")
         self.ring.restore_small_state({

@@ -80,12 +80,12 @@ class StopSignals:
         if self.count == 1:
             self.name = name
             self.stop.set()
-        elif self.count == 2:
-            print(f"{name}: still stopping and saving; a third signal exits without saving",
-                  flush=True)
+        elif self.count == 2:  # os.write: a print here could re-enter a blocked stdout write
+            os.write(2, f"{name}: still stopping and saving; a third signal exits without "
+                        "saving\n".encode())
         else:
-            print(f"{name} a third time: exiting without the final save; the steps and updates "
-                  f"since the last save are lost; {self.kept()}", flush=True)
+            os.write(2, f"{name} a third time: exiting without the final save; the steps and "
+                        f"updates since the last save are lost; {self.kept()}\n".encode())
             os._exit(130)
 
 

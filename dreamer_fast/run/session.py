@@ -80,6 +80,9 @@ class Run:
             (0.75 if self.device.type == "cuda" else 0.4) / local,
             reserve=update_memory(cfg, spec) * local, steps=self.budget,
             minimum=cfg.num_envs * (T + 1 + 8))
+        if self.world > 1:  # ranks measure free RAM at slightly different moments: agree
+            capacity = int(D.control_all_gather(
+                torch.tensor([capacity], dtype=torch.float64))[:, 0].min())
         self.cfg = cfg = dataclasses.replace(
             cfg, replay=dataclasses.replace(cfg.replay, capacity=capacity))
         warn_large_on_cpu(cfg)
@@ -139,7 +142,8 @@ class Run:
         """Restore the last save point of cfg.logdir, if any (else start a fresh replay
         folder); returns whether it resumed. Every problem is one ConfigError line."""
         os.makedirs(self.cfg.logdir, exist_ok=True)
-        remove_stale_temps(self.cfg.logdir)
+        if self.rank == 0:  # each rank cleans its own replay folder (ChunkStore)
+            remove_stale_temps(self.cfg.logdir, depth=0, mine=True)
         folder = checkpoint.replay_dir(self.cfg.logdir, self.rank, self.world)
         file = checkpoint.find(self.cfg.logdir)
         if file is None:
@@ -356,6 +360,10 @@ class Run:
                 checkpoint.write_checkpoint(self.cfg.logdir, payload)
             except DiskFull as e:
                 error = e
+        if self.world > 1:  # the same outcome everywhere: the save ids stay equal across ranks
+            ok = D.control_all_gather(torch.tensor([error is None], dtype=torch.float64))
+            if error is None and not bool(ok.all()):
+                error = RuntimeError("rank 0 could not write the checkpoint")
         if error is not None:
             intact = " and is intact" if self.counters.get("save_id") else ""
             print(f"save {save_id} failed: {error}; {self.kept()}{intact}; its partial files "
