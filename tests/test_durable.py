@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from dreamer_fast.config import ConfigError
-from dreamer_fast.data.store import ReplayFileError, list_replay
+from dreamer_fast.data.store import list_replay
 from dreamer_fast.run import checkpoint
+from procs import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -47,21 +48,6 @@ def run(args, logdir, timeout=180):
 
 def load(logdir):
     return torch.load(os.path.join(logdir, "checkpoint.pt"), weights_only=True)
-
-
-def wait_for(predicate, proc, timeout=150):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        try:
-            if predicate():
-                return
-        except (OSError, RuntimeError, EOFError, KeyError, ConfigError, ReplayFileError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"timed out:\n{proc.communicate()[0]}")
 
 
 def temps(logdir):

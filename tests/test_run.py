@@ -7,12 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from dreamer_fast.data.store import list_replay
+from procs import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = ["--env", "CartPole-v1", "--preset", "debug", "--steps", "1000", "--train-ratio", "16",
@@ -38,21 +38,6 @@ def run(args, logdir, timeout=240):
 
 def load(logdir, name="checkpoint.pt"):
     return torch.load(os.path.join(logdir, name), weights_only=True)
-
-
-def wait_for(predicate, proc, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        try:
-            if predicate():
-                return
-        except (OSError, RuntimeError, EOFError):  # file not written yet
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"timed out:\n{proc.communicate()[0]}")
 
 
 def assert_ratio(ckpt, train_ratio, batch_steps, min_inserts):
