@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -52,11 +53,15 @@ LEARNER = {
     "learner-size200m-img": (SIZES["size200m"], IMAGE, ActSpace(True, 18), 256.0),
     "learner-size1m-vec": (SIZES["size1m"], VECTOR, ActSpace(False, 6), 1024.0),
     "learner-paper-s-img": (PAPER_S, IMAGE, ActSpace(True, 9), 256.0),
+    # the same with the official strided CNN (--net.strided): the 2023 ports' (sheeprl's) CNN
+    "learner-paper-s-img-strided": (replace(PAPER_S, strided=True), IMAGE, ActSpace(True, 9),
+                                    256.0),
     "learner-paper-s-vec": (PAPER_S, VECTOR, ActSpace(False, 6), 1024.0),
 }
 OTHER = ("matmul-peak", "policy-64envs", "env-pong-64", "e2e-pong-64")
 MODES = ("eager", "fused", "compile", "graph", "graph+triton")
-DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-size1m-vec",
+DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-paper-s-img-strided",
+                    "learner-size1m-vec",
                     "policy-64envs", "env-pong-64", "e2e-pong-64"],
             "cuda": ["matmul-peak", "learner-size12m-img", "learner-size200m-img", "learner-size1m-vec",
                      "policy-64envs", "env-pong-64", "e2e-pong-64"]}

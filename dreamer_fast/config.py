@@ -17,8 +17,8 @@ import torch
 import tyro
 
 
-DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "control", "vision",
-                "debug")
+DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter", "control",
+                "vision", "debug")
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,11 @@ class NetConfig:
     """Lower bound of the continuous actor's standard deviation."""
     maxstd: float = 1.0
     """Upper bound of the continuous actor's standard deviation."""
+    strided: bool = False
+    """Stride-2 convolutions in the image encoder and fractionally strided ones in the
+    decoder, instead of stride 1 with max-pool / nearest upsampling (the official
+    `enc.simple.strided` / `dec.simple.strided`): about 4x fewer convolution FLOPs, the
+    same parameters."""
 
     def __post_init__(self):
         _positive(self, "net.", ("deter", "hidden", "stoch", "classes", "blocks", "depth",
@@ -209,6 +214,12 @@ class AgentConfig:
     """Lower return percentile."""
     perchi: float = 95.0
     """Upper return percentile."""
+    enc_keys: str = ".*"
+    """Regex (matched in full) of the observation keys the encoder reads (the official
+    `enc.spaces`)."""
+    dec_keys: str = ".*"
+    """Regex (matched in full) of the observation keys the decoder reconstructs (the official
+    `dec.spaces`)."""
     kernels: Literal["auto", "triton", "fused", "ref"] = "auto"
     """Fused ops: Triton kernels (GPU), fused PyTorch ops with hand-written backwards (the CPU
     fast path) or the plain PyTorch references; auto = triton on CUDA, fused elsewhere."""
@@ -245,7 +256,8 @@ class EnvConfig:
     repeat: int = 4
     """Action repeat (frame skip) of Atari; DMC uses 1."""
     image_size: int = 64
-    """Side of square image observations."""
+    """Side of the square images the model sees (a multiple of 16); images of another size or
+    shape are resized to it with area interpolation (Atari and DMC render at it directly)."""
     gray: bool = False
     """Grayscale images (Atari-57 setting) instead of RGB."""
     sticky: float = 0.25
@@ -262,9 +274,17 @@ class EnvConfig:
     """DMC camera id; -1 picks as the official code (0; quadruped 2; rodent 4)."""
     batch_size: int = 0
     """EnvPool async batch (envs returned per recv); 0 = num_envs (synchronous)."""
+    obs_keys: str = ".*"
+    """Regex (matched in full) of the observation keys kept; the others are dropped at the env,
+    never stored or modelled (e.g. 'image' keeps only the image of a Dict space)."""
+    render_image: bool = False
+    """Gymnasium: add the env's render() frame (render_mode rgb_array) as the observation key
+    `image`, e.g. for an env whose observations are vectors only."""
 
     def __post_init__(self):
         _positive(self, "env_opts.", ("repeat", "image_size"))
+        _check(self.image_size % 16 == 0, "env_opts.image_size", self.image_size,
+               "a multiple of 16 (the CNN halves it 4 times), e.g. 64")
         _check(0.0 <= self.sticky <= 1.0, "env_opts.sticky", self.sticky, "[0, 1]")
         for name in ("noops", "time_limit", "batch_size"):
             _check(getattr(self, name) >= 0, f"env_opts.{name}", getattr(self, name),
@@ -303,9 +323,10 @@ class Config:
     num_envs: int = 16
     """Parallel environments."""
     preset: str | None = None
-    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, control, vision, debug);
-    default from the env's suite: EnvPool Atari -> atari, EnvPool DMC -> dmc_proprio (with
-    pixels dmc_vision), Gymnasium -> control (vector observations) or vision (images)."""
+    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, crafter, control, vision,
+    debug); default from the env's suite: EnvPool Atari -> atari, EnvPool DMC -> dmc_proprio
+    (with pixels dmc_vision), crafter -> crafter, Gymnasium -> control (vector observations)
+    or vision (images, or --env-opts.render-image)."""
     model: str | None = None
     """Model size preset (debug, size300k, size1m ... size400m); default from the domain
     preset (without a GPU, size12m and larger become size1m)."""
@@ -375,6 +396,11 @@ DOMAINS: dict[str, Config] = {
     "dmc_vision": Config(env="WalkerWalk-v1", num_envs=16, steps=1_100_000, train_ratio=256.0,
                          net=SIZES["size200m"], env_opts=replace(_DMC, pixels=True),
                          preset="dmc_vision", model="size200m"),
+    # The official `crafter` config: size200m defaults, 1 env, train_ratio 512, 1.1M steps,
+    # Crafter's own 10,000-step episodes (danijar/dreamerv3, dreamerv3/configs.yaml).
+    "crafter": Config(env="crafter", num_envs=1, steps=1_100_000, train_ratio=512.0,
+                      net=SIZES["size200m"], env_opts=_GYM, preset="crafter",
+                      model="size200m"),
     "control": Config(env="CartPole-v1", num_envs=4, steps=CONTROL_STEPS, train_ratio=64.0,
                       net=SIZES["size300k"], agent=AgentConfig(
                           batch_size=16, batch_length=16,
@@ -438,7 +464,8 @@ def choose(argv: list[str], route: Route | None) -> Choice:
     if preset is None:
         if route is None:
             raise ConfigError("no --preset given and no route to pick one from the env")
-        pixels = "--env-opts.pixels" in argv or _flag(argv, "env-opts.pixels") == "True"
+        pixels = any(f"--env-opts.{name}" in argv or _flag(argv, f"env-opts.{name}") == "True"
+                     for name in ("pixels", "render-image"))
         preset, why = route(env, pixels)
         notes.append(f"preset {preset} ({why}; --preset to change)")
     if preset not in DOMAINS:

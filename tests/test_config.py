@@ -27,6 +27,10 @@ ROUTES = [
     (["--env", "CartpoleBalance-v1"], "dmc_proprio"),
     (["--env", "CartpoleBalance-v1", "--env-opts.pixels"], "dmc_vision"),
     (["--env", "image_envs:TinyImage-v0"], "vision"),
+    (["--env", "image_envs:BigImage-v0"], "vision"),
+    (["--env", "image_envs:GrayImage-v0"], "vision"),
+    (["--env", "image_envs:Mixed-v0"], "vision"), (["--env", "crafter"], "crafter"),
+    (["--env", "CartPole-v1", "--env-opts.render-image"], "vision"),
 ]
 
 
@@ -73,8 +77,11 @@ def test_env_picks_domain_and_model(monkeypatch):
 
 
 def test_presets_exist():
-    assert set(DOMAINS) == {"atari", "atari100k", "dmc_proprio", "dmc_vision", "control",
-                            "vision", "debug"}
+    assert set(DOMAINS) == {"atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter",
+                            "control", "vision", "debug"}
+    crafter = DOMAINS["crafter"]  # the official crafter config
+    assert (crafter.num_envs, crafter.train_ratio, crafter.steps, crafter.model) == (
+        1, 512.0, 1_100_000, "size200m")
     assert {"size1m", "size12m", "size25m", "size50m", "size100m", "size200m",
             "size400m"} <= set(SIZES)
     assert SIZES["size12m"].deter == 2048 and SIZES["size400m"].classes == 96

@@ -15,6 +15,7 @@ import pytest
 from dreamer_fast.config import EnvConfig
 from dreamer_fast.envs import ActSpace, make_env, suite_of
 from dreamer_fast.envs.base import STEP_KEYS, BoxAction
+from dreamer_fast.envs.spaces import resize_area
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -294,10 +295,11 @@ gymnasium.register("DreamerFastDictTest-v0", entry_point=DictEnv)
 
 
 def test_gym_dict_observations():
-    env = make_env("DreamerFastDictTest-v0", 2, GYM)
-    assert env.obs_space == {"image": ((3, 8, 6), np.dtype(np.uint8)),
+    env = make_env("DreamerFastDictTest-v0", 2, replace(GYM, image_size=16))
+    assert env.obs_space == {"image": ((3, 16, 16), np.dtype(np.uint8)),  # resized (area)
                              "pos": ((2,), np.dtype(np.float32)),
-                             "mode": ((3,), np.dtype(np.float32))}
+                             "mode": ((1, 3), np.dtype(np.uint8))}  # categorical one-hot
+    assert env.notes == ["image 8x6x3 -> 16x16x3"]
     assert env.act_space == ActSpace(discrete=True, size=4)
     env.start()
     steps = [env.recv()]
@@ -306,10 +308,14 @@ def test_gym_dict_observations():
         steps.append(env.recv())
         check_step(env, steps[-1])
     env.close()
-    image = steps[1]["image"][0]  # t = 1, channels first
-    assert image[2, 5, 4] == 5 * 20 + 4 * 3 + 2 + 1
+    image = steps[1]["image"][0]  # t = 1, channels first, 8x6 -> 16x16
+    frame = DictEnv()
+    frame.t = 1
+    raw = frame._obs()["image"]
+    assert raw[5, 4, 2] == 5 * 20 + 4 * 3 + 2 + 1
+    np.testing.assert_array_equal(image, resize_area(raw.transpose(2, 0, 1)[None], 16)[0])
     np.testing.assert_allclose(steps[1]["pos"][0], [0.1, -0.1], rtol=1e-6)
-    np.testing.assert_array_equal(steps[2]["mode"][0], [0, 0, 1])
+    np.testing.assert_array_equal(steps[2]["mode"][0], [[0, 0, 1]])
     np.testing.assert_array_equal(steps[1]["reward"], [2, 3])
     flags = [(s["is_first"][0], s["is_last"][0], s["is_terminal"][0]) for s in steps]
     assert flags == [(1, 0, 0), (0, 0, 0), (0, 0, 0), (0, 1, 1), (1, 0, 0), (0, 0, 0)]

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from dreamer_fast.agent import losses as L
 from dreamer_fast.agent import parallel
-from dreamer_fast.agent.dists import one_hot, symexp
+from dreamer_fast.agent.dists import one_hot
 from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
@@ -27,6 +28,19 @@ from kernels import get_ops
 
 LOSSES = tuple(f.name for f in dataclasses.fields(AgentConfig().loss))
 TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")
+
+
+def select_keys(obs_space: dict, pattern: str, name: str) -> dict:
+    """The entries of obs_space whose key matches `pattern` in full; ConfigError if none."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"invalid config: {name}={pattern!r} is not a regex ({e})") from None
+    out = {k: v for k, v in obs_space.items() if regex.fullmatch(k)}
+    if not out:
+        raise ConfigError(f"invalid config: {name}={pattern!r} matches none of the observation "
+                          f"keys {sorted(obs_space)}")
+    return out
 
 
 def resolve_kernels(impl: str, device: torch.device) -> str:
@@ -60,6 +74,8 @@ class Agent(nn.Module):
         self.autocast_cache = True  # graphs.py turns it off: cached casts outlive no replay
         self.obs_space = {k: v for k, v in obs_space.items() if k not in
                           ("reward", "is_first", "is_last", "is_terminal")}
+        self.enc_space = select_keys(self.obs_space, cfg.enc_keys, "agent.enc_keys")
+        self.dec_space = select_keys(self.obs_space, cfg.dec_keys, "agent.dec_keys")
         if act_space.size <= 0:
             raise ConfigError(f"invalid action space: size={act_space.size}; allowed: >= 1")
         if net.classes > 32767:
@@ -74,13 +90,13 @@ class Agent(nn.Module):
         self.feat_size = net.deter + net.stoch * net.classes
 
     def _build(self, n: NetConfig, act, ops) -> None:
-        self.enc = Encoder(self.obs_space, n.units, n.depth, n.enc_layers, ops)
+        self.enc = Encoder(self.enc_space, n.units, n.depth, n.enc_layers, ops, n.strided)
         self.dyn = RSSM(n.deter, n.hidden, n.stoch, n.classes, n.blocks, act.size,
                         self.enc.out_size, n.dyn_layers, n.prior_layers, n.post_layers,
                         n.unimix, not act.discrete, ops)
         latent, feat = n.stoch * n.classes, n.deter + n.stoch * n.classes
-        self.dec = Decoder(self.obs_space, n.deter, latent, n.units, n.depth, n.blocks,
-                           n.dec_layers, ops)
+        self.dec = Decoder(self.dec_space, n.deter, latent, n.units, n.depth, n.blocks,
+                           n.dec_layers, ops, n.strided)
         self.rew = TwohotHead(feat, n.units, n.rew_layers, n.bins, ops)
         self.con = ContinueHead(feat, n.units, n.con_layers, ops)
         self.pol = Actor(feat, n.units, n.actor_layers, act.size, act.discrete,
@@ -318,9 +334,9 @@ class Agent(nn.Module):
         stochs = torch.cat([stochs, torch.stack(img_s, 1)], 1)
         pred = self.dec(deters, stochs)
         out = {}
-        for k in self.obs_space:
-            truth = obs[k].float() / 255.0 if obs[k].dtype == torch.uint8 else obs[k].float()
-            model = pred[k] if obs[k].dtype == torch.uint8 else symexp(pred[k])
+        for k in self.dec_space:
+            truth = obs[k].float() / 255.0 if k in self.dec.keys.img else obs[k].float()
+            model = self.dec.observation(k, pred[k])
             out[k] = (truth, model)
             out[f"openloop/{k}"] = (truth - model)[:, context:].square().mean()
         return out

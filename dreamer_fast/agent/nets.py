@@ -115,3 +115,32 @@ class Conv(nn.Conv2d):
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour 2x upsampling of an NCHW map."""
     return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class StridedConv(Conv):
+    """5x5 convolution, stride 2, 'same' padding as XLA pads it (1 before, 2 after on even
+    sides), so an H x W map becomes H/2 x W/2: the official strided encoder layer."""
+
+    def __init__(self, inp: int, out: int, outscale: float = 1.0):
+        super().__init__(inp, out, outscale)
+        self.stride, self.padding = (2, 2), (0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (1, 2, 1, 2)))
+
+
+class StridedConvT(Conv):
+    """Fractionally strided 5x5 convolution (H x W -> 2H x 2W): the official decoder's `transp`
+    layer, which places input pixel (i, j) at (2i+1, 2j+1) of a zero map and applies a 'same'
+    stride-1 convolution (`reference`). Computed as one transposed convolution of the flipped
+    kernel, which skips the zeros (4x fewer multiply-adds); same parameters as Conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.flip(2, 3).transpose(0, 1)
+        y = F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
+        return y[..., :-1, :-1]
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        up = x.new_zeros(*x.shape[:-2], 2 * x.shape[-2], 2 * x.shape[-1])
+        up[..., 1::2, 1::2] = x
+        return F.conv2d(up, self.weight, self.bias, padding=2)

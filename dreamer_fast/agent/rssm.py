@@ -1,7 +1,8 @@
 """World model networks: Encoder, block-GRU RSSM, Decoder.
 
 Observation spaces are dicts name -> (shape, dtype). Vector keys are rank-1 float arrays;
-image keys are rank-3 uint8 arrays, channels first (C, H, W), with H = W divisible by 16.
+categorical keys rank-2 uint8 one-hots (G, K); image keys rank-3 uint8 arrays, channels first
+(C, H, W), with H = W divisible by 16.
 """
 
 from __future__ import annotations
@@ -10,53 +11,87 @@ import numpy as np
 import torch
 from torch import nn
 
-from dreamer_fast.agent.dists import symlog
-from dreamer_fast.agent.nets import MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d, upsample2
+from dreamer_fast.agent.dists import symexp, symlog
+from dreamer_fast.agent.nets import (MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
+                                     StridedConv, StridedConvT, upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last
 
 
-def split_keys(obs_space: dict) -> tuple[list[str], list[str]]:
-    """Sorted vector and image keys of an observation space; rejects what the nets can't read."""
-    vec, img = [], []
-    for key, (shape, dtype) in sorted(obs_space.items()):
-        if key in RESERVED:
-            continue
-        if len(shape) == 3 and np.dtype(dtype) == np.uint8:
-            if shape[1] != shape[2] or shape[1] % 16:
-                raise ValueError(f"observation {key!r} has shape {shape}; images must be "
-                                 "(C, H, W) uint8 with H == W divisible by 16 (e.g. 64x64)")
-            img.append(key)
-        elif len(shape) == 1 and np.issubdtype(np.dtype(dtype), np.floating):
-            vec.append(key)
+class Keys:
+    """The sorted keys of an observation space by kind; rejects what the nets can't read.
+
+    vec: float vectors (D,); cat: uint8 one-hots (G, K) of categorical observations; img:
+    uint8 images (C, H, W), H = W divisible by 16. `mlp` = vec + cat, sorted together.
+    """
+
+    def __init__(self, obs_space: dict):
+        self.vec, self.cat, self.img = [], [], []
+        for key, (shape, dtype) in sorted(obs_space.items()):
+            dtype = np.dtype(dtype)
+            if key in RESERVED:
+                continue
+            if len(shape) == 3 and dtype == np.uint8:
+                if shape[1] != shape[2] or shape[1] % 16:
+                    raise ValueError(f"observation {key!r} has shape {shape}; images must be "
+                                     "(C, H, W) uint8 with H == W divisible by 16 (e.g. 64x64)")
+                self.img.append(key)
+            elif len(shape) == 2 and dtype == np.uint8:
+                self.cat.append(key)
+            elif len(shape) == 1 and np.issubdtype(dtype, np.floating):
+                self.vec.append(key)
+            else:
+                raise ValueError(
+                    f"observation {key!r} has shape {shape} and dtype {dtype}; allowed: float "
+                    "vectors (D,), uint8 one-hots (G, K) or uint8 images (C, H, W)")
+        self.mlp = sorted(self.vec + self.cat)
+        if not self.mlp and not self.img:
+            raise ValueError(f"observation space {obs_space} has no vector or image key")
+        if self.img and len({obs_space[k][0][1:] for k in self.img}) > 1:
+            raise ValueError(f"image observations {self.img} differ in size; they must share "
+                             "H and W")
+
+
+def mlp_input(obs: dict[str, torch.Tensor], keys: Keys) -> torch.Tensor:
+    """Vector and categorical keys as one input (*lead, sum of sizes): symlog on float
+    vectors, categorical one-hots as they are (the official DictConcat)."""
+    parts = []
+    for k in keys.mlp:
+        x = obs[k]
+        if k in keys.cat:
+            parts.append(x.reshape(*x.shape[:-2], -1).float())
         else:
-            raise ValueError(f"observation {key!r} has shape {shape} and dtype {dtype}; allowed: "
-                             "float vectors (D,) or uint8 images (C, H, W)")
-    if not vec and not img:
-        raise ValueError(f"observation space {obs_space} has no vector or image key")
-    if img and len({obs_space[k][0][1:] for k in img}) > 1:
-        raise ValueError(f"image observations {img} differ in size; they must share H and W")
-    return vec, img
+            parts.append(symlog(x.float()))
+    return torch.cat(parts, -1)
 
 
 class Encoder(nn.Module):
-    """Observations -> tokens e_t: symlog MLP on vectors, CNN on images, concatenated."""
+    """Observations -> tokens e_t: MLP on vectors and one-hots, CNN on the images (channels
+    concatenated), outputs concatenated.
 
-    def __init__(self, obs_space: dict, units: int, depth: int, enc_layers: int, ops):
+    strided: stride-2 convolutions instead of stride 1 + 2x2 max-pool (the official
+    `enc.simple.strided`)."""
+
+    def __init__(self, obs_space: dict, units: int, depth: int, enc_layers: int, ops,
+                 strided: bool = False):
         super().__init__()
-        self.vec_keys, self.img_keys = split_keys(obs_space)
+        self.keys = Keys(obs_space)
         self.out_size = 0
-        if self.vec_keys:
-            inp = sum(obs_space[k][0][0] for k in self.vec_keys)
+        if self.keys.mlp:
+            inp = sum(int(np.prod(obs_space[k][0])) for k in self.keys.mlp)
             self.mlp = MLP(inp, units, enc_layers, ops)
             self.out_size += self.mlp.out_size
-        if self.img_keys:
-            chans = sum(obs_space[k][0][0] for k in self.img_keys)
-            size = obs_space[self.img_keys[0]][0][1]
+        if self.keys.img:
+            chans = sum(obs_space[k][0][0] for k in self.keys.img)
+            size = obs_space[self.keys.img[0]][0][1]
             stages = []
             for mult in (2, 3, 4, 4):
-                stages += [Conv(chans, mult * depth), nn.MaxPool2d(2), NormAct2d(mult * depth, ops)]
+                if strided:
+                    stages += [StridedConv(chans, mult * depth), NormAct2d(mult * depth, ops)]
+                else:
+                    stages += [Conv(chans, mult * depth), nn.MaxPool2d(2),
+                               NormAct2d(mult * depth, ops)]
                 chans = mult * depth
             self.cnn = nn.Sequential(*stages)
             self.out_size += chans * (size // 16) ** 2
@@ -64,11 +99,10 @@ class Encoder(nn.Module):
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """obs[k]: (*lead, *shape) -> tokens (*lead, out_size)."""
         outs = []
-        if self.vec_keys:
-            x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
-            outs.append(self.mlp(symlog(x)))
-        if self.img_keys:
-            x = torch.cat([obs[k] for k in self.img_keys], -4)
+        if self.keys.mlp:
+            outs.append(self.mlp(mlp_input(obs, self.keys)))
+        if self.keys.img:
+            x = torch.cat([obs[k] for k in self.keys.img], -3)
             lead = x.shape[:-3]
             x = x.reshape(-1, *x.shape[-3:]).float() / 255.0 - 0.5
             # Channels-last maps: convs run ~2x faster on CPU (bench/throughput.py) and the
@@ -167,43 +201,51 @@ class RSSM(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (deter, stoch) -> reconstructions: symlog vectors and sigmoid images."""
+    """Latent (deter, stoch) -> reconstructions: symlog vectors, categorical logits of the
+    one-hot keys and sigmoid images (channels split back per key).
+
+    strided: fractionally strided (transposed) convolutions instead of nearest 2x upsampling
+    + stride-1 convolution (the official `dec.simple.strided`)."""
 
     def __init__(self, obs_space: dict, deter: int, latent: int, units: int, depth: int,
-                 blocks: int, dec_layers: int, ops):
+                 blocks: int, dec_layers: int, ops, strided: bool = False):
         super().__init__()
-        self.vec_keys, self.img_keys = split_keys(obs_space)
-        self.sizes = {k: obs_space[k][0][0] for k in self.vec_keys + self.img_keys}
-        if self.vec_keys:
+        self.keys = Keys(obs_space)
+        self.shapes = {k: tuple(obs_space[k][0]) for k in self.keys.mlp + self.keys.img}
+        self.strided = strided
+        if self.keys.mlp:
             self.mlp = MLP(latent + deter, units, dec_layers, ops)
-            self.heads = nn.ModuleDict({k: Linear(self.mlp.out_size, self.sizes[k])
-                                        for k in self.vec_keys})
-        if self.img_keys:
-            self.minres = obs_space[self.img_keys[0]][0][1] // 16
+            self.heads = nn.ModuleDict({k: Linear(self.mlp.out_size, int(np.prod(self.shapes[k])))
+                                        for k in self.keys.mlp})
+        if self.keys.img:
+            self.minres = obs_space[self.keys.img[0]][0][1] // 16
             self.depth, self.blocks = depth, blocks
             flat = self.minres ** 2 * 4 * depth
             self.proj_deter = BlockLinear(deter, flat, blocks)
             self.proj_stoch = nn.Sequential(Linear(latent, 2 * units), NormAct(2 * units, ops),
                                             Linear(2 * units, flat))
             self.proj_norm = NormAct2d(4 * depth, ops)
+            up = StridedConvT if strided else Conv
             stages, chans = [], 4 * depth
             for mult in (4, 3, 2):
-                stages += [Conv(chans, mult * depth), NormAct2d(mult * depth, ops)]
+                stages += [up(chans, mult * depth), NormAct2d(mult * depth, ops)]
                 chans = mult * depth
             self.stages = nn.ModuleList(stages)
-            self.out = Conv(chans, sum(self.sizes[k] for k in self.img_keys))
+            self.out = up(chans, sum(self.shapes[k][0] for k in self.keys.img))
 
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
         """deter (*lead, D), stoch (*lead, S, K) -> {key: (*lead, *shape)} predictions.
 
-        Vector predictions are in symlog space; images are in [0, 1].
+        Vector predictions are in symlog space, categorical ones logits (*lead, G, K); images
+        are in [0, 1].
         """
         stoch = stoch.reshape(*stoch.shape[:-2], -1)
         out = {}
-        if self.vec_keys:
+        if self.keys.mlp:
             x = self.mlp(torch.cat([stoch, deter], -1))
-            out.update({k: self.heads[k](x) for k in self.vec_keys})
-        if self.img_keys:
+            out.update({k: self.heads[k](x).reshape(*x.shape[:-1], *self.shapes[k])
+                        for k in self.keys.mlp})
+        if self.keys.img:
             out.update(self._images(deter, stoch))
         return out
 
@@ -215,21 +257,35 @@ class Decoder(nn.Module):
         a = a.reshape(-1, C, r, r)
         b = self.proj_stoch(stoch).reshape(-1, r, r, C).permute(0, 3, 1, 2)
         x = self.proj_norm((a + b).contiguous(memory_format=CHANNELS_LAST))
+        up = (lambda y: y) if self.strided else upsample2
         for i in range(0, len(self.stages), 2):
-            x = self.stages[i + 1](self.stages[i](upsample2(x)))
-        x = torch.sigmoid(self.out(upsample2(x)))
+            x = self.stages[i + 1](self.stages[i](up(x)))
+        x = torch.sigmoid(self.out(up(x)))
         x = x.reshape(*lead, *x.shape[1:])
         out, start = {}, 0
-        for k in self.img_keys:
-            out[k] = x[..., start:start + self.sizes[k], :, :]
-            start += self.sizes[k]
+        for k in self.keys.img:
+            out[k] = x[..., start:start + self.shapes[k][0], :, :]
+            start += self.shapes[k][0]
         return out
 
     def loss(self, pred: dict[str, torch.Tensor], obs: dict[str, torch.Tensor]) -> dict:
-        """Per-step losses (*lead): summed squared error, vectors vs symlog(x), images vs x/255."""
+        """Per-step losses (*lead), summed over each key's elements: squared error of vectors
+        vs symlog(x) and images vs x/255; categorical keys the negative log-likelihood."""
         losses = {}
-        for k in self.vec_keys:
+        for k in self.keys.vec:
             losses[k] = (pred[k] - symlog(obs[k].float())).square().sum(-1)
-        for k in self.img_keys:
+        for k in self.keys.cat:
+            logp = torch.log_softmax(pred[k].float(), -1)
+            losses[k] = -(logp * obs[k].float()).sum((-2, -1))
+        for k in self.keys.img:
             losses[k] = (pred[k] - obs[k].float() / 255.0).square().sum((-3, -2, -1))
         return losses
+
+    def observation(self, key: str, pred: torch.Tensor) -> torch.Tensor:
+        """A prediction in observation units: vectors symexp'd, categorical keys as class
+        probabilities, images as they are ([0, 1])."""
+        if key in self.keys.vec:
+            return symexp(pred)
+        if key in self.keys.cat:
+            return torch.softmax(pred.float(), -1)
+        return pred

@@ -21,7 +21,10 @@ def make_batch(obs_space: dict, act: ActSpace, net, B: int = 2, L: int = 9,
     g = torch.Generator().manual_seed(seed)
     batch = {}
     for key, (shape, dtype) in obs_space.items():
-        if np.dtype(dtype) == np.uint8:
+        if np.dtype(dtype) == np.uint8 and len(shape) == 2:  # categorical one-hots (G, K)
+            index = torch.randint(0, shape[1], (B, L, shape[0]), generator=g)
+            batch[key] = F.one_hot(index, shape[1]).to(torch.uint8)
+        elif np.dtype(dtype) == np.uint8:
             batch[key] = torch.randint(0, 256, (B, L, *shape), dtype=torch.uint8, generator=g)
         else:
             batch[key] = torch.randn(B, L, *shape, generator=g)

@@ -4,11 +4,13 @@ Suites, picked from the id:
   * EnvPool Atari (`Pong-v5`): EnvPool async pool, images (C, H, W).
   * EnvPool DMC (`WalkerWalk-v1`): EnvPool pool of proprio vectors, or with `opts.pixels`
     dm_control rendering `image` only.
+  * `crafter` (PyPI `crafter`): Crafter with rewards, 64x64 RGB, 17 actions; the 22
+    achievements ride along as `log/achievement_<name>` step keys (crafter.py).
   * Any other id registered in Gymnasium (`CartPole-v1`, `Pendulum-v1`, `mymodule:MyEnv-v0`):
     a synchronous Gymnasium vector env.
 
-May import: numpy, gymnasium, envpool, dm_control and `dreamer_fast.config`. Imports nothing of
-`agent`, `data` or `run`.
+May import: numpy, gymnasium, envpool, dm_control, opencv (cv2), crafter and
+`dreamer_fast.config`. Imports nothing of `agent`, `data` or `run`.
 """
 
 from __future__ import annotations
@@ -58,8 +60,15 @@ def _unknown(env_id: str) -> ValueError:
     return ValueError(f"unknown env id {env_id!r}; closest: {', '.join(close) or 'none'}")
 
 
+CRAFTER_IDS = ("crafter", "Crafter", "CrafterReward-v1")
+"""Ids that build Crafter (with its rewards) through crafter.py."""
+
+
 def suite_of(env_id: str) -> str:
-    """'atari', 'dmc' or 'gymnasium' for a known id; ValueError naming close ids otherwise."""
+    """'atari', 'dmc', 'crafter' or 'gymnasium' for a known id; ValueError naming close ids
+    otherwise."""
+    if env_id in CRAFTER_IDS:
+        return "crafter"
     family = _envpool_family(env_id)
     if family in _ENVPOOL_SUITES:
         return _ENVPOOL_SUITES[family]
@@ -75,11 +84,14 @@ def suite_of(env_id: str) -> str:
 def preset_for(env_id: str, pixels: bool = False) -> tuple[str, str]:
     """(domain preset, why) for an env id, from its suite and observations, never its name.
 
-    EnvPool Atari -> atari; EnvPool DMC -> dmc_proprio (dmc_vision with `pixels`); Gymnasium
-    -> vision when any observation is an image (a uint8 Box of rank 2 or 3), else control.
-    A Gymnasium env is built once (and closed) to read its observation space.
+    EnvPool Atari -> atari; EnvPool DMC -> dmc_proprio (dmc_vision with `pixels`); Crafter ->
+    crafter; Gymnasium -> vision when any observation is an image (a uint8 Box of rank 2 or
+    3) or `pixels` (--env-opts.render-image) adds one, else control. A Gymnasium env is built
+    once (and closed) to read its observation space.
     """
     suite = suite_of(env_id)
+    if suite == "crafter":
+        return "crafter", "Crafter, the official crafter config"
     if suite == "atari":
         return "atari", "EnvPool Atari"
     if suite == "dmc":
@@ -87,16 +99,18 @@ def preset_for(env_id: str, pixels: bool = False) -> tuple[str, str]:
                 ("dmc_proprio", "EnvPool DMC, proprioceptive vectors"))
     import gymnasium
     from gymnasium import spaces
-    import numpy as np
 
+    from dreamer_fast.envs.spaces import image_layout
+
+    if pixels:
+        return "vision", "Gymnasium, rendered frames"
     env = gymnasium.make(env_id)
     try:
         space = env.observation_space
     finally:
         env.close()
     subs = space.spaces.values() if isinstance(space, spaces.Dict) else [space]
-    if any(isinstance(s, spaces.Box) and s.dtype == np.uint8 and len(s.shape) in (2, 3)
-           for s in subs):
+    if any(image_layout(s) for s in subs):
         return "vision", "Gymnasium, image observations"
     return "control", "Gymnasium, vector observations"
 
@@ -116,6 +130,10 @@ def make_env(env_id: str, num_envs: int, opts: EnvConfig, seed: int = 0) -> VecE
         from dreamer_fast.envs.gym_vec import GymVecEnv
 
         return GymVecEnv(env_id, num_envs, opts, seed)
+    if suite == "crafter":
+        from dreamer_fast.envs.crafter import CrafterEnv
+
+        return CrafterEnv(num_envs, opts, seed)
     if suite == "dmc" and opts.pixels:
         from dreamer_fast.envs.dmc import DMCPixels
 

@@ -44,6 +44,9 @@ class VecEnv:
             others are still stepping). Every other adapter returns all envs, in env_id order.
         obs_space: per-env (shape, dtype) of every observation key.
         act_space: the action space.
+        log_keys: extra per-step keys (`log/<name>`, numbers (N,)) for the logger only: never
+            observed by the model nor stored in the replay (Crafter's achievement counts).
+        notes: what the adapter changed, for the start line (e.g. `image 288x512x3 -> 64x64x3`).
 
     Episode boundaries:
         * `is_first` marks the first observation of an episode; its reward is 0.
@@ -61,6 +64,8 @@ class VecEnv:
     batch_size: int
     obs_space: ObsSpace
     act_space: ActSpace
+    log_keys: tuple[str, ...] = ()
+    notes: tuple[str, ...] | list[str] = ()
 
     def start(self) -> None:
         """Reset every env. The first `recv` then returns is_first steps."""

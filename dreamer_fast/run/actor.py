@@ -125,7 +125,8 @@ class Actor:
     env: a started-or-not VecEnv. ring: the replay Ring (num_streams = env.num_envs).
     limiter: RateLimiter. weights: PolicyWeights. steps: stop after the ring holds this many.
     `lock` is held around each ring write + limiter insert: hold it to pause the writer
-    (checkpointing). Finished episodes land in `episodes` as (return, length) for the logger.
+    (checkpointing). Finished episodes land in `episodes` as (return, length) for the logger,
+    and the per-episode maxima of the env's `log_keys` in `episode_logs`.
     """
 
     def __init__(self, env, ring, limiter, weights: PolicyWeights, device: torch.device,
@@ -140,6 +141,11 @@ class Actor:
         self.score = np.zeros(env.num_envs, np.float64)
         self.length = np.zeros(env.num_envs, np.int64)
         self.episodes: collections.deque = collections.deque(maxlen=10_000)
+        # Per-episode maxima of the env's log keys (e.g. Crafter achievement counts), one row
+        # per finished episode in `episode_logs`, in the order of `log_keys`.
+        self.log_keys = tuple(getattr(env, "log_keys", ()))
+        self.log_max = np.zeros((env.num_envs, len(self.log_keys)), np.float64)
+        self.episode_logs: collections.deque = collections.deque(maxlen=10_000)
         self.lock = threading.Lock()
         self.timer = Timer()
         self.stop = threading.Event()
@@ -216,8 +222,14 @@ class Actor:
         first = obs["is_first"]
         self.score[ids] = np.where(first, 0.0, self.score[ids] + obs["reward"])
         self.length[ids] = np.where(first, 0, self.length[ids] + 1)
+        if self.log_keys:
+            values = np.stack([np.asarray(obs[k], np.float64) for k in self.log_keys], 1)
+            self.log_max[ids] = np.where(first[:, None], values,
+                                         np.maximum(self.log_max[ids], values))
         for j in ids[obs["is_last"]]:
             self.episodes.append((float(self.score[j]), int(self.length[j])))
+            if self.log_keys:
+                self.episode_logs.append(self.log_max[j].copy())
 
 
 @torch.no_grad()

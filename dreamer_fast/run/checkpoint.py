@@ -69,8 +69,11 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, cfg: Config) -> list[str]:
-    """'field: saved -> new' for every differing field that a resume cannot change."""
+    """'field: saved -> new' for every differing field that a resume cannot change. A field
+    the saved config lacks (added by a later version) counts as its default."""
     old, new = _flatten(saved), _flatten(dataclasses.asdict(cfg))
+    defaults = _flatten(dataclasses.asdict(Config()))
+    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in RUNTIME_FIELDS and old.get(k) != new.get(k)]
 

@@ -64,6 +64,7 @@ class Logger:
         folder = os.path.join(self.logdir, "reports")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name.replace('/', '_')}-{step}.mp4")
+        frames = displayable(frames)
         write_mp4(path, frames)
         every = max(1, len(frames) // 8)
         strip = np.concatenate(list(frames[::every][:8]), 1)
@@ -77,13 +78,21 @@ class Logger:
         self.jsonl.close()
 
 
+def displayable(frames: np.ndarray) -> np.ndarray:
+    """(..., C) uint8 frames of 1 to 4 channels -> RGB: gray repeated, the first of two
+    channels as gray, RGBA without its alpha."""
+    frames = np.asarray(frames, np.uint8)
+    if frames.shape[-1] in (1, 2):
+        return np.repeat(frames[..., :1], 3, -1)
+    return frames[..., :3]
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int = 16) -> None:
-    """frames (T, H, W, C) uint8, C in {1, 3}; sides padded to multiples of 16 for codecs."""
+    """frames (T, H, W, C) uint8, C in 1..4 (see `displayable`); sides padded to multiples
+    of 16 for codecs."""
     import imageio
 
-    frames = np.asarray(frames, np.uint8)
-    if frames.shape[-1] == 1:
-        frames = np.repeat(frames, 3, -1)
+    frames = displayable(frames)
     T, H, W, _ = frames.shape
     pad = ((0, 0), (0, -H % 16), (0, -W % 16), (0, 0))
     imageio.mimwrite(path, np.pad(frames, pad), fps=fps, macro_block_size=1)

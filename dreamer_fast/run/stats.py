@@ -29,6 +29,7 @@ class Stats:
         self.last = self.snapshot()
         self.score: float | None = None
         self.interval = np.zeros((0, 2))  # (return, length) of the episodes of the last collect
+        self.achieved = Achievements(run.actor.log_keys)
 
     def snapshot(self) -> dict:
         r = self.run
@@ -57,6 +58,7 @@ class Stats:
         self.last = now
         values.update(r.learner.pop_metrics())
         values.update(self.episodes())
+        values.update(self.achieved.update(r.actor.episode_logs))
         limiter = r.limiter.stats()
         values.update({"limiter/lag": limiter["lag"], "limiter/ratio": limiter["ratio"],
                        "counts/updates": r.learner.updates, "counts/steps": r.ring.inserted,
@@ -79,6 +81,47 @@ class Stats:
         returns, lengths = np.array(eps).T
         return {"episode/return": float(returns.mean()), "episode/length": float(lengths.mean()),
                 "episode/return_max": float(returns.max()), "episode/count": len(eps)}
+
+
+class Achievements:
+    """Success rates of `log/achievement_<name>` keys (Crafter) over every episode so far.
+
+    An episode unlocks an achievement when its count was above 0 at any step. Logged as
+    `achievement/<name>`, the percentage of episodes that unlocked it, and
+    `achievement/score`, the Crafter score of Hafner (2021): exp(mean(ln(1 + s_i))) - 1 over
+    the success rates s_i in percent. Counts restart with the process (a resumed run scores
+    the episodes since the resume)."""
+
+    PREFIX = "log/achievement_"
+
+    def __init__(self, log_keys: tuple[str, ...]):
+        self.index = [i for i, k in enumerate(log_keys) if k.startswith(self.PREFIX)]
+        self.names = [log_keys[i][len(self.PREFIX):] for i in self.index]
+        self.unlocked = np.zeros(len(self.index), np.int64)
+        self.episodes = 0
+
+    def update(self, rows) -> dict:
+        """Pops the finished episodes' rows (deque of per-episode maxima); returns the
+        scalars, or {} before the first episode or without achievement keys."""
+        new = []
+        while rows:
+            new.append(rows.popleft())
+        if not self.index:
+            return {}
+        for row in new:
+            self.unlocked += np.asarray(row)[self.index] > 0
+            self.episodes += 1
+        if not self.episodes:
+            return {}
+        rates = 100.0 * self.unlocked / self.episodes
+        out = {f"achievement/{n}": float(r) for n, r in zip(self.names, rates)}
+        out["achievement/score"] = crafter_score(rates)
+        return out
+
+
+def crafter_score(rates: np.ndarray) -> float:
+    """Crafter score of success rates in percent: exp(mean(ln(1 + s))) - 1 (Hafner 2021)."""
+    return float(np.exp(np.mean(np.log1p(np.asarray(rates, np.float64)))) - 1.0)
 
 
 class HeldRate:
@@ -235,6 +278,7 @@ def startup_line(run: Run) -> str:
     cfg, world = run.cfg, run.world
     line = (f"logdir: {cfg.logdir} | device {cfg.device} | preset {cfg.preset} | model "
             f"{cfg.model} | ")
+    line += "".join(f"{note} | " for note in getattr(run.env, "notes", ()))
     if world == 1:
         return line + f"{cfg.num_envs} envs | train_ratio {cfg.train_ratio:g}"
     B = cfg.agent.batch_size
