@@ -3,15 +3,15 @@
     python run.py --env Pong-v5 --num-envs 64              # train (resumes an existing --logdir)
     torchrun --nproc-per-node 2 run.py --env Pong-v5       # data parallel: one process per GPU,
                                                            # each with its own envs and replay
-    python run.py --eval --logdir DIR [--episodes 10] [--greedy]
+    python run.py --eval --logdir DIR [--episodes 10] [--greedy] [--seed 0]
+    python run.py --eval --help                            # evaluation's flags
     python run.py --help                                   # every flag, with its default
 """
 
 from __future__ import annotations
 
-import sys
-
 import os
+import sys
 
 from dreamer_fast.config import ConfigError, choose, parse
 
@@ -19,10 +19,11 @@ from dreamer_fast.config import ConfigError, choose, parse
 def main(argv: list[str]) -> None:
     try:
         if "--eval" in argv:
+            from dreamer_fast.config import parse_eval
             from dreamer_fast.run.evaluate import evaluate
 
-            args = _eval_args(argv)
-            evaluate(args["logdir"], args["episodes"], args["greedy"], args["device"])
+            if evaluate(parse_eval([a for a in argv if a != "--eval"]))["interrupted"]:
+                sys.exit(130)
         else:
             from dreamer_fast.run.loop import train
 
@@ -46,24 +47,6 @@ def route(env_id: str, pixels: bool) -> tuple[str, str]:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
-
-def _eval_args(argv: list[str]) -> dict:
-    args = {"logdir": None, "episodes": "10", "device": "auto", "greedy": False}
-    rest = [a for a in argv if a != "--eval"]
-    while rest:
-        arg = rest.pop(0)
-        key = arg.lstrip("-").replace("-", "_")
-        if key == "greedy":
-            args["greedy"] = True
-        elif key in args and rest:
-            args[key] = rest.pop(0)
-        else:
-            raise ConfigError(f"--eval takes --logdir DIR, --episodes N, --greedy, --device; "
-                              f"got {arg!r}")
-    if not args["logdir"]:
-        raise ConfigError("--eval needs --logdir (a run folder or a checkpoint file)")
-    return {**args, "episodes": int(args["episodes"])}
 
 
 if __name__ == "__main__":

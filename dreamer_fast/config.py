@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 import tyro
 
 
-DOMAIN_NAMES = ("atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter", "control",
-                "vision", "debug")
+Preset = Literal["atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter", "control",
+                 "vision", "debug"]
+Model = Literal["debug", "size300k", "size1m", "size12m", "size25m", "size50m", "size100m",
+                "size200m", "size400m"]
+DOMAIN_NAMES: tuple[str, ...] = get_args(Preset)
 
 
 class ConfigError(ValueError):
@@ -267,7 +270,8 @@ class EnvConfig:
     noops: int = 30
     """Maximum random no-ops at reset (Atari)."""
     time_limit: int = 27000
-    """Agent steps per episode before truncation (Atari); 0 keeps the env's own limit."""
+    """Agent steps per episode before truncation, in every suite (the atari presets: 27,000;
+    the others: 0, which keeps the env's own limit)."""
     pixels: bool = False
     """DMC: observe 64x64 camera images instead of proprioceptive vectors."""
     camera: int = -1
@@ -316,20 +320,23 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """dreamer_fast: DreamerV3 with an asynchronous actor-learner per device."""
+    """dreamer_fast: DreamerV3 with an asynchronous actor-learner per device. Defaults come
+    from the preset of --env's suite (printed at start); `python run.py --eval --help` for
+    evaluation."""
 
     env: str = "Pong-v5"
-    """Environment id: an EnvPool Atari or DMC id, or any registered Gymnasium id."""
+    """Environment id: an EnvPool Atari (Pong-v5) or DMC (WalkerWalk-v1) id, crafter, or
+    any Gymnasium id (`module:Env-v0` imports module first). The defaults of every other
+    field come from this env's preset (--help with --env shows them)."""
     num_envs: int = 16
     """Parallel environments."""
-    preset: str | None = None
-    """Domain preset (atari, atari100k, dmc_proprio, dmc_vision, crafter, control, vision,
-    debug); default from the env's suite: EnvPool Atari -> atari, EnvPool DMC -> dmc_proprio
+    preset: Preset | None = None
+    """Domain preset; default from the env's suite: EnvPool Atari -> atari, EnvPool DMC -> dmc_proprio
     (with pixels dmc_vision), crafter -> crafter, Gymnasium -> control (vector observations)
     or vision (images, or --env-opts.render-image)."""
-    model: str | None = None
-    """Model size preset (debug, size300k, size1m ... size400m); default from the domain
-    preset (without a GPU, size12m and larger become size1m)."""
+    model: Model | None = None
+    """Model size preset; default from the domain preset (without a GPU, size12m and larger
+    become size1m)."""
     steps: int = 51_000_000
     """Agent steps to train for (after action repeat)."""
     train_ratio: float = 32.0
@@ -337,7 +344,16 @@ class Config:
     seed: int = 0
     """Random seed."""
     logdir: str | None = None
-    """Run folder; default logdir/<env>-<timestamp>. Rerun with the same one to resume."""
+    """Run folder; default logdir/<name>-<timestamp>. Rerun with the same one to resume."""
+    name: str | None = None
+    """Run name (default: the env id): names the default logdir and the W&B run; the plot
+    command pools runs of one name into a mean and spread."""
+    track: bool = False
+    """Also log scalars and videos to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "dreamer_fast"
+    """W&B project (with --track)."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user; default your W&B default)."""
     device: str = "auto"
     """Torch device: auto (cuda if available), cpu, cuda, cuda:N."""
     graphs: Literal["auto", "on", "off"] = "auto"
@@ -353,6 +369,13 @@ class Config:
     """Environment options."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Replay buffer."""
+    eval_every: float = 0.0
+    """Seconds between evaluations during training (0: off, the default: on a small machine
+    an eval's env steps and policy steps take time from training, and training episodes
+    already show the return). On envs of its own, in a thread of its own; logged as
+    eval/return, eval/length and, for image envs, an eval/episode video."""
+    eval_episodes: int = 10
+    """Episodes per evaluation during training (with --eval-every)."""
     log_every: float = 120.0
     """Seconds between metric logs."""
     report_every: float = 300.0
@@ -498,6 +521,39 @@ def parse(argv: list[str] | None = None, route: Route | None = None,
     default = replace(DOMAINS[choice.preset], env=env, preset=choice.preset, model=choice.model,
                       net=SIZES[choice.model])
     return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate a trained run: python run.py --eval --logdir DIR [--episodes 10] [--greedy].
+
+    Runs the checkpoint's policy on fresh envs of its config, prints one line per finished
+    episode, and writes DIR/eval/returns.json, DIR/eval/episode.mp4 (the first --videos
+    episodes of env 0, image envs or renderable Gymnasium envs) and the returns and video to
+    DIR's TensorBoard under eval/. Ctrl-C stops and writes the episodes finished so far."""
+
+    logdir: str
+    """Run folder holding checkpoint.pt (or the checkpoint file itself)."""
+    episodes: int = 10
+    """Episodes to run (over up to 16 envs in parallel)."""
+    greedy: bool = False
+    """Take the policy's mode instead of sampling (DreamerV3 evaluates with samples)."""
+    seed: int | None = None
+    """Seed of the eval envs and of the policy's samples; default the run's seed + 10,000.
+    The same seed and checkpoint give the same returns."""
+    videos: int = 1
+    """Episodes of env 0 to film (0: none)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+
+    def __post_init__(self):
+        _check(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")
+        _check(self.videos >= 0, "videos", self.videos, "an int >= 0")
+
+
+def parse_eval(argv: list[str]) -> EvalConfig:
+    """EvalConfig from the flags after `--eval` (tyro: `--help`, `--flag=value`)."""
+    return tyro.cli(EvalConfig, args=argv, prog="run.py --eval", description=EvalConfig.__doc__)
 
 
 def _normalise(argv: list[str]) -> list[str]:

@@ -76,6 +76,14 @@ def test_env_picks_domain_and_model(monkeypatch):
     assert cfg.agent.lam == 0.9 and cfg.train_ratio == 256
 
 
+def test_help_choices_are_the_presets_and_sizes():
+    from typing import get_args
+
+    from dreamer_fast.config import Model, Preset
+
+    assert set(get_args(Preset)) == set(DOMAINS) and set(get_args(Model)) == set(SIZES)
+
+
 def test_presets_exist():
     assert set(DOMAINS) == {"atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter",
                             "control", "vision", "debug"}

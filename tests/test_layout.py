@@ -15,6 +15,7 @@ ALLOWED = {
     "envs": {"config", "envs"},
     "data": {"config", "data", "envs.base"},
     "run": {"config", "agent", "envs", "data", "run"},
+    "plot": set(),  # reads run folders' files only
 }
 
 

@@ -123,6 +123,12 @@ def test_unknown_env_and_oversized_replay_fail_at_once(tmp_path):
     code, out = run(["--env", "CartPole-v1", "--replay.capacity", str(10**12)], tmp_path / "b",
                     timeout=120)
     assert code != 0 and re.search(r"use --replay.capacity \d+", out), out
+    # Too small for one window per env stream: one line, before any model is built.
+    code, out = run(["--env", "Pong-v5", "--replay.capacity", "10"], tmp_path / "c",
+                    timeout=120)
+    assert code != 0 and "Traceback" not in out, out
+    assert "replay.capacity=10; allowed: 0 (automatic) or >= " in out, out
+    assert not (tmp_path / "c").exists()
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 

@@ -51,6 +51,7 @@ class RateLimiter:
         self.replayed = 0
         self.actor_wait_s = 0.0
         self.learner_wait_s = 0.0
+        self._since = {"actor": None, "learner": None}  # start of a wait in progress
 
     def _lag(self) -> float:
         """e = R - r * (I - m): positive when the learner is ahead."""
@@ -63,19 +64,23 @@ class RateLimiter:
         return self._closed or (self.inserted >= self.min_inserts
                                 and self._lag() + self.batch_steps <= self.tolerance)
 
-    def _wait(self, ready, timeout: float | None) -> tuple[bool, float]:
-        """Wait (lock held) until ready(); returns (ready and not closed, seconds waited)."""
+    def _wait(self, ready, timeout: float | None, who: str) -> tuple[bool, float]:
+        """Wait (lock held) until ready(); returns (ready and not closed, seconds waited).
+        While it waits, `stats` counts the wait so far (`_since[who]`)."""
         if ready():
             return not self._closed, 0.0
-        start = time.perf_counter()
-        ok = self._cond.wait_for(ready, timeout)
+        start = self._since[who] = time.perf_counter()
+        try:
+            ok = self._cond.wait_for(ready, timeout)
+        finally:
+            self._since[who] = None
         return ok and not self._closed, time.perf_counter() - start
 
     def insert(self, n: int, timeout: float | None = None) -> bool:
         """Actor: wait until n more agent steps may be inserted, then count them.
         Returns False (counting nothing) on close or timeout."""
         with self._cond:
-            ok, waited = self._wait(self._can_insert, timeout)
+            ok, waited = self._wait(self._can_insert, timeout, "actor")
             self.actor_wait_s += waited
             if ok:
                 self.inserted += n
@@ -86,7 +91,7 @@ class RateLimiter:
         """Learner: wait until one more update (batch_steps replayed steps) is allowed, then
         count it. Returns False (counting nothing) on close or timeout."""
         with self._cond:
-            ok, waited = self._wait(self._can_sample, timeout)
+            ok, waited = self._wait(self._can_sample, timeout, "learner")
             self.learner_wait_s += waited
             if ok:
                 self.replayed += self.batch_steps
@@ -104,13 +109,17 @@ class RateLimiter:
         return self._closed
 
     def stats(self) -> dict[str, float]:
-        """inserted, replayed, updates, actor_wait_s, learner_wait_s (seconds blocked), lag
-        (R - r*(I - m)) and ratio = R / (I - m) (0 during warm-up)."""
+        """inserted, replayed, updates, actor_wait_s, learner_wait_s (seconds blocked, a wait
+        in progress counted up to now), lag (R - r*(I - m)) and ratio = R / (I - m) (0 during
+        warm-up)."""
         with self._cond:
             trained = self.inserted - self.min_inserts
+            now = time.perf_counter()
+            open_s = {k: now - t if t is not None else 0.0 for k, t in self._since.items()}
             return {"inserted": self.inserted, "replayed": self.replayed,
                     "updates": self.replayed // self.batch_steps,
-                    "actor_wait_s": self.actor_wait_s, "learner_wait_s": self.learner_wait_s,
+                    "actor_wait_s": self.actor_wait_s + open_s["actor"],
+                    "learner_wait_s": self.learner_wait_s + open_s["learner"],
                     "lag": self._lag(),
                     "ratio": self.replayed / trained if trained > 0 else 0.0}
 

@@ -51,6 +51,10 @@ _READER_STATS = ("sampled", "online", "online_dropped", "resampled", "latent_wri
 _MAX_RESAMPLE_ROUNDS = 1000
 
 
+RING_MARGIN = 8
+"""Default `margin` of a Ring (see its docstring)."""
+
+
 class Ring:
     """Preallocated ring of steps, one ring per env stream; samples windows of `length` steps.
 
@@ -71,7 +75,7 @@ class Ring:
     """
 
     def __init__(self, spec: Spec, num_streams: int, capacity: int, length: int = 65,
-                 online: bool = True, seed: int = 0, margin: int = 8):
+                 online: bool = True, seed: int = 0, margin: int = RING_MARGIN):
         if num_streams < 1 or length < 2 or margin < 1:
             raise ValueError(f"Ring needs num_streams >= 1, length >= 2, margin >= 1; got "
                              f"num_streams={num_streams}, length={length}, margin={margin}")

@@ -101,7 +101,12 @@ class DMCPixels(SyncVecEnv):
     def send(self, action: np.ndarray, env_id: np.ndarray) -> None:
         self._advance(scatter(action, env_id, self.num_envs))
 
+    close_in_stepping_thread = True
+    """dm_control's EGL contexts are current in the thread that rendered: the actor closes
+    this env there (freeing them from another thread prints EGL_BAD_ACCESS noise)."""
+
     def close(self) -> None:
+        """Free every env's physics and rendering contexts (again: a no-op)."""
         for env in self._envs:
             env.close()
         self._envs = []

@@ -99,24 +99,42 @@ class PolicyWeights:
 
 
 class Timer:
-    """Named wall-clock sections (env, policy, replay, train); one Timer per thread."""
+    """Named wall-clock sections (env, policy, replay, train); one Timer per thread, read from
+    any thread. `read` counts the open section up to now, so the share of an interval that
+    each section took is at most 1 even when a section spans the interval's edges."""
 
     def __init__(self):
         self.total: dict[str, float] = collections.defaultdict(float)
+        self._open: tuple[str, float] | None = None
+        self._lock = threading.Lock()
 
     def section(self, name: str):
-        return _Section(self.total, name)
+        return _Section(self, name)
+
+    def read(self) -> dict[str, float]:
+        """Seconds spent in each section so far, the open one up to now."""
+        with self._lock:
+            out = dict(self.total)
+            if self._open is not None:
+                name, start = self._open
+                out[name] = out.get(name, 0.0) + time.perf_counter() - start
+        return out
 
 
 class _Section:
-    def __init__(self, total, name):
-        self.total, self.name = total, name
+    def __init__(self, timer: Timer, name: str):
+        self.timer, self.name = timer, name
 
     def __enter__(self):
-        self.start = time.perf_counter()
+        with self.timer._lock:
+            self.timer._open = (self.name, time.perf_counter())
 
     def __exit__(self, *exc):
-        self.total[self.name] += time.perf_counter() - self.start
+        timer = self.timer
+        with timer._lock:
+            _, start = timer._open
+            timer.total[self.name] += time.perf_counter() - start
+            timer._open = None
 
 
 class Actor:
@@ -166,6 +184,9 @@ class Actor:
         except BaseException as e:  # surfaced by the run loop
             self.error = e
             self.limiter.close()
+        finally:
+            if getattr(self.env, "close_in_stepping_thread", False):
+                self.env.close()  # its rendering contexts belong to this thread
 
     def step(self) -> bool:
         """One recv -> policy -> send -> store. False once the limiter has closed."""

@@ -1,10 +1,11 @@
-"""Evaluation: run N episodes of a trained policy; write returns (JSON) and one episode's mp4.
+"""Evaluation: run N episodes of a trained policy; write returns (JSON), video and TensorBoard.
 
-    python run.py --eval --logdir DIR [--episodes 10] [--greedy] [--device cpu]
+    python run.py --eval --logdir DIR [--episodes 10] [--greedy] [--seed 0] [--videos 1]
 
-The config comes from the checkpoint. Image envs film their observations; vector-only
-Gymnasium envs are filmed with render_mode="rgb_array" when the env can render (CartPole
-needs pygame); otherwise only the returns are written, and the command says so.
+The config comes from the checkpoint (flags: config.EvalConfig). One line per finished
+episode; Ctrl-C stops and writes what finished. Image envs film their observations;
+vector-only Gymnasium envs are filmed with render_mode="rgb_array" when the env can render
+(CartPole needs pygame); otherwise only the returns are written, and the command says so.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import dataclasses
 import json
 import math
 import os
+import random
+import signal
+import threading
+import time
 
 import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import ConfigError
+from dreamer_fast.config import ConfigError, EvalConfig
 from dreamer_fast.envs import make_env, suite_of
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run.actor import policy_act
-from dreamer_fast.run.logger import write_mp4
+from dreamer_fast.run.logger import Logger
 
 MAX_EVAL_ENVS = 16
 
@@ -41,40 +46,68 @@ def load_agent(path: str, device: str = "auto"):
     return cfg, file, ckpt
 
 
-def run_episodes(cfg, ckpt, episodes: int, greedy: bool):
-    """Returns (returns list, frames (T, H, W, C) uint8 of env 0's first episode or None)."""
-    n = min(episodes, MAX_EVAL_ENVS)
-    per_env = math.ceil(episodes / n)
-    env = make_env(cfg.env, n, cfg.env_opts, seed=cfg.seed + 10_000)
+def seed_all(seed: int) -> None:
+    """Seed the policy's samples (torch, numpy, random)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class Episodes:
+    """Finished episodes in the order they finished, with a line printed for each."""
+
+    def __init__(self, total: int):
+        self.total, self.start = total, time.time()
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+
+    def add(self, ret: float, length: int) -> None:
+        self.returns.append(ret)
+        self.lengths.append(length)
+        print(f"eval episode {len(self.returns)}/{self.total}: return {ret:.1f}, length "
+              f"{length:,}, {time.time() - self.start:.0f} s", flush=True)
+
+
+def run_episodes(cfg, ckpt, ecfg: EvalConfig, seed: int, episodes: Episodes):
+    """Run ecfg.episodes over up to MAX_EVAL_ENVS envs (each env its share, so the set of
+    episodes, not their finishing order, is fixed by the seed). Fills `episodes`; returns
+    (frames (T, H, W, C) uint8 of env 0's first ecfg.videos episodes or None, agent).
+    KeyboardInterrupt leaves what finished in `episodes`."""
+    n = min(ecfg.episodes, MAX_EVAL_ENVS)
+    quota = [ecfg.episodes // n + (j < ecfg.episodes % n) for j in range(n)]
+    env = make_env(cfg.env, n, cfg.env_opts, seed=seed)
     device = torch.device(cfg.device)
     agent = Agent(env.obs_space, env.act_space, cfg.net, cfg.agent, device)
     agent.load_state_dict(ckpt["agent"])
     agent.eval()
     carry = agent.initial_carry(n)
     image = next((k for k, (shape, _) in env.obs_space.items() if len(shape) == 3), None)
-    returns: list[list[float]] = [[] for _ in range(n)]
-    score = np.zeros(n)
-    frames: list[np.ndarray] | None = [] if image else None
+    done = [0] * n
+    score, length = np.zeros(n), np.zeros(n, np.int64)
+    frames: list[np.ndarray] | None = [] if image and ecfg.videos else None
     env.start()
     try:
-        while min(len(r) for r in returns) < per_env:
+        while sum(done) < ecfg.episodes:
             obs = env.recv()
             ids = obs["env_id"]
-            action, _ = policy_act(agent, carry, obs, list(env.obs_space), device, greedy)
+            action, _ = policy_act(agent, carry, obs, list(env.obs_space), device, ecfg.greedy)
             sent = action.argmax(-1) if env.act_space.discrete else action
             env.send(sent.cpu().numpy(), ids)
-            score[ids] = np.where(obs["is_first"], 0.0, score[ids] + obs["reward"])
-            if image and not returns[0] and 0 in ids:  # film env 0's first episode
+            first = obs["is_first"]
+            score[ids] = np.where(first, 0.0, score[ids] + obs["reward"])
+            length[ids] = np.where(first, 0, length[ids] + 1)
+            if frames is not None and done[0] < ecfg.videos and 0 in ids:  # film env 0
                 frames.append(obs[image][list(ids).index(0)].transpose(1, 2, 0))
             for j in ids[obs["is_last"]]:
-                returns[j].append(float(score[j]))
+                if done[j] < quota[j]:
+                    done[j] += 1
+                    episodes.add(float(score[j]), int(length[j]))
     finally:
         env.close()
-    flat = [r for env_returns in returns for r in env_returns[:per_env]][:episodes]
-    return flat, (np.stack(frames) if frames else None), agent
+    return (np.stack(frames) if frames else None), agent
 
 
-def render_episode(cfg, agent, greedy: bool) -> np.ndarray | None:
+def render_episode(cfg, agent, greedy: bool, seed: int) -> np.ndarray | None:
     """Film one episode of a Gymnasium env through render_mode='rgb_array'; None if it can't."""
     import gymnasium
 
@@ -82,12 +115,13 @@ def render_episode(cfg, agent, greedy: bool) -> np.ndarray | None:
 
     try:
         env = gymnasium.make(cfg.env, render_mode="rgb_array")
-        obs, _ = env.reset(seed=cfg.seed + 20_000)
+        obs, _ = env.reset(seed=seed)
         frames = [env.render()]
     except Exception as e:  # e.g. gymnasium.error.DependencyNotInstalled (pygame)
         print(f"cannot render {cfg.env}: {e}")
         return None
-    to_obs = ObsConverter(env.observation_space, cfg.env, channels_last=True)
+    opts = cfg.env_opts
+    to_obs = ObsConverter(env.observation_space, cfg.env, None, opts.image_size, opts.obs_keys)
     to_act = ActConverter(env.action_space, cfg.env)
     batch = lambda o: {k: v[None] for k, v in o.items()} if isinstance(o, dict) else o[None]
     carry, first, last = agent.initial_carry(1), True, False
@@ -104,26 +138,160 @@ def render_episode(cfg, agent, greedy: bool) -> np.ndarray | None:
     return np.stack(frames)
 
 
-def evaluate(path: str, episodes: int = 10, greedy: bool = False, device: str = "auto") -> dict:
-    """Evaluate the checkpoint in `path`; writes <logdir>/eval/returns.json and episode.mp4."""
-    cfg, file, ckpt = load_agent(path, device)
-    returns, frames, agent = run_episodes(cfg, ckpt, episodes, greedy)
-    folder = os.path.join(os.path.dirname(os.path.abspath(file)), "eval")
+def evaluate(ecfg: EvalConfig) -> dict:
+    """Evaluate the checkpoint in ecfg.logdir; writes <logdir>/eval/returns.json, episode.mp4
+    and eval/* to the run's TensorBoard. Returns the result (with `interrupted`)."""
+    cfg, file, ckpt = load_agent(ecfg.logdir, ecfg.device)
+    seed = cfg.seed + 10_000 if ecfg.seed is None else ecfg.seed
+    steps = int(ckpt["counters"]["steps"])
+    print(f"eval {cfg.env}: {ecfg.episodes} episodes of {file} ({steps:,} agent steps), "
+          f"seed {seed}, {'greedy' if ecfg.greedy else 'sampled'} actions", flush=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if ignored
+    seed_all(seed)
+    episodes, frames, agent, interrupted = Episodes(ecfg.episodes), None, None, False
+    try:
+        frames, agent = run_episodes(cfg, ckpt, ecfg, seed, episodes)
+        if frames is None and ecfg.videos and suite_of(cfg.env) == "gymnasium":
+            frames = render_episode(cfg, agent, ecfg.greedy, seed)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"eval interrupted: writing the {len(episodes.returns)} finished episodes",
+              flush=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted)
+
+
+def write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted) -> dict:
+    logdir = os.path.dirname(os.path.abspath(file))
+    folder = os.path.join(logdir, "eval")
     os.makedirs(folder, exist_ok=True)
-    if frames is None and suite_of(cfg.env) == "gymnasium":
-        frames = render_episode(cfg, agent, greedy)
-    video = os.path.join(folder, "episode.mp4")
+    logger = Logger(logdir)
+    video = None
     if frames is not None:
-        write_mp4(video, frames, fps=30)
-    else:
-        video = None
+        video = logger.video(steps, "eval/episode", frames, fps=30,
+                             path=os.path.join(folder, "episode.mp4"))
+    elif ecfg.videos and not interrupted:
         print(f"{cfg.env} has no image observation and cannot render here: "
               "wrote the returns only (no mp4)")
-    result = {"checkpoint": file, "env": cfg.env, "episodes": len(returns), "greedy": greedy,
-              "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
-              "steps": int(ckpt["limiter"]["inserted"]), "video": video}
+    returns = episodes.returns
+    mean = float(np.mean(returns)) if returns else None
+    std = float(np.std(returns)) if returns else None
+    if returns:
+        logger.scalars(steps, {"eval/return": mean, "eval/length": float(np.mean(
+            episodes.lengths)), "eval/return_std": std, "eval/episodes": len(returns)})
+    logger.close()
+    result = {"checkpoint": file, "env": cfg.env, "steps": steps, "seed": seed,
+              "greedy": ecfg.greedy, "episodes": len(returns), "requested": ecfg.episodes,
+              "interrupted": interrupted, "returns": returns, "lengths": episodes.lengths,
+              "mean": mean, "std": std, "video": video}
     with open(os.path.join(folder, "returns.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"eval {cfg.env}: mean return {result['mean']:.1f} +- {result['std']:.1f} over "
-          f"{len(returns)} episodes -> {folder}")
+    if returns:
+        print(f"eval {cfg.env}: mean return {mean:.1f} +- {std:.1f} over {len(returns)} "
+              f"episodes -> {folder}")
     return result
+
+
+class PeriodicEval:
+    """Evaluation during training (`--eval-every` seconds, `--eval-episodes`) in a thread of
+    its own, on envs of its own (seed + 20,000) with a copy of the weights taken at the
+    trigger: the actor and learner never wait for it. One eval at a time (a trigger while one
+    runs is skipped). `pop` hands finished evals to the main loop: {step, returns, lengths,
+    frames (env 0's first episode, image envs) or None}."""
+
+    def __init__(self, cfg, obs_space, act_space, device: torch.device, episodes: int):
+        self.cfg, self.device, self.episodes = cfg, device, episodes
+        self.obs_space, self.act_space = obs_space, act_space
+        self._request: tuple[int, dict] | None = None
+        self._cond = threading.Condition()
+        self._results: list[dict] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.skipped = 0
+        self.thread = threading.Thread(target=self._run, name="eval", daemon=True)
+        self.thread.start()
+
+    def trigger(self, step: int, weights: dict) -> None:
+        """Evaluate `weights` (a CPU state dict of the agent) as of agent step `step`."""
+        with self._cond:
+            if self._request is not None or self._busy:
+                self.skipped += 1
+                return
+            self._request = (step, weights)
+            self._cond.notify()
+
+    _busy = False
+
+    def pop(self) -> list[dict]:
+        with self._cond:
+            out, self._results = self._results, []
+        if self.error is not None:
+            raise RuntimeError(f"periodic evaluation failed: {self.error!r}") from self.error
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        with self._cond:
+            self._cond.notify()
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        agent = None
+        try:
+            while not self.stop.is_set():
+                with self._cond:
+                    while self._request is None and not self.stop.is_set():
+                        self._cond.wait()
+                    if self.stop.is_set():
+                        return
+                    (step, weights), self._request = self._request, None
+                    self._busy = True
+                if agent is None:
+                    agent = Agent(self.obs_space, self.act_space, self.cfg.net, self.cfg.agent,
+                                  self.device)
+                    agent.eval()
+                agent.load_state_dict(weights)
+                # Fresh envs each time, same seeds: every eval sees the same starts.
+                env = make_env(self.cfg.env, min(self.episodes, MAX_EVAL_ENVS),
+                               self.cfg.env_opts, seed=self.cfg.seed + 20_000)
+                try:
+                    result = self._episodes(env, agent)
+                finally:
+                    env.close()
+                with self._cond:
+                    self._busy = False
+                    if result is not None:
+                        self._results.append({"step": step, **result})
+        except BaseException as e:  # surfaced by pop() in the main loop
+            self.error = e
+
+    def _episodes(self, env, agent) -> dict | None:
+        n = env.num_envs
+        quota = [self.episodes // n + (j < self.episodes % n) for j in range(n)]
+        done, score, length = [0] * n, np.zeros(n), np.zeros(n, np.int64)
+        returns, lengths = [], []
+        carry = agent.initial_carry(n)
+        image = next((k for k, (shape, _) in env.obs_space.items() if len(shape) == 3), None)
+        frames: list[np.ndarray] | None = [] if image else None
+        env.start()
+        while sum(done) < self.episodes:
+            if self.stop.is_set():
+                return None
+            obs = env.recv()
+            ids = obs["env_id"]
+            action, _ = policy_act(agent, carry, obs, list(env.obs_space), self.device)
+            sent = action.argmax(-1) if env.act_space.discrete else action
+            env.send(sent.cpu().numpy(), ids)
+            first = obs["is_first"]
+            score[ids] = np.where(first, 0.0, score[ids] + obs["reward"])
+            length[ids] = np.where(first, 0, length[ids] + 1)
+            if frames is not None and done[0] == 0 and 0 in ids:
+                frames.append(obs[image][list(ids).index(0)].transpose(1, 2, 0))
+            for j in ids[obs["is_last"]]:
+                if done[j] < quota[j]:
+                    done[j] += 1
+                    returns.append(float(score[j]))
+                    lengths.append(int(length[j]))
+        return {"returns": returns, "lengths": lengths,
+                "frames": np.stack(frames) if frames else None}

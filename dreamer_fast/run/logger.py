@@ -1,8 +1,9 @@
 """What the user sees: a live progress line, TensorBoard scalars/images, metrics.jsonl, videos.
 
 Scalars go to TensorBoard (torch.utils.tensorboard) and, one JSON object per log, to
-<logdir>/metrics.jsonl. Open-loop report videos are mp4 files under <logdir>/reports/ (TensorBoard's
-add_video would need moviepy), with a strip of frames in TensorBoard as an image.
+<logdir>/metrics.jsonl. Videos (open-loop reports, evaluation episodes) are mp4 files under
+<logdir> and TensorBoard video summaries: animated GIFs in the Images tab, the format
+TensorBoard's own add_video writes (encoded here with Pillow, so moviepy is not needed).
 """
 
 from __future__ import annotations
@@ -17,24 +18,51 @@ import numpy as np
 import torch
 
 
+def check_wandb() -> None:
+    """ConfigError naming the install command when --track cannot import wandb."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from dreamer_fast.config import ConfigError
+
+        raise ConfigError("--track logs to Weights & Biases, which is not installed: pip "
+                          "install wandb (or pip install -e '.[wandb]'), or drop --track") from None
+
+
 class Logger:
-    """Writes scalars to TensorBoard and metrics.jsonl; prints the progress line.
+    """Writes scalars to TensorBoard and metrics.jsonl (and W&B with `cfg.track`); prints the
+    progress line.
 
-    enabled=False (data-parallel ranks > 0: rank 0 alone logs) makes every method a no-op."""
+    enabled=False (data-parallel ranks > 0: rank 0 alone logs) makes every method a no-op.
+    cfg (a Config with track set): the same scalars and videos go to a W&B run named
+    cfg.name (else the logdir's name), resumed with the run (its id is `run_id`)."""
 
-    def __init__(self, logdir: str, enabled: bool = True):
+    def __init__(self, logdir: str, enabled: bool = True, cfg=None, run_id: str | None = None):
         self.logdir, self.enabled = logdir, enabled
         self.tty = sys.stdout.isatty()
+        self.wandb = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(logdir)
         self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        if cfg is not None and cfg.track:
+            check_wandb()
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, entity=cfg.wandb_entity,
+                name=cfg.name or os.path.basename(os.path.abspath(logdir)), dir=logdir,
+                config=dataclasses.asdict(cfg), id=run_id, resume="allow")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self.wandb is not None:
+            self.wandb.log({k: float(v) for k, v in values.items()}, step=step)
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}
@@ -59,16 +87,25 @@ class Logger:
             sys.stdout.write("\n")
         print(text, flush=True)
 
-    def video(self, step: int, name: str, frames: np.ndarray) -> str:
-        """frames (T, H, W, C) uint8 -> <logdir>/reports/<name>-<step>.mp4 and a TB strip."""
-        folder = os.path.join(self.logdir, "reports")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{name.replace('/', '_')}-{step}.mp4")
+    def video(self, step: int, name: str, frames: np.ndarray, fps: int = 16,
+              path: str | None = None) -> str:
+        """frames (T, H, W, C) uint8 -> an mp4 (default <logdir>/reports/<name>-<step>.mp4)
+        and a TensorBoard video summary `name` of the first TB_VIDEO_FRAMES frames."""
+        if path is None:
+            folder = os.path.join(self.logdir, "reports")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{name.replace('/', '_')}-{step}.mp4")
         frames = displayable(frames)
-        write_mp4(path, frames)
-        every = max(1, len(frames) // 8)
-        strip = np.concatenate(list(frames[::every][:8]), 1)
-        self.writer.add_image(name, strip, step, dataformats="HWC")
+        write_mp4(path, frames, fps=fps)
+        if self.enabled:
+            self.writer._get_file_writer().add_summary(
+                video_summary(name, frames[:TB_VIDEO_FRAMES], fps), step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            # From the mp4 file: raw frames would need moviepy to encode.
+            self.wandb.log({name: wandb.Video(path, format="mp4")}, step=step)
         return path
 
     def close(self) -> None:
@@ -76,6 +113,29 @@ class Logger:
             return
         self.writer.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+TB_VIDEO_FRAMES = 500
+"""Frames of a video kept in TensorBoard (the mp4 keeps all): a long episode's GIF would be
+tens of MB in the event file."""
+
+
+def video_summary(tag: str, frames: np.ndarray, fps: int):
+    """A TensorBoard video summary: (T, H, W, 3) uint8 frames as one animated GIF image."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
+    T, H, W, C = frames.shape
+    image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=buf.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 def displayable(frames: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import torch
 
 from dreamer_fast.config import Config, RunError
@@ -33,6 +34,7 @@ from dreamer_fast.run.logger import Logger
 from dreamer_fast.run.replicas import check_replicas, ranks_str
 from dreamer_fast.run.session import Run, resolve
 from dreamer_fast.run import estimate
+from dreamer_fast.run.evaluate import PeriodicEval
 from dreamer_fast.run.stats import Progress, Stats, feasibility_note, log, report, startup_line
 
 
@@ -124,8 +126,11 @@ def _train(run: Run, signals: StopSignals) -> None:
         if note := feasibility_note(cfg, run.ring.inserted, rate,
                                     f"estimated for {cfg.model} on this {run.device.type}"):
             print(note, flush=True)
-    logger = Logger(cfg.logdir, enabled=D.is_main())
+    logger = Logger(cfg.logdir, enabled=D.is_main(), cfg=cfg, run_id=run.run_id)
     run.start()
+    if cfg.eval_every > 0 and D.is_main():
+        run.evaluator = PeriodicEval(cfg, run.env.obs_space, run.env.act_space, run.device,
+                                     cfg.eval_episodes)
     stats = Stats(run)
     try:
         finished = (loop if run.world == 1 else loop_replicas)(run, stats, logger, signals)
@@ -139,10 +144,31 @@ def _train(run: Run, signals: StopSignals) -> None:
     finish(run, stats, logger, finished)
 
 
+def evaluation(run: Run, logger: Logger, clock: Every | None) -> None:
+    """Periodic evaluation (rank 0): trigger one on its clock with a copy of the weights, and
+    log the ones that finished."""
+    if run.evaluator is None:
+        return
+    for result in run.evaluator.pop():
+        returns = result["returns"]
+        logger.scalars(result["step"], {
+            "eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
+            "eval/length": float(np.mean(result["lengths"])), "eval/episodes": len(returns)})
+        if result["frames"] is not None:
+            logger.video(result["step"], "eval/episode", result["frames"], fps=30)
+    if clock is not None and clock():
+        with run.learner.lock:
+            weights = checkpoint.cpu_copy(run.agent.state_dict())
+        run.evaluator.trigger(run.ring.inserted, weights)
+
+
 def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
     """Stop the threads, log and report a last time, save, close. The final save is checked
     like every save (non-finite losses stop unsaved); without disk space it is an error."""
     try:
+        if run.evaluator is not None:
+            run.evaluator.close()
+            evaluation(run, logger, None)  # a finished last eval is still logged
         run.stop(finished)
         log(run, stats, logger)
         steps = run.ring.inserted if run.world == 1 else run.global_steps
@@ -164,7 +190,8 @@ def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
     cfg = run.cfg
     progress = Progress(cfg)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
-              "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
+              "report": Every(cfg.report_every), "save": Every(cfg.save_every),
+              "eval": Every(cfg.eval_every)}
     while not signals.stop.wait(0.2):
         run.check_threads()
         if not run.threads[0].is_alive():
@@ -180,6 +207,7 @@ def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
             report(run, logger, run.ring.inserted)
         if clocks["save"]():
             run.save()
+        evaluation(run, logger, clocks["eval"])
     logger.message(f"{signals.name}: stopping and saving")
     return False
 
@@ -192,7 +220,8 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) 
     cfg, main = run.cfg, D.is_main()
     progress = Progress(cfg, run.world)
     clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
-              "report": Every(cfg.report_every), "save": Every(cfg.save_every)}
+              "report": Every(cfg.report_every), "save": Every(cfg.save_every),
+              "eval": Every(cfg.eval_every)}
     while True:
         signals.stop.wait(0.2)
         done = run.actor_done()  # read before `failed`: a failure ends the actor
@@ -219,5 +248,7 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) 
                 logger.message(note)
         if main and clocks["report"]():
             report(run, logger, run.global_steps)
+        if main:
+            evaluation(run, logger, clocks["eval"])
         if rows[0, 5]:
             run.save()

@@ -19,7 +19,7 @@ import torch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
-from dreamer_fast.data.ring import Ring, replay_capacity, replay_spec
+from dreamer_fast.data.ring import RING_MARGIN, Ring, replay_capacity, replay_spec
 from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, list_replay,
                                      read_manifest, remove_stale_temps)
 from dreamer_fast.envs import make_env
@@ -29,7 +29,13 @@ from dreamer_fast.run.actor import Actor, PolicyWeights
 from dreamer_fast.run.device import set_cpu_threads, update_memory, warn_large_on_cpu
 from dreamer_fast.run.graphs import GraphedPolicy, GraphedTrainStep, compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
+from dreamer_fast.run.logger import check_wandb
 from dreamer_fast.run.replicas import Lockstep
+
+
+REPLAY_RAM_SHARE = {True: 0.75, False: 0.4}
+"""Share of the RAM left after the training memory an automatic replay may take, with a GPU
+(True) and on a CPU (False); the --replay.capacity help states both."""
 
 
 def resolve(cfg: Config) -> Config:
@@ -38,8 +44,17 @@ def resolve(cfg: Config) -> Config:
     if cfg.logdir is None and D.world_size() > 1:  # one folder: rank 0's clock names it
         now = float(D.control_all_gather(torch.tensor([now], dtype=torch.float64))[0, 0])
     stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(now))
-    logdir = cfg.logdir or os.path.join(
-        "logdir", f"{cfg.env.replace(':', '_').replace('/', '_')}-{stamp}")
+    name = (cfg.name or cfg.env).replace(":", "_").replace("/", "_")
+    logdir = cfg.logdir or os.path.join("logdir", f"{name}-{stamp}")
+    if cfg.track:
+        check_wandb()
+    # Before anything is built: a replay too small for one window per stream.
+    need = (cfg.agent.batch_length + 1 + RING_MARGIN) * cfg.num_envs
+    if 0 < cfg.replay.capacity < need:
+        raise ConfigError(
+            f"invalid config: replay.capacity={cfg.replay.capacity}; allowed: 0 (automatic) or "
+            f">= {need:,} ({cfg.num_envs} envs x (batch_length {cfg.agent.batch_length} + 1 + "
+            f"{RING_MARGIN} margin steps) per env stream)")
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,9 +92,9 @@ class Run:
             spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
             # CPU: the page cache, the envs and the update's peaks need slack beyond the
             # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
-            (0.75 if self.device.type == "cuda" else 0.4) / local,
+            REPLAY_RAM_SHARE[self.device.type == "cuda"] / local,
             reserve=update_memory(cfg, spec) * local, steps=self.budget,
-            minimum=cfg.num_envs * (T + 1 + 8))
+            minimum=cfg.num_envs * (T + 1 + RING_MARGIN))
         if self.world > 1:  # ranks measure free RAM at slightly different moments: agree
             capacity = int(D.control_all_gather(
                 torch.tensor([capacity], dtype=torch.float64))[:, 0].min())
@@ -95,6 +110,7 @@ class Run:
         self.limiter = RateLimiter(cfg.train_ratio, B * T, cfg.num_envs * (T + 1) + B * T)
         self.counters = {"steps": 0, "updates": 0, "elapsed_s": 0.0, "save_id": 0}
         self.run_id: str | None = None  # set by resume (saved) or a fresh start (new)
+        self.evaluator = None  # evaluate.PeriodicEval with --eval-every (rank 0), set by loop
         self.store: ChunkStore | None = None
         self.writer_error: BaseException | None = None
         self._writer_stop = threading.Event()

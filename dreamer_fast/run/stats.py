@@ -35,8 +35,8 @@ class Stats:
         r = self.run
         return {"time": time.time(), "steps": r.ring.inserted, "updates": r.learner.updates,
                 **{f"wait/{k}": v for k, v in r.limiter.stats().items() if k.endswith("wait_s")},
-                **{f"time/actor/{k}": v for k, v in r.actor.timer.total.items()},
-                **{f"time/learner/{k}": v for k, v in r.learner.timer.total.items()}}
+                **{f"time/actor/{k}": v for k, v in r.actor.timer.read().items()},
+                **{f"time/learner/{k}": v for k, v in r.learner.timer.read().items()}}
 
     def rates(self, now: dict | None = None) -> dict:
         now = now or self.snapshot()
@@ -238,7 +238,7 @@ def report(run: Run, logger: Logger, step: int) -> None:
     logger.scalars(step, {k: float(v) for k, v in out.items() if k.startswith("openloop/")})
     for key, value in out.items():
         if isinstance(value, tuple) and value[0].dim() == 5:
-            path = logger.video(step, f"openloop/{key}", openloop_frames(*value))
+            path = logger.video(step, f"openloop_video/{key}", openloop_frames(*value))
             logger.message(f"report: {path}")
 
 
