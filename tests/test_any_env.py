@@ -283,17 +283,17 @@ def test_achievements_score_is_the_crafter_geometric_mean():
 
 def test_crafter_env_contract():
     pytest.importorskip("crafter")
-    env = make_env("crafter", 2, replace(GYM, time_limit=5))
+    env = make_env("crafter", 1, replace(GYM, time_limit=5))
     assert env.obs_space == {"image": ((3, 64, 64), np.dtype(np.uint8))}
     assert env.act_space == ActSpace(True, 17) and len(env.log_keys) == 22
     env.start()
     step = env.recv()
-    assert step["is_first"].all() and step["image"].shape == (2, 3, 64, 64)
+    assert step["is_first"].all() and step["image"].shape == (1, 3, 64, 64)
     lasts = 0
     for t in range(12):
-        env.send(np.full(2, 5), step["env_id"])  # 5 = do (collects what is in front)
+        env.send(np.full(1, 5), step["env_id"])  # 5 = do (collects what is in front)
         step = env.recv()
-        assert all(step[k].shape == (2,) for k in env.log_keys)
+        assert all(step[k].shape == (1,) for k in env.log_keys)
         lasts += int(step["is_last"].sum())
         assert not (step["is_last"] & step["is_terminal"]).any()  # time limit: truncation
     assert lasts >= 2
@@ -329,8 +329,8 @@ def _metrics(logdir):
 
 def test_crafter_run_logs_achievements_and_score(tmp_path):
     pytest.importorskip("crafter")
-    out = _run(["--env", "crafter", "--model", "debug", "--steps", "400", "--num-envs", "2",
-                "--env-opts.time-limit", "60", "--train-ratio", "4", "--log-every", "1",
+    out = _run(["--env", "crafter", "--model", "debug", "--steps", "240", "--num-envs", "2",
+                "--env-opts.time-limit", "40", "--train-ratio", "4", "--log-every", "1",
                 "--agent.batch-size", "2", "--agent.batch-length", "8",
                 "--replay.capacity", "1000"], tmp_path)
     assert "preset crafter (Crafter, the official crafter config; --preset to change)" in out
@@ -346,7 +346,7 @@ def test_flappy_bird_from_pixels_trains_with_a_report_video(tmp_path):
     """A 288x512 phone-style game from its render() frames, no wrapper code."""
     pytest.importorskip("flappy_bird_gymnasium")
     out = _run(["--env", "flappy_bird_gymnasium:FlappyBird-v0", "--env-opts.render-image",
-                "--env-opts.obs-keys", "image", "--model", "debug", "--steps", "300",
+                "--env-opts.obs-keys", "image", "--model", "debug", "--steps", "200",
                 "--num-envs", "2", "--train-ratio", "8", "--log-every", "1",
                 "--report-every", "1", "--agent.batch-size", "2",
                 "--agent.batch-length", "8", "--replay.capacity", "1000"], tmp_path)
