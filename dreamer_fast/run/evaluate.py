@@ -75,7 +75,10 @@ def run_episodes(cfg, ckpt, ecfg: EvalConfig, seed: int, episodes: Episodes):
     KeyboardInterrupt leaves what finished in `episodes`."""
     n = min(ecfg.episodes, MAX_EVAL_ENVS)
     quota = [ecfg.episodes // n + (j < ecfg.episodes % n) for j in range(n)]
-    env = make_env(cfg.env, n, cfg.env_opts, seed=seed)
+    try:
+        env = make_env(cfg.env, n, cfg.env_opts, seed=seed)
+    except ValueError as e:  # e.g. the env's package is not installed here
+        raise ConfigError(str(e)) from e
     device = torch.device(cfg.device)
     agent = Agent(env.obs_space, env.act_space, cfg.net, cfg.agent, device)
     agent.load_state_dict(ckpt["agent"])
