@@ -9,6 +9,7 @@ then lets any field be overridden.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, get_args
@@ -36,6 +37,21 @@ class RunError(ConfigError):
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid config: {name}={value!r}; allowed: {allowed}")
+
+
+def match_keys(keys, pattern: str, name: str) -> list[str]:
+    """The keys that `pattern` (a regex) matches in full, in their order; ConfigError naming
+    the field `name` for a bad regex or when none matches (--env-opts.obs-keys,
+    --agent.enc-keys, --agent.dec-keys)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"invalid config: {name}={pattern!r} is not a regex ({e})") from None
+    out = [k for k in keys if regex.fullmatch(k)]
+    if not out:
+        raise ConfigError(f"invalid config: {name}={pattern!r} matches none of the "
+                          f"observation keys {sorted(keys)}")
+    return out
 
 
 def _positive(obj, prefix: str, names: tuple[str, ...]) -> None:
@@ -93,8 +109,9 @@ class NetConfig:
     strided: bool = False
     """Stride-2 convolutions in the image encoder and fractionally strided ones in the
     decoder, instead of stride 1 with max-pool / nearest upsampling (the official
-    `enc.simple.strided` / `dec.simple.strided`): about 4x fewer convolution FLOPs, the
-    same parameters."""
+    `enc.simple.strided` / `dec.simple.strided`): each conv computes a quarter of the
+    outputs (encoder) or skips the inserted zeros (decoder), so about 4x fewer convolution
+    multiply-adds; the same parameters."""
 
     def __post_init__(self):
         _positive(self, "net.", ("deter", "hidden", "stoch", "classes", "blocks", "depth",

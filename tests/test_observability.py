@@ -37,6 +37,21 @@ def cli(*args, timeout=180):
     return out.returncode, out.stdout + out.stderr
 
 
+def read_until(proc, pattern: str, timeout: float = 150) -> list[str]:
+    """The child's output lines up to the first that matches `pattern`; kills it and fails
+    with its output if it ends or the time runs out first."""
+    lines, end = [], time.time() + timeout
+    while time.time() < end:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("".join(lines))
+
+
 def tb_tags(logdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -82,16 +97,7 @@ def test_eval_ctrl_c_writes_the_finished_episodes(run_dir):
     proc = subprocess.Popen([sys.executable, "run.py", "--eval", "--logdir", str(run_dir),
                              "--episodes", "2000", "--videos", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    end = time.time() + 150
-    while time.time() < end:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("eval episode 3/2000"):
-            break
-    else:
-        proc.kill()
-        raise AssertionError("".join(lines))
+    lines = read_until(proc, r"eval episode 3/2000")
     proc.send_signal(signal.SIGINT)
     out = "".join(lines) + proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "Traceback" not in out, out
@@ -243,14 +249,7 @@ def test_ctrl_c_of_a_dm_control_pixels_run_prints_no_egl_noise(tmp_path):
                              "--agent.batch-length", "8", "--agent.batch-size", "2",
                              "--log-every", "1", "--logdir", str(tmp_path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, end = [], time.time() + 150
-    while time.time() < end:
-        lines.append(proc.stdout.readline())
-        if re.search(r"step [\d,]+/.* [1-9][\d.]* updates/s", lines[-1]):
-            break
-    else:
-        proc.kill()
-        raise AssertionError("".join(lines))
+    lines = read_until(proc, r"step [\d,]+/.* [1-9][\d.]* updates/s")
     proc.send_signal(signal.SIGINT)
     out = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "SIGINT: stopping and saving" in out, out

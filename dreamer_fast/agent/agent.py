@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import math
 import os
-import re
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from dreamer_fast.agent.dists import one_hot
 from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
-from dreamer_fast.config import AgentConfig, ConfigError, NetConfig
+from dreamer_fast.config import AgentConfig, ConfigError, NetConfig, match_keys
 from kernels import get_ops
 
 LOSSES = tuple(f.name for f in dataclasses.fields(AgentConfig().loss))
@@ -32,15 +31,7 @@ TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")
 
 def select_keys(obs_space: dict, pattern: str, name: str) -> dict:
     """The entries of obs_space whose key matches `pattern` in full; ConfigError if none."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"invalid config: {name}={pattern!r} is not a regex ({e})") from None
-    out = {k: v for k, v in obs_space.items() if regex.fullmatch(k)}
-    if not out:
-        raise ConfigError(f"invalid config: {name}={pattern!r} matches none of the observation "
-                          f"keys {sorted(obs_space)}")
-    return out
+    return {k: obs_space[k] for k in match_keys(obs_space, pattern, name)}
 
 
 def resolve_kernels(impl: str, device: torch.device) -> str:

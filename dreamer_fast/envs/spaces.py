@@ -16,11 +16,10 @@ full) are dropped before anything else, so an unsupported entry can be left out.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 from gymnasium import spaces
 
+from dreamer_fast.config import match_keys
 from dreamer_fast.envs.base import ActSpace, BoxAction, ObsSpace, check_obs_space
 
 
@@ -82,14 +81,7 @@ class ObsConverter:
             name = ("image" if image_layout(space, channels_last) else
                     "state" if _categorical(space) else "vector")
             entries = {name: space}
-        try:
-            pattern = re.compile(keys)
-        except re.error as e:
-            raise ValueError(f"env_opts.obs_keys={keys!r} is not a regex: {e}") from None
-        kept = {k: v for k, v in entries.items() if pattern.fullmatch(k)}
-        if not kept:
-            raise ValueError(f"env {env_id!r}: env_opts.obs_keys={keys!r} matches none of the "
-                             f"observation keys {sorted(entries)}")
+        kept = {k: entries[k] for k in match_keys(entries, keys, "env_opts.obs_keys")}
         self.entries = kept
         self.obs_space: ObsSpace = {}
         self.notes: list[str] = []

@@ -68,43 +68,53 @@ class Episodes:
               f"{length:,}, {time.time() - self.start:.0f} s", flush=True)
 
 
-def run_episodes(cfg, ckpt, ecfg: EvalConfig, seed: int, episodes: Episodes):
-    """Run ecfg.episodes over up to MAX_EVAL_ENVS envs (each env its share, so the set of
-    episodes, not their finishing order, is fixed by the seed). Fills `episodes`; returns
-    (frames (T, H, W, C) uint8 of env 0's first ecfg.videos episodes or None, agent).
-    KeyboardInterrupt leaves what finished in `episodes`."""
-    n = min(ecfg.episodes, MAX_EVAL_ENVS)
-    quota = [ecfg.episodes // n + (j < ecfg.episodes % n) for j in range(n)]
-    try:
-        env = make_env(cfg.env, n, cfg.env_opts, seed=seed)
-    except ValueError as e:  # e.g. the env's package is not installed here
-        raise ConfigError(str(e)) from e
-    device = torch.device(cfg.device)
-    agent = Agent(env.obs_space, env.act_space, cfg.net, cfg.agent, device)
-    agent.load_state_dict(ckpt["agent"])
-    agent.eval()
+def play(env, agent, episodes: int, greedy: bool = False, film: int = 0,
+         on_episode=None, stop: threading.Event | None = None) -> list[np.ndarray] | None:
+    """Run `episodes` episodes of `agent` on `env` (started here); each env its share, so
+    the set of episodes, not their finishing order, is fixed by the env seeds. Calls
+    on_episode(return, length) per finished episode. Returns env 0's frames (H, W, C) of its
+    first `film` episodes (image envs; None otherwise), or None early when `stop` is set.
+    KeyboardInterrupt propagates with what finished already reported."""
+    n = env.num_envs
+    quota = [episodes // n + (j < episodes % n) for j in range(n)]
+    done, score, length = [0] * n, np.zeros(n), np.zeros(n, np.int64)
     carry = agent.initial_carry(n)
     image = next((k for k, (shape, _) in env.obs_space.items() if len(shape) == 3), None)
-    done = [0] * n
-    score, length = np.zeros(n), np.zeros(n, np.int64)
-    frames: list[np.ndarray] | None = [] if image and ecfg.videos else None
+    frames: list[np.ndarray] | None = [] if image and film else None
     env.start()
+    while sum(done) < episodes:
+        if stop is not None and stop.is_set():
+            return None
+        obs = env.recv()
+        ids = obs["env_id"]
+        action, _ = policy_act(agent, carry, obs, list(env.obs_space), agent.device, greedy)
+        sent = action.argmax(-1) if env.act_space.discrete else action
+        env.send(sent.cpu().numpy(), ids)
+        first = obs["is_first"]
+        score[ids] = np.where(first, 0.0, score[ids] + obs["reward"])
+        length[ids] = np.where(first, 0, length[ids] + 1)
+        if frames is not None and done[0] < film and 0 in ids:  # film env 0
+            frames.append(obs[image][list(ids).index(0)].transpose(1, 2, 0))
+        for j in ids[obs["is_last"]]:
+            if done[j] < quota[j]:
+                done[j] += 1
+                if on_episode is not None:
+                    on_episode(float(score[j]), int(length[j]))
+    return frames
+
+
+def run_episodes(cfg, ckpt, ecfg: EvalConfig, seed: int, episodes: Episodes):
+    """The eval command's episodes over up to MAX_EVAL_ENVS envs; fills `episodes`. Returns
+    (frames (T, H, W, C) uint8 of env 0's first ecfg.videos episodes or None, agent)."""
     try:
-        while sum(done) < ecfg.episodes:
-            obs = env.recv()
-            ids = obs["env_id"]
-            action, _ = policy_act(agent, carry, obs, list(env.obs_space), device, ecfg.greedy)
-            sent = action.argmax(-1) if env.act_space.discrete else action
-            env.send(sent.cpu().numpy(), ids)
-            first = obs["is_first"]
-            score[ids] = np.where(first, 0.0, score[ids] + obs["reward"])
-            length[ids] = np.where(first, 0, length[ids] + 1)
-            if frames is not None and done[0] < ecfg.videos and 0 in ids:  # film env 0
-                frames.append(obs[image][list(ids).index(0)].transpose(1, 2, 0))
-            for j in ids[obs["is_last"]]:
-                if done[j] < quota[j]:
-                    done[j] += 1
-                    episodes.add(float(score[j]), int(length[j]))
+        env = make_env(cfg.env, min(ecfg.episodes, MAX_EVAL_ENVS), cfg.env_opts, seed=seed)
+    except ValueError as e:  # e.g. the env's package is not installed here
+        raise ConfigError(str(e)) from e
+    agent = Agent(env.obs_space, env.act_space, cfg.net, cfg.agent, torch.device(cfg.device))
+    agent.load_state_dict(ckpt["agent"])
+    agent.eval()
+    try:
+        frames = play(env, agent, ecfg.episodes, ecfg.greedy, ecfg.videos, episodes.add)
     finally:
         env.close()
     return (np.stack(frames) if frames else None), agent
@@ -270,31 +280,10 @@ class PeriodicEval:
             self.error = e
 
     def _episodes(self, env, agent) -> dict | None:
-        n = env.num_envs
-        quota = [self.episodes // n + (j < self.episodes % n) for j in range(n)]
-        done, score, length = [0] * n, np.zeros(n), np.zeros(n, np.int64)
         returns, lengths = [], []
-        carry = agent.initial_carry(n)
-        image = next((k for k, (shape, _) in env.obs_space.items() if len(shape) == 3), None)
-        frames: list[np.ndarray] | None = [] if image else None
-        env.start()
-        while sum(done) < self.episodes:
-            if self.stop.is_set():
-                return None
-            obs = env.recv()
-            ids = obs["env_id"]
-            action, _ = policy_act(agent, carry, obs, list(env.obs_space), self.device)
-            sent = action.argmax(-1) if env.act_space.discrete else action
-            env.send(sent.cpu().numpy(), ids)
-            first = obs["is_first"]
-            score[ids] = np.where(first, 0.0, score[ids] + obs["reward"])
-            length[ids] = np.where(first, 0, length[ids] + 1)
-            if frames is not None and done[0] == 0 and 0 in ids:
-                frames.append(obs[image][list(ids).index(0)].transpose(1, 2, 0))
-            for j in ids[obs["is_last"]]:
-                if done[j] < quota[j]:
-                    done[j] += 1
-                    returns.append(float(score[j]))
-                    lengths.append(int(length[j]))
+        frames = play(env, agent, self.episodes, film=1, stop=self.stop,
+                      on_episode=lambda r, n: (returns.append(r), lengths.append(n)))
+        if self.stop.is_set():
+            return None
         return {"returns": returns, "lengths": lengths,
                 "frames": np.stack(frames) if frames else None}
