@@ -3,6 +3,8 @@
     python run.py --env Pong-v5 --num-envs 64              # train (resumes an existing --logdir)
     torchrun --nproc-per-node 2 run.py --env Pong-v5       # data parallel: one process per GPU,
                                                            # each with its own envs and replay
+    python run.py --offline SOURCE --env CartPole-v1 [--updates N]   # train from a fixed
+                                                           # dataset (a replay folder, Minari)
     python run.py --eval --logdir DIR [--episodes 10] [--greedy] [--seed 0]
     python run.py --eval --help                            # evaluation's flags
     python run.py --help                                   # every flag, with its default
@@ -25,14 +27,19 @@ def main(argv: list[str]) -> None:
             if evaluate(parse_eval([a for a in argv if a != "--eval"]))["interrupted"]:
                 sys.exit(130)
         else:
-            from dreamer_fast.run.loop import train
-
             choice = choose(argv, route)
             cfg = parse(argv, choice=choice)
             if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
                 for note in choice.notes:
                     print(note, flush=True)
-            train(cfg)
+            if cfg.offline is not None:
+                from dreamer_fast.run.offline import train_offline
+
+                train_offline(cfg)
+            else:
+                from dreamer_fast.run.loop import train
+
+                train(cfg)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

@@ -399,9 +399,19 @@ class Config:
     """Seconds between reports (open-loop video predictions)."""
     save_every: float = 900.0
     """Seconds between checkpoints."""
+    offline: str | None = None
+    """Train from a fixed dataset, no env stepping: a replay folder of this project (a run's
+    logdir, or its replay/) or a Minari dataset (its folder, or its id in the local Minari
+    store). --env gives the observation and action spaces (and the envs of --eval-every)."""
+    updates: int = 0
+    """With --offline: updates to train for; 0 = as many as an online run makes from that
+    many steps (dataset steps x train_ratio / (batch_size x batch_length))."""
 
     def __post_init__(self):
         _check(bool(self.env), "env", self.env, "a non-empty environment id")
+        _check(self.updates >= 0, "updates", self.updates, "an int >= 0")
+        _check(self.updates == 0 or self.offline is not None, "updates", self.updates,
+               "0 without --offline (an online run stops at --steps)")
         _positive(self, "", ("num_envs", "steps", "train_ratio", "log_every", "report_every",
                              "save_every"))
         _check(self.preset is None or self.preset in DOMAIN_NAMES, "preset", self.preset,
@@ -566,6 +576,33 @@ class EvalConfig:
     def __post_init__(self):
         _check(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")
         _check(self.videos >= 0, "videos", self.videos, "an int >= 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Write a run's replay as a Minari dataset: python -m dreamer_fast.export --logdir DIR
+    --minari NAME. One Minari episode per stored episode (observations in Gymnasium layout,
+    discrete actions as indices, continuous ones in the env's bounds), written to the local
+    Minari store (MINARI_DATASETS_PATH, default ~/.minari/datasets)."""
+
+    logdir: str
+    """Run folder (or its replay/ folder) whose replay to export."""
+    minari: str
+    """Minari dataset id to create, e.g. cartpole/dreamer-v0 (must not exist yet)."""
+    env: str | None = None
+    """Env id the data was collected on; default the run's (from its config.json). A
+    Gymnasium id is recorded in the dataset (recover_environment) and gives the action
+    bounds."""
+    jpeg: bool = False
+    """JPEG-encode image observations (smaller, lossy); default raw arrays (lossless)."""
+    description: str = ""
+    """Free text stored with the dataset."""
+
+
+def parse_export(argv: list[str]) -> ExportConfig:
+    """ExportConfig from the flags of `python -m dreamer_fast.export`."""
+    return tyro.cli(ExportConfig, args=argv, prog="python -m dreamer_fast.export",
+                    description=ExportConfig.__doc__)
 
 
 def parse_eval(argv: list[str]) -> EvalConfig:

@@ -13,7 +13,8 @@ ALLOWED = {
     "config": set(),
     "agent": {"config", "agent"},
     "envs": {"config", "envs"},
-    "data": {"config", "data", "envs.base"},
+    "data": {"config", "data", "envs.base", "envs.spaces"},
+    "export": {"config", "data", "envs"},
     "run": {"config", "agent", "envs", "data", "run"},
     "plot": set(),  # reads run folders' files only
 }

@@ -2,8 +2,11 @@
 
 ring (the lock-free per-stream ring buffer with latent write-back, what a step holds and how
 many steps fit in RAM), limiter (the samples-per-insert rate limiter that holds the train
-ratio), synthetic (random batches in the learner's input layout, for tests and benches).
+ratio), store (the replay on disk), datasets (fixed datasets for offline training: replay
+folders and Minari), synthetic (random batches in the learner's input layout, for tests and
+benches).
 
-May import: torch, numpy, `dreamer_fast.config` and `dreamer_fast.envs.base` (the step format).
+May import: torch, numpy, `dreamer_fast.config`, `dreamer_fast.envs.base` (the step format)
+and `dreamer_fast.envs.spaces` (the observation and action space rules).
 Imports nothing of `agent` or `run`.
 """

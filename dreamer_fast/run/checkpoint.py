@@ -39,7 +39,8 @@ REPLAY = "replay.pt"
 RUNTIME_FIELDS = ("steps", "logdir", "device", "log_every", "report_every", "save_every",
                   "agent.kernels", "agent.precision", "graphs", "compile",
                   "replay.resume_empty", "replay.keep_chunks", "name", "track",
-                  "wandb_project", "wandb_entity", "eval_every", "eval_episodes")
+                  "wandb_project", "wandb_entity", "eval_every", "eval_episodes",
+                  "offline", "updates")
 """Config fields that may change between a run and its resume; all others must match."""
 
 

@@ -156,8 +156,12 @@ def evaluate(ecfg: EvalConfig) -> dict:
     and eval/* to the run's TensorBoard. Returns the result (with `interrupted`)."""
     cfg, file, ckpt = load_agent(ecfg.logdir, ecfg.device)
     seed = cfg.seed + 10_000 if ecfg.seed is None else ecfg.seed
-    steps = int(ckpt["counters"]["steps"])
-    print(f"eval {cfg.env}: {ecfg.episodes} episodes of {file} ({steps:,} agent steps), "
+    counters = ckpt["counters"]
+    # The x-axis of the run's TensorBoard: agent steps, or updates for an offline run.
+    steps = int(counters["updates"] if counters.get("offline") else counters["steps"])
+    trained = (f"{steps:,} offline updates" if counters.get("offline") else
+               f"{steps:,} agent steps")
+    print(f"eval {cfg.env}: {ecfg.episodes} episodes of {file} ({trained}), "
           f"seed {seed}, {'greedy' if ecfg.greedy else 'sampled'} actions", flush=True)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if ignored
     seed_all(seed)

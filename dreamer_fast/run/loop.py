@@ -144,9 +144,10 @@ def _train(run: Run, signals: StopSignals) -> None:
     finish(run, stats, logger, finished)
 
 
-def evaluation(run: Run, logger: Logger, clock: Every | None) -> None:
+def evaluation(run: Run, logger: Logger, clock: Every | None, step: int | None = None) -> None:
     """Periodic evaluation (rank 0): trigger one on its clock with a copy of the weights, and
-    log the ones that finished."""
+    log the ones that finished (at the agent step of the trigger, or `step`: offline, the
+    update count)."""
     if run.evaluator is None:
         return
     for result in run.evaluator.pop():
@@ -159,7 +160,7 @@ def evaluation(run: Run, logger: Logger, clock: Every | None) -> None:
     if clock is not None and clock():
         with run.learner.lock:
             weights = checkpoint.cpu_copy(run.agent.state_dict())
-        run.evaluator.trigger(run.ring.inserted, weights)
+        run.evaluator.trigger(run.ring.inserted if step is None else step, weights)
 
 
 def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
