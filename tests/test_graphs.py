@@ -215,3 +215,23 @@ def test_graphed_policy_matches_eager():
         torch.testing.assert_close(l2["deter"].float(), l1["deter"].float(), rtol=2e-2, atol=1e-2)
     for k in carry_e:
         torch.testing.assert_close(carry_g[k], carry_e[k], rtol=1e-3, atol=1e-4)
+
+
+def test_gpu_path_update_has_no_host_sync_and_keeps_python_state():
+    """The path a GPU graph captures (Triton kernels, deferred weight gradients): no host
+    sync, and the deferral leaves no Python state behind between updates."""
+    import dataclasses
+
+    from dreamer_fast.agent.nets import DEFER
+
+    obs, act = VECTOR, ActSpace(False, 2)
+    agent = _agent(obs, act, dataclasses.replace(SMALL, kernels="triton"))
+    assert agent.defer
+    batch = make_batch(obs, act, agent.net, SMALL.batch_size, SMALL.batch_length + 1)
+    agent.train_step(batch)
+    before = _python_state(agent)
+    with NoHostSync():
+        for _ in range(2):
+            agent.train_step(batch)
+    assert _python_state(agent) == before
+    assert not DEFER.active and not DEFER.pending

@@ -283,16 +283,21 @@ def test_ops_trace_under_torch_compile():
 
 # ------------------------------------------------------------------------------ end-to-end
 
-def test_agent_train_steps_match_with_kernels_on_and_off():
-    """Two train steps of the debug agent (image + vector, discrete actions) from the same
-    weights and seeds give the same losses and parameters with Triton kernels and refs."""
-    net, act, obs = SIZES["debug"], ActSpace(True, 3), {**VECTOR, **IMAGE}
+@pytest.mark.parametrize("fast,discrete", [("triton", True), ("triton", False),
+                                           ("fused", True)])
+def test_agent_train_steps_match_with_kernels_on_and_off(fast, discrete):
+    """Two train steps of the debug agent (image + vector) from the same weights and seeds
+    give the same losses and parameters with the fast path (Triton kernels, or the CPU fused
+    ops; both with the observe scan's hoisted action embedding, Triton with deferred weight
+    gradients) and the references."""
+    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), {**VECTOR, **IMAGE}
     cfg = dict(batch_size=2, batch_length=8, imag_horizon=3)
     agents = {}
-    for impl in ("ref", "triton"):
+    for impl in ("ref", fast):
         torch.manual_seed(0)
         agents[impl] = Agent(obs, act, net, AgentConfig(**cfg, kernels=impl), device=DEVICE)
-    agents["triton"].load_state_dict(agents["ref"].state_dict())
+    agents[fast].load_state_dict(agents["ref"].state_dict())
+    assert agents[fast].defer == (fast == "triton") and not agents["ref"].defer
     batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
     metrics = {}
     for impl, agent in agents.items():
@@ -302,15 +307,50 @@ def test_agent_train_steps_match_with_kernels_on_and_off():
             m, latents = agent.train_step(batch)
             metrics[impl].append(m)
         assert latents["deter"].dtype == torch.bfloat16 and latents["stoch"].dtype == torch.int16
-    for step, (ref, fast) in enumerate(zip(metrics["ref"], metrics["triton"])):
-        assert ref.keys() == fast.keys()
+    for step, (ref, out) in enumerate(zip(metrics["ref"], metrics[fast])):
+        assert ref.keys() == out.keys()
         for key in ref:
             if key.startswith("loss/"):
                 # Summed over a batch of float32 terms: 1e-4 relative (kernel rounding, 2 steps).
-                err = abs(fast[key].item() - ref[key].item())
+                err = abs(out[key].item() - ref[key].item())
                 assert err <= 1e-4 * (abs(ref[key].item()) + 1e-3), (
-                    f"step {step} {key}: triton {fast[key].item():.9g} ref {ref[key].item():.9g}")
+                    f"step {step} {key}: {fast} {out[key].item():.9g} ref {ref[key].item():.9g}")
     ref_params = dict(agents["ref"].named_parameters())
-    for name, param in agents["triton"].named_parameters():
+    for name, param in agents[fast].named_parameters():
         err = (param - ref_params[name]).abs().max().item()
         assert err <= 1e-5 * (1 + ref_params[name].abs().max().item()), f"{name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("impl,discrete", [("triton", False)])
+def test_deferred_weight_gradients_equal_autograds(impl, discrete):
+    """The scans' weight gradients computed once per update (nets.DEFER) equal autograd's
+    per-step ones, for every parameter; and deferral removes kernels from the backward."""
+    from bench.kernel_count import KernelCount
+    from dreamer_fast.agent.nets import DEFER
+
+    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), {**VECTOR, **IMAGE}
+    torch.manual_seed(0)
+    agent = Agent(obs, act, net, AgentConfig(batch_size=2, batch_length=8, imag_horizon=3,
+                                             kernels=impl), device=DEVICE)
+    batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
+    grads, kernels = {}, {}
+    for defer in (False, True):
+        agent.defer = defer
+        agent.zero_grad()
+        torch.manual_seed(5)
+        with agent.autocast():
+            loss, _, _ = agent.loss(batch)
+        with KernelCount() as count:
+            loss.backward()
+            DEFER.flush()
+        assert not DEFER.pending
+        kernels[defer] = sum(count.ops.values())
+        grads[defer] = {n: p.grad.clone() for n, p in agent.named_parameters()
+                        if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 50
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        err = (g - ref).abs().max().item()
+        assert err <= 1e-5 * (1 + ref.abs().max().item()), f"{name}: {err:.3g}"
+    # Per scan layer and step a weight GEMM, a bias sum and two additions are gone.
+    assert kernels[True] < kernels[False] - 4 * 8, kernels

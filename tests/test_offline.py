@@ -265,22 +265,32 @@ def test_offline_run_trains_evaluates_resumes_and_stops(tmp_path, minari_root):
     assert load(logdir)["counters"]["steps"] >= 200
 
 
-def test_offline_one_line_errors(tmp_path, minari_root):
+def test_offline_one_line_errors(tmp_path, minari_root, capsys):
+    """Bad sources and envs are one `error:` line each, before anything is built (in-process:
+    run.main exits with the message)."""
+    sys.path.insert(0, ROOT)
+    import run as cli
+
     collect("CartPole-v1", "test/cartpole-v2", 2)
+    logdir = ["--logdir", str(tmp_path / "err")]
     cases = [
         (["--offline", "test/cartpole-v2", "--env", "Pendulum-v1", "--preset", "debug"],
-         "continuous"),
+         "has discrete actions (Discrete(2)); the env's are continuous"),
         (["--offline", str(tmp_path / "missing"), "--env", "CartPole-v1", "--preset", "debug"],
-         "neither a replay folder"),
+         "is neither a replay folder of this project"),
         (["--offline", "test/cartpole-v2", "--env", "CartPole-v1", "--preset", "debug",
           "--agent.batch-length", "64"], "fewer than one training window"),
     ]
     for args, message in cases:
-        code, out = run(args, tmp_path / "err", timeout=120)
-        lines = out.strip().splitlines()
-        assert code == 1 and message in lines[-1] and lines[-1].startswith("error: "), out
-        assert "Traceback" not in out, out
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, *logdir])
+        text = str(exit_.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert not os.path.exists(tmp_path / "err" / "checkpoint.pt")
     # A bad flag value is tyro's error box (exit 2), checked before anything is built.
-    code, out = run(["--env", "CartPole-v1", "--preset", "debug", "--updates", "5"],
-                    tmp_path / "err", timeout=120)
-    assert code == 2 and "updates=5; allowed: 0 without" in out, out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--env", "CartPole-v1", "--preset", "debug", "--updates", "5", *logdir])
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    printed = " ".join((out.out + out.err).split())
+    assert "updates=5; allowed: 0 without" in printed, printed

@@ -20,6 +20,7 @@ from dreamer_fast.agent import losses as L
 from dreamer_fast.agent import parallel
 from dreamer_fast.agent.dists import one_hot
 from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
+from dreamer_fast.agent.nets import DEFER
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig, match_keys
@@ -63,6 +64,10 @@ class Agent(nn.Module):
         self.ops = ops = get_ops(resolve_kernels(cfg.kernels, device))
         self.autocast_dtype = resolve_precision(cfg.precision, device)
         self.autocast_cache = True  # graphs.py turns it off: cached casts outlive no replay
+        # The GPU path defers the scans' weight gradients to one GEMM per layer per update
+        # (nets.DeferredWeightGrads: about 4 kernels fewer per layer and step); the others
+        # keep autograd's own per-step gradients. graphs.compile_steps turns it off.
+        self.defer = self.ops.impl == "triton"
         self.obs_space = {k: v for k, v in obs_space.items() if k not in
                           ("reward", "is_first", "is_last", "is_terminal")}
         self.enc_space = select_keys(self.obs_space, cfg.enc_keys, "agent.enc_keys")
@@ -172,6 +177,7 @@ class Agent(nn.Module):
         with self.autocast():
             loss, metrics, latents = self.loss(batch)
         loss.backward()
+        DEFER.flush()  # the deferred weight gradients of the scans, if any
         if self.reducer is not None:
             self.reducer.all_reduce()
         metrics.update(self.opt.step())
@@ -191,13 +197,17 @@ class Agent(nn.Module):
         obs = {k: batch[k][:, 1:] for k in self.obs_space}
         B, T = batch["reward"].shape[0], batch["reward"].shape[1] - 1
         stoch0 = one_hot(batch["stoch"][:, 0].long(), n.classes)
-        deters, stochs, post = self.dyn.observe(
-            batch["deter"][:, 0].float(), stoch0, batch["action"][:, :-1],
-            self.enc(obs), batch["is_first"][:, 1:])
+        tokens = self.enc(obs)
+        with DEFER(self.defer):
+            deters, stochs, post = self.dyn.observe(
+                batch["deter"][:, 0].float(), stoch0, batch["action"][:, :-1], tokens,
+                batch["is_first"][:, 1:])
         feat = self.feat(deters, stochs)
         losses, metrics = self._world_losses(batch, obs, deters, stochs, post, feat)
-        imag_feat, logp, ent = self.imagine(deters.detach().reshape(B * T, n.deter),
-                                            stochs.detach().reshape(B * T, n.stoch, n.classes))
+        with DEFER(self.defer):
+            imag_feat, logp, ent = self.imagine(
+                deters.detach().reshape(B * T, n.deter),
+                stochs.detach().reshape(B * T, n.stoch, n.classes))
         losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, logp, ent,
                                                                     metrics)
         losses["repval"] = self._repval_loss(batch, feat, ret0.reshape(B, T))

@@ -175,6 +175,7 @@ def compile_steps(agent, policies: list) -> None:
     """torch.compile the loss (AOTAutograd traces its backward too) and each policy copy's
     step; the optimizer stays eager (its foreach ops are already few kernels). Compilation
     happens on the first calls (the graph warm-up, when graphs are on)."""
+    agent.defer = False  # its stash in backward is a Python side effect compile cannot trace
     agent.loss = torch.compile(agent.loss)
     for policy in policies:
         policy.policy_step = torch.compile(policy.policy_step)
