@@ -7,7 +7,6 @@ eval command, resume, Ctrl-C, one-line errors)."""
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import gymnasium
@@ -21,13 +20,12 @@ from dreamer_fast.data import datasets
 from dreamer_fast.data import store as S
 from dreamer_fast.data.ring import Ring
 from dreamer_fast.envs.spaces import ObsConverter
-from procs import wait_for
+from procs import ROOT, load, run, start, wait_for
 
 minari = pytest.importorskip("minari")
 pytest.importorskip("jax")  # Minari's DataCollector needs it (minari[create])
 from minari import DataCollector  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Camera(gymnasium.Env):
@@ -209,22 +207,6 @@ def test_replay_folder_reads_as_a_dataset_and_round_trips_through_minari(tmp_pat
     assert original[1]["is_first"][0] == 0  # stream 1 did start mid-episode
     with pytest.raises(ValueError, match="already exists"):
         datasets.export_minari(datasets.replay_folders(path), "test/export-v0")
-
-
-def start(args, logdir):
-    return subprocess.Popen([sys.executable, "run.py", *args, "--logdir", str(logdir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ})
-
-
-def run(args, logdir, timeout=240):
-    proc = start(args, logdir)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def load(logdir):
-    return torch.load(os.path.join(logdir, "checkpoint.pt"), weights_only=True)
 
 
 OFFLINE = ["--env", "CartPole-v1", "--preset", "debug", "--log-every", "1", "--save-every", "2",

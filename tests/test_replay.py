@@ -91,7 +91,7 @@ def test_stress_concurrent_writer_and_samplers():
         rng = np.random.default_rng(0)
         counts = np.zeros(streams, np.int64)
         try:
-            for _ in range(12_000):
+            for _ in range(6_000):
                 ids = rng.choice(streams, size=rng.integers(1, streams + 1), replace=False)
                 ring.add(make_step(ids, counts[ids]), ids)
                 counts[ids] += 1
@@ -135,8 +135,8 @@ def test_stress_concurrent_writer_and_samplers():
     # (Needs the writer to advance a stream `margin` steps during one copy: rare, not never.)
     assert sum(clobbered.values()) == 0 or stats["latent_clobbered"] > 0
     print(f"stress: {stats}, clobbered latents seen {sum(clobbered.values())}")
-    assert stats["inserted"] == int(ring._count.sum()) > 12_000
-    assert ring._count.min() > 50 * cap, "wrap-around must happen many times"
+    assert stats["inserted"] == int(ring._count.sum()) > 6_000
+    assert ring._count.min() > 25 * cap, "wrap-around must happen many times"
     assert sum(windows.values()) > 500 and sum(written.values()) > 0
     assert stats["sampled"] == sum(windows.values()) + 256
     assert stats["latent_written"] == sum(written.values())

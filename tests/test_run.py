@@ -5,16 +5,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dreamer_fast.data.store import list_replay
-from procs import wait_for
+from procs import load, run, start, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = ["--env", "CartPole-v1", "--preset", "debug", "--steps", "1000", "--train-ratio", "16",
             "--seed", "1", "--log-every", "1", "--save-every", "2", "--report-every", "3"]
 PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
@@ -22,22 +19,6 @@ PONG = ["--env", "Pong-v5", "--model", "debug", "--agent.batch-size", "2",
         "--env-opts.image-size", "64", "--env-opts.time-limit", "200", "--train-ratio", "8",
         "--steps", "100000",
         "--log-every", "2", "--save-every", "3", "--report-every", "3"]
-
-
-def start(args, logdir):
-    return subprocess.Popen([sys.executable, "run.py", *args, "--logdir", str(logdir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def run(args, logdir, timeout=240):
-    proc = start(args, logdir)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def load(logdir, name="checkpoint.pt"):
-    return torch.load(os.path.join(logdir, name), weights_only=True)
 
 
 def assert_ratio(ckpt, train_ratio, batch_steps, min_inserts):
