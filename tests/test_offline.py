@@ -226,7 +226,8 @@ def test_offline_run_trains_evaluates_resumes_and_stops(tmp_path, minari_root):
     rows = [json.loads(line) for line in open(logdir / "metrics.jsonl")]
     keys = set().union(*rows)
     assert {"loss/dyn", "loss/policy", "throughput/updates_per_s", "openloop/vector"} <= keys
-    assert "eval/return" in keys, out  # periodic evaluation on envs of its own
+    assert "eval/return" in keys, out  # evaluation on envs of its own...
+    assert "final eval: return" in out, out  # ...always of the final weights
 
     code, out = run(["--eval", "--episodes", "2"], logdir, timeout=120)
     assert code == 0 and "12 offline updates" in out, out

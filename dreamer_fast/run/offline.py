@@ -7,7 +7,8 @@ built once for its spaces (and, with --eval-every, for periodic evaluation on en
 own); the whole dataset is put in a Ring that nothing writes to, and the learner thread
 trains on uniformly sampled windows for N updates. The main thread keeps the clocks of an
 online run: progress, log, report, save (checkpoint.pt only: the dataset is the replay), and
-stops on Ctrl-C or SIGTERM after a save. Rerunning the same command resumes at the saved
+stops on Ctrl-C or SIGTERM after a save; with --eval-every a finished run ends with an
+evaluation of its final weights. Rerunning the same command resumes at the saved
 update count; `python run.py --eval --logdir DIR` evaluates the result, and the checkpoint
 continues online with `python run.py --env ID --logdir DIR --replay.resume-empty`.
 """
@@ -33,7 +34,7 @@ from dreamer_fast.envs.spaces import ObsConverter
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.device import set_cpu_threads
-from dreamer_fast.run.evaluate import PeriodicEval
+from dreamer_fast.run.evaluate import MAX_EVAL_ENVS, PeriodicEval, play
 from dreamer_fast.run.graphs import GraphedTrainStep, compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import Logger, format_duration
@@ -43,9 +44,8 @@ from dreamer_fast.run.stats import HeldRate, report
 
 
 class UpdateBudget:
-    """The learner's limiter offline: every sample is allowed until `total` updates."""
-
-    batch_steps = 0
+    """The learner's limiter offline (the part of RateLimiter that Learner.run uses): every
+    sample is allowed until `total` updates."""
 
     def __init__(self, done: int, total: int):
         self.done, self.total = done, total
@@ -62,9 +62,6 @@ class UpdateBudget:
 
     def close(self) -> None:
         self.closed = True
-
-    def stats(self) -> dict:
-        return {}
 
 
 class NoPolicy:
@@ -284,12 +281,35 @@ def log(run: OfflineRun, logger: Logger) -> None:
                        f"without saving them: {run.kept()}")
 
 
+def final_eval(run: OfflineRun, logger: Logger) -> None:
+    """With --eval-every, a finished offline run ends with an evaluation of its final weights
+    (--eval-episodes on envs of their own, in this thread: the learner has stopped)."""
+    cfg, returns, lengths = run.cfg, [], []
+    env = make_env(cfg.env, min(cfg.eval_episodes, MAX_EVAL_ENVS), cfg.env_opts,
+                   seed=cfg.seed + 20_000)
+    try:
+        frames = play(env, run.agent, cfg.eval_episodes, film=1,
+                      on_episode=lambda r, n: (returns.append(r), lengths.append(n)))
+    finally:
+        env.close()
+    step = run.learner.updates
+    logger.scalars(step, {"eval/return": float(np.mean(returns)),
+                          "eval/return_std": float(np.std(returns)),
+                          "eval/length": float(np.mean(lengths)), "eval/episodes": len(returns)})
+    if frames:
+        logger.video(step, "eval/episode", np.stack(frames), fps=30)
+    logger.message(f"final eval: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over "
+                   f"{len(returns)} episodes at {step:,} updates")
+
+
 def finish(run: OfflineRun, logger: Logger, finished: bool) -> None:
     try:
         if run.evaluator is not None:
             run.evaluator.close()
             evaluation(run, logger, None, step=run.learner.updates)
         run.stop()
+        if finished and run.evaluator is not None:
+            final_eval(run, logger)
         log(run, logger)
         report(run, logger, run.learner.updates)
         if not run.save():
