@@ -358,9 +358,8 @@ def export_minari(folders: list[str], dataset_id: str, act_space=None, env_id: s
     keys = {k: v for k, v in manifests[0]["keys"].items()
             if k not in (*STEP_FIELDS, *LATENT_KEYS)}
     act = manifests[0]["keys"]["action"]["shape"][0]
-    discrete = bool(act_space is not None and isinstance(act_space, spaces.Discrete))
-    if act_space is None:  # tell discrete from continuous by the stored actions
-        discrete = None
+    # Without the env's action space, discrete vs continuous is read from the stored actions.
+    discrete = None if act_space is None else isinstance(act_space, spaces.Discrete)
     obs_space, to_obs = stored_spaces(keys, env_space)
     buffers, dropped = [], 0
     for folder, manifest in zip(folders, manifests):
