@@ -121,10 +121,10 @@ def instrument(agent: Agent, counter: KernelCount) -> None:
     counter.backward = backward
 
 
-def count(workload: str, mode: str, device: str = "cpu") -> dict:
+def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloat16") -> dict:
     net, obs, act = WORKLOADS[workload]
     torch.manual_seed(0)
-    cfg = AgentConfig(kernels=mode)
+    cfg = AgentConfig(kernels=mode, precision=precision)
     agent = Agent(obs, act, net, cfg, device=device)
     batch = {k: v.to(device) for k, v in make_batch(obs, act, net, cfg.batch_size,
                                                     cfg.batch_length + 1).items()}
@@ -141,6 +141,7 @@ def count(workload: str, mode: str, device: str = "cpu") -> dict:
         torch.Tensor.backward = original
     total = sum(counter.ops.values())
     return {"bench": "kernel-count", "workload": workload, "mode": mode, "kernels": total,
+            "precision": precision,
             "B": cfg.batch_size, "T": cfg.batch_length, "H": cfg.imag_horizon,
             "phases": dict(counter.phases.most_common()),
             "top_ops": dict(counter.ops.most_common(25)),
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="autocast dtype of matmuls/convs (bfloat16: what a GPU runs by "
+                        "default, casts included; CPU autocast runs it here)")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--by-phase", action="store_true", help="print each phase's top ops")
     parser.add_argument("--no-record", action="store_true")
@@ -166,10 +170,11 @@ def main() -> None:
                                     f"kernel-count-{kind}.jsonl")
     for workload in args.workloads:
         for mode in args.modes:
-            row = {**env, **count(workload, mode, args.device)}
+            row = {**env, **count(workload, mode, args.device, args.precision)}
             phases = ", ".join(f"{k} {v:,}" for k, v in row["phases"].items())
             top = ", ".join(f"{k} {v:,}" for k, v in list(row["top_ops"].items())[:args.top])
-            print(f"{workload:<12} {mode:<7} {row['kernels']:>7,} kernels | {phases}\n"
+            print(f"{workload:<12} {mode:<7} {args.precision:<8} {row['kernels']:>7,} kernels"
+                  f" | {phases}\n"
                   f"{'':21}top: {top}", flush=True)
             if args.by_phase:
                 for ph, ops in row["top_by_phase"].items():

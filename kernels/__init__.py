@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kernels import categorical, fused, rssm_step, twohot
+from kernels import categorical, fused, returns, rssm_step, twohot
 
 IMPLS = ("ref", "triton", "fused")
-OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free")
+OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",
+       "lambda_return")
 _MODULES = {"rms_silu": rssm_step, "gru_update": rssm_step, "twohot_loss": twohot,
-            "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical}
+            "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical,
+            "lambda_return": returns}
 
 
 def get_ops(impl: str) -> SimpleNamespace:

@@ -34,15 +34,15 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor) 
 
     logits: (..., S, K); noise: (..., S) uniform in [0, 1) (from torch.rand, which a CUDA graph
     redraws on every replay). The class is the first k with cumsum(probs)_k > noise. Returns
-    (..., S, K) float32 equal to the one-hot sample in value, with the gradient of the unimix
-    probabilities (z = onehot + probs - sg(probs)).
+    (..., S, K) in logits.dtype equal to the one-hot sample in value, with the gradient of the
+    unimix probabilities (z = onehot + probs - sg(probs)).
     """
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
     index = (cdf <= noise[..., None].to(cdf.dtype)).sum(-1).clamp(max=logits.shape[-1] - 1)
     onehot = (index[..., None] == torch.arange(logits.shape[-1], device=index.device)
               ).to(probs.dtype)  # F.one_hot would sync on CPU
-    return onehot + (probs - probs.detach())
+    return (onehot + (probs - probs.detach())).to(logits.dtype)
 
 
 def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
@@ -92,7 +92,8 @@ def _sample_fwd_kernel(logits_ptr, noise_ptr, out_ptr, groups, K, s_g, s_k, s_n,
     cdf = tl.cumsum(pi, 1)
     below = (k < K) & (cdf <= noise.to(tl.float32)[:, None])
     index = tl.minimum(tl.sum(below.to(tl.int32), 1), K - 1)[:, None]
-    tl.store(out_ptr + g * K + k, (k == index).to(tl.float32), mask=(g < groups) & (k < K))
+    tl.store(out_ptr + g * K + k, (k == index).to(tl.float32).to(out_ptr.dtype.element_ty),
+             mask=(g < groups) & (k < K))
 
 
 @triton.jit
@@ -103,19 +104,20 @@ def _sample_bwd_kernel(dz_ptr, logits_ptr, dlogits_ptr, groups, K, s_g, s_k, sd_
     k = tl.arange(0, BLOCK_K)[None, :]
     mask = (g < groups) & (k < K)
     s, _ = _unimix(logits_ptr, g, k, groups, K, s_g, s_k, unimix)
-    a = (1.0 - unimix) * tl.load(dz_ptr + g * sd_g + k * sd_k, mask=mask, other=0.0)
+    dz = tl.load(dz_ptr + g * sd_g + k * sd_k, mask=mask, other=0.0).to(tl.float32)
+    a = (1.0 - unimix) * dz
     d = s * (a - tl.sum(s * a, 1)[:, None])
     tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
 def _sample_fake(logits, unimix, noise):
-    return logits.new_empty(logits.shape, dtype=torch.float32)
+    return logits.new_empty(logits.shape)
 
 
 @kernel_op("latent_sample", _sample_fake)
 def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
     groups, K = logits.shape
-    out = torch.empty((groups, K), dtype=torch.float32, device=logits.device)
+    out = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
     if groups:
         block_g, block_k, num_warps = row_tiling(groups, K)
         launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
@@ -160,7 +162,8 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> t
     logits: (..., S, K) float32/bfloat16, any strides; noise: (..., S) uniform in [0, 1), a
     device tensor (torch.rand: a CUDA graph redraws it on every replay). The class is the first
     k with cumsum(probs)_k > noise, probs = (1 - unimix) * softmax(logits) + unimix / K.
-    Returns (..., S, K) float32, the one-hot sample in value; backward gives logits the
+    Returns (..., S, K) in logits.dtype, the one-hot sample in value (exact in any float
+    dtype: a bfloat16 one-hot feeds the next matmul without a cast); backward gives logits the
     gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype.
     """
     K = logits.shape[-1]

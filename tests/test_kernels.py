@@ -15,7 +15,7 @@ import torch
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from kernels import OPS, categorical, fused, get_ops, rssm_step, twohot
+from kernels import OPS, categorical, fused, get_ops, returns, rssm_step, twohot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -194,6 +194,39 @@ def test_twohot_mean_zero_logits_exactly_zero(K):
     assert torch.equal(twohot.twohot_mean(zeros.bfloat16()), torch.zeros(7, device=DEVICE))
 
 
+# --------------------------------------------------------------------------- lambda_return
+
+@pytest.mark.parametrize("N,L", [(1, 2), (7, 16), (1024, 16), (16, 65)],
+                         ids=["N1-L2", "N7-L16", "N1024-L16", "N16-L65"])
+def test_lambda_return(N, L):
+    """Replayed (bool last/term, strided slices) and imagined (float termination
+    probabilities) trajectories: the one-launch scan equals the reference loop."""
+    g = torch.Generator().manual_seed(N + L)
+    flags = lambda p: (torch.rand(N, L + 1, generator=g) < p).to(DEVICE)
+    rew, boot = randn(N, L + 1, seed=3)[:, 1:], randn(N, L, seed=4, scale=10.0)
+    last, term = flags(0.1)[:, 1:], flags(0.05)[:, 1:]
+    assert N == 1 or not rew.is_contiguous()
+    for args in [(last, term, rew, boot, 0.997, 0.95),
+                 (torch.zeros_like(boot), torch.rand(N, L, generator=g).to(DEVICE),
+                  rew.contiguous(), boot, 1.0, 0.95)]:
+        out = returns.lambda_return(*args)
+        ref = returns.lambda_return_ref(*[a.double() if torch.is_tensor(a) else a
+                                          for a in args])
+        assert out.dtype == torch.float32
+        assert_close("returns", out, ref)
+
+
+def test_lambda_return_refuses_gradients_and_bad_shapes():
+    rew = randn(4, 8).requires_grad_()
+    zeros = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="no backward"):
+        returns.lambda_return(zeros, zeros, rew, zeros, 0.99, 0.95)
+    with torch.no_grad():
+        returns.lambda_return(zeros, zeros, rew, zeros, 0.99, 0.95)
+    with pytest.raises(ValueError, match=r"must all be \(N, L\)"):
+        returns.lambda_return(zeros, zeros[:, 1:], zeros, zeros, 0.99, 0.95)
+
+
 # ----------------------------------------------------------------------------- categorical
 
 LATENT_SHAPES = [(1, 32, 16), (7, 5, 7), (63, 3, 4), (3, 5, 2, 6)]
@@ -210,7 +243,7 @@ def test_latent_sample(shape, dtype, unimix):
     noise.view(-1)[:3] = torch.tensor([0.0, 0.5, 1.0 - 2 ** -24])[:noise.numel()].to(DEVICE)
     z = categorical.latent_sample(logits, unimix, noise)
     z_ref = categorical.latent_sample_ref(logits.double(), unimix, noise.double())
-    assert z.dtype == torch.float32
+    assert z.dtype == dtype  # one-hots are exact in any float dtype
     assert torch.equal(z.double(), z_ref), "the one-hot samples differ from the reference"
     check(lambda a: categorical.latent_sample(a, unimix, noise),
           lambda a: categorical.latent_sample_ref(a, unimix, noise.double()),

@@ -161,7 +161,8 @@ class Agent(nn.Module):
             dist = self.pol(self.feat(deter, stoch))
         action = dist.mode() if greedy else dist.sample()
         latent = {"deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.int16)}
-        return action, {"deter": deter, "stoch": stoch, "action": action}, latent
+        # The carry stays float32 (a sample is one-hot in the logits' dtype, bf16 on a GPU).
+        return action, {"deter": deter, "stoch": stoch.float(), "action": action}, latent
 
     # --------------------------------------------------------------- training
 
@@ -204,11 +205,11 @@ class Agent(nn.Module):
                 batch["is_first"][:, 1:])
         feat = self.feat(deters, stochs)
         losses, metrics = self._world_losses(batch, obs, deters, stochs, post, feat)
-        with DEFER(self.defer):
-            imag_feat, logp, ent = self.imagine(
+        with DEFER(self.defer):  # weights cast and laid out once for the whole rollout
+            imag_feat, imag_act = self.imagine(
                 deters.detach().reshape(B * T, n.deter),
                 stochs.detach().reshape(B * T, n.stoch, n.classes))
-        losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, logp, ent,
+        losses["policy"], losses["value"], ret0 = self._imag_losses(imag_feat, imag_act,
                                                                     metrics)
         losses["repval"] = self._repval_loss(batch, feat, ret0.reshape(B, T))
         latents = {"deter": deters.detach().to(torch.bfloat16),
@@ -232,30 +233,31 @@ class Agent(nn.Module):
     def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
         """Roll out H steps of the prior under the policy from N (detached) start states.
 
-        Returns feats (N, H+1, F) including the start, without gradient, and the log-prob and
-        entropy (N, H) of the action sampled in each of the first H states, with gradient to
-        the actor only. The actor runs once per state: the distribution that samples the
-        rollout's action is the one the policy loss differentiates (the world model gets no
-        gradient from imagination, as in the paper).
+        Returns feats (N, H+1, F) including the start and the actions (N, H, A) sampled in
+        the first H states, all without gradient (the world model gets none from imagination,
+        as in the paper). The policy loss evaluates the actor on these feats again, in one
+        pass over all N x H states, as the official imagination loss does (`self.pol(sg(inp),
+        2)` in dreamerv3/agent.py): the same distributions, and one backward through the
+        actor instead of one per step.
         """
-        feats, logps, ents = [], [], []
-        for _ in range(self.cfg.imag_horizon):
+        feats, acts = [], []
+        with torch.no_grad():
+            for _ in range(self.cfg.imag_horizon):
+                feats.append(self.feat(deter, stoch))
+                acts.append(self.pol(feats[-1]).sample())
+                deter, stoch = self.dyn.img_step(deter, stoch, acts[-1])
             feats.append(self.feat(deter, stoch))
-            dist = self.pol(feats[-1])
-            act = dist.sample()  # detached
-            logps.append(dist.log_prob(act))
-            ents.append(dist.entropy())
-            with torch.no_grad():
-                deter, stoch = self.dyn.img_step(deter, stoch, act)
-        feats.append(self.feat(deter, stoch))
-        return torch.stack(feats, 1), torch.stack(logps, 1), torch.stack(ents, 1)
+        return torch.stack(feats, 1), torch.stack(acts, 1)
 
-    def _imag_losses(self, feat, logp, ent, metrics):
-        """Actor and critic losses on imagined trajectories.
+    def _imag_losses(self, feat, act, metrics):
+        """Actor and critic losses on imagined trajectories: feats (N, H+1, F), the actions
+        taken (N, H, A).
 
         Returns (policy loss, value loss, lambda-return R_0 of every start (N,)).
         """
         cfg = self.cfg
+        dist = self.pol(feat[:, :-1])  # the rollout's distributions, now with gradient
+        logp, ent = dist.log_prob(act), dist.entropy()
         with torch.no_grad():
             rew = self.rew.mean(self.rew(feat))
             con = torch.sigmoid(self.con(feat))
@@ -263,7 +265,7 @@ class Agent(nn.Module):
         val_logits = self.val(feat)
         val = self.val.mean(val_logits).detach()
         weight = torch.cumprod(con, 1)[:, :-1]
-        ret = L.lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)
+        ret = self.ops.lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)
         # Data parallel: percentiles of the global batch, so every rank normalises alike.
         all_ret = parallel.all_gather(ret) if self.reducer is not None else ret
         scale = L.percentile_scale(all_ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
@@ -283,8 +285,8 @@ class Agent(nn.Module):
         """Critic loss on the replayed sequence, bootstrapped by imagined returns."""
         cfg = self.cfg
         last, term = batch["is_last"][:, 1:], batch["is_terminal"][:, 1:]
-        ret = L.lambda_return(last, term, batch["reward"][:, 1:], boot.detach(), cfg.discount,
-                              cfg.lam)
+        ret = self.ops.lambda_return(last, term, batch["reward"][:, 1:], boot.detach(),
+                                     cfg.discount, cfg.lam)
         logits = self.val(feat)[:, :-1]
         with torch.no_grad():
             slowval = self.slowval.mean(self.slowval(feat[:, :-1]))

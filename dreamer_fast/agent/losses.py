@@ -4,22 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def lambda_return(last: torch.Tensor, term: torch.Tensor, rew: torch.Tensor,
-                  boot: torch.Tensor, disc: float, lam: float) -> torch.Tensor:
-    """Lambda-returns of trajectories (N, L) -> (N, L - 1).
-
-    R_{L-1} = boot_{L-1};
-    R_t = rew_{t+1} + disc (1 - term_{t+1}) [(1 - lam_{t+1}) boot_{t+1} + lam_{t+1} R_{t+1}]
-    with lam_{t+1} = lam (1 - last_{t+1}). Rewards at t+1 are received on arriving at t+1.
-    """
-    live = (1.0 - term[:, 1:].float()) * disc
-    cont = (1.0 - last[:, 1:].float()) * lam
-    interm = rew[:, 1:] + (1.0 - cont) * live * boot[:, 1:]
-    rets = [boot[:, -1]]
-    for t in reversed(range(live.shape[1])):
-        rets.append(interm[:, t] + live[:, t] * cont[:, t] * rets[-1])
-    return torch.stack(rets[::-1][:-1], 1)
+from kernels.returns import lambda_return_ref as lambda_return  # noqa: F401 (re-export)
 
 
 def percentile_scale(returns: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rate: float,

@@ -31,11 +31,25 @@ class DeferredWeightGrads:
     gradient as one GEMM over all steps' rows. The sum is the same; only the order of the
     floating-point additions differs. Used on the GPU path (`--agent.kernels triton`), whose
     update is bound by its number of kernels (bench/kernel_count.py).
+
+    Inside the scope the weights cannot change, so each layer also prepares its weights once
+    per scope (`cached`: the autocast dtype cast, BlockLinear's shared-input matrix) instead of
+    once per step, and BlockLinear writes its blocks' outputs in place (no transposing copies).
+    Layers called without gradient inside the scope (the imagination rollout) take the same
+    path, without the stash.
     """
 
     def __init__(self):
         self.active = False
         self.pending: dict[nn.Module, list[tuple[torch.Tensor, ...]]] = {}
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def cached(self, key: tuple, make) -> torch.Tensor:
+        """make() once per scope under key (e.g. (module, "weight", dtype))."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = make()
+        return value
 
     def __call__(self, on: bool = True):
         return _Deferring(self, on)
@@ -46,6 +60,7 @@ class DeferredWeightGrads:
     def flush(self) -> None:
         """Add every stashed gradient to its parameters' .grad (call after backward)."""
         pending, self.pending = self.pending, {}
+        self.cache = {}  # the backward's casts; the optimizer changes the weights next
         for module, items in pending.items():
             grads = module.deferred_grads(items)
             for param, grad in zip((module.weight, module.bias), grads):
@@ -61,19 +76,38 @@ class _Deferring:
         self.owner, self.on = owner, on
 
     def __enter__(self):
-        self.previous, self.owner.active = self.owner.active, self.on and torch.is_grad_enabled()
+        self.previous, self.owner.active = self.owner.active, self.on
+        if self.on and not self.previous:
+            self.owner.cache = {}
 
     def __exit__(self, *exc):
         self.owner.active = self.previous
+        if not self.previous:
+            self.owner.cache = {}
 
 
 DEFER = DeferredWeightGrads()
 """The deferral the scans enter (one per process: an update runs on one thread at a time)."""
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives x's matmuls (x.dtype without autocast)."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _cast(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """module.<name> in dtype, cast once per DEFER scope (a no-op when it already is)."""
+    param = getattr(module, name)
+    if param.dtype == dtype:
+        return param.detach()
+    return DEFER.cached((module, name, dtype), lambda: param.detach().to(dtype))
+
+
+def _scan_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Linear forward inside a DEFER scope, no autograd: weights cast once per scope."""
+    dtype = compute_dtype(x)
+    return F.linear(x.to(dtype), _cast(module, "weight", dtype), _cast(module, "bias", dtype))
 
 
 class _LinearFn(torch.autograd.Function):
@@ -81,17 +115,18 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, module):
-        dtype = _compute_dtype(x)
-        ctx.save_for_backward(x, weight)
-        ctx.module, ctx.dtype = module, dtype
-        return F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(x)
+        ctx.module, ctx.dtype = module, compute_dtype(x)
+        return _scan_linear(module, x)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, = ctx.saved_tensors
         DEFER.stash(ctx.module, x, grad)
-        dx = grad.to(ctx.dtype) @ weight.to(ctx.dtype) if ctx.needs_input_grad[0] else None
-        return dx, None, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        weight = _cast(ctx.module, "weight", ctx.dtype)
+        return grad.to(ctx.dtype) @ weight, None, None, None
 
 
 class Linear(nn.Linear):
@@ -103,8 +138,11 @@ class Linear(nn.Linear):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if DEFER.active and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _LinearFn.apply(x, self.weight, self.bias, self)
+        if DEFER.active:
+            if torch.is_grad_enabled() and self.weight.requires_grad:
+                return _LinearFn.apply(x, self.weight, self.bias, self)
+            if not torch.is_grad_enabled():
+                return _scan_linear(self, x)
         return super().forward(x)
 
     def deferred_grads(self, items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +169,7 @@ class BlockLinear(nn.Module):
         init_trunc_normal_(self.weight, inp, outscale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if DEFER.active and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _BlockFn.apply(x, None, self.weight, self.bias, self)
-        return self._forward(x, None, self.weight, self.bias)
+        return self.forward_shared(x, None)
 
     def _forward(self, own, shared, weight, bias) -> torch.Tensor:
         """forward (shared None) or forward_shared with explicit parameters."""
@@ -167,9 +203,36 @@ class BlockLinear(nn.Module):
         shared rows of all blocks form one (m, out) matrix, so the repeated input (G copies of
         shared: 12,800 wide per step at paper-S) becomes one dense GEMM. Same parameters.
         """
-        if DEFER.active and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _BlockFn.apply(own, shared, self.weight, self.bias, self)
+        if DEFER.active:
+            if torch.is_grad_enabled() and self.weight.requires_grad:
+                return _BlockFn.apply(own, shared, self.weight, self.bias, self)
+            if not torch.is_grad_enabled():
+                return self._scan_forward(own, shared)
         return self._forward(own, shared, self.weight, self.bias)
+
+    def _scan_forward(self, own: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """forward_shared inside a DEFER scope, no autograd; 2 kernels and no copies.
+
+        The shared part (with the bias) is one GEMM into the (N, out) output; each block's own
+        part is then added in place by one batched GEMM that reads and writes the blocks as
+        strided views of the rows ((G, N, n) with row stride G n: a layout cuBLAS takes as
+        it is). Weights are cast and laid out once per scope.
+        """
+        G, lead = self.blocks, own.shape[:-1]
+        dtype = compute_dtype(own)
+        n, m = own.shape[-1] // G, self.weight.shape[-1]
+        rows = own.reshape(-1, G * n).to(dtype)
+        N = rows.shape[0]
+        w_own = DEFER.cached((self, "own", dtype), lambda: self.weight.detach()[:, :n].to(dtype))
+        bias = _cast(self, "bias", dtype)
+        if shared is None:
+            y = bias.expand(N, G * m).clone()
+        else:
+            w_shared = DEFER.cached((self, "shared", dtype), lambda: self.weight.detach()[
+                :, n:].transpose(0, 1).reshape(-1, G * m).to(dtype))
+            y = torch.addmm(bias, shared.reshape(N, -1).to(dtype), w_shared)
+        y.view(N, G, m).transpose(0, 1).baddbmm_(rows.reshape(N, G, n).transpose(0, 1), w_own)
+        return y.reshape(*lead, G * m)
 
 
 class _BlockFn(torch.autograd.Function):
@@ -178,28 +241,36 @@ class _BlockFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, own, shared, weight, bias, module):
-        dtype = _compute_dtype(own)
-        ctx.save_for_backward(own, shared, weight)
-        ctx.module, ctx.dtype = module, dtype
-        return module._forward(own.to(dtype), None if shared is None else shared.to(dtype),
-                               weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(own, shared)
+        ctx.module, ctx.dtype = module, compute_dtype(own)
+        return module._scan_forward(own, shared)
 
     @staticmethod
     def backward(ctx, grad):
-        own, shared, weight = ctx.saved_tensors
-        DEFER.stash(ctx.module, own, shared, grad)
-        G, dtype = ctx.module.blocks, ctx.dtype
-        n = own.shape[-1] // G
-        w, g = weight.to(dtype), grad.to(dtype)
-        rows = g.reshape(-1, g.shape[-1])
+        own, shared = ctx.saved_tensors
+        module, dtype = ctx.module, ctx.dtype
+        DEFER.stash(module, own, shared, grad)
+        G, n = module.blocks, own.shape[-1] // module.blocks
+        rows = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        N, m = rows.shape[0], rows.shape[1] // G
         d_own = d_shared = None
         if ctx.needs_input_grad[0]:
-            d_own = torch.bmm(rows.reshape(len(rows), G, -1).transpose(0, 1),
-                              w[:, :n].transpose(1, 2)).transpose(0, 1).reshape(own.shape)
+            w_own = _cast_view(module, "own", dtype, n)
+            d_own = torch.empty(N, G * n, dtype=dtype, device=rows.device)
+            torch.bmm(rows.view(N, G, m).transpose(0, 1), w_own.transpose(1, 2),
+                      out=d_own.view(N, G, n).transpose(0, 1))
+            d_own = d_own.reshape(own.shape)
         if shared is not None and ctx.needs_input_grad[1]:
-            w_shared = w[:, n:].transpose(0, 1).reshape(shared.shape[-1], -1)
+            w_shared = DEFER.cached((module, "shared", dtype), lambda: module.weight.detach()[
+                :, n:].transpose(0, 1).reshape(-1, G * m).to(dtype))
             d_shared = (rows @ w_shared.t()).reshape(shared.shape)
         return d_own, d_shared, None, None, None
+
+
+def _cast_view(module: nn.Module, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """BlockLinear's own-input rows (G, n, m) in dtype (cached in the scope, or made again
+    when the backward runs after the scope closed)."""
+    return DEFER.cached((module, name, dtype), lambda: module.weight.detach()[:, :n].to(dtype))
 
 
 class NormAct(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 
 from dreamer_fast.agent.dists import symexp, symlog
 from dreamer_fast.agent.nets import (MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
-                                     StridedConv, StridedConvT, upsample2)
+                                     StridedConv, StridedConvT, compute_dtype, upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last
@@ -147,27 +147,37 @@ class RSSM(nn.Module):
         return action
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor | None,
-             x2: torch.Tensor | None = None) -> torch.Tensor:
+             x2: torch.Tensor | None = None, deter_in: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """One GRU step h' = f(h, z, a); deter (N, D), stoch (N, S, K), action (N, A) (or
-        x2, its embedding dynin2(action_input(action)), computed beforehand)."""
-        x0 = self.dynin0(deter)
+        x2, its embedding dynin2(action_input(action)), computed beforehand). deter_in: deter
+        in the matmul dtype (`compute`), when the caller has it; the state update itself uses
+        deter as it is (float32)."""
+        deter_in = deter if deter_in is None else deter_in
+        x0 = self.dynin0(deter_in)
         x1 = self.dynin1(stoch.reshape(*stoch.shape[:-2], -1))
         if x2 is None:
             x2 = self.dynin2(self.action_input(action))
         # Block g sees [h_g, x0, x1, x2]; forward_shared computes that without G copies.
         shared = torch.cat([x0, x1, x2], -1)
         if len(self.dynhid):
-            x = self.dynhid[1:](self.dynhid[0].forward_shared(deter, shared))
+            x = self.dynhid[1:](self.dynhid[0].forward_shared(deter_in, shared))
             gates = self.dyngru(x)
         else:
-            gates = self.dyngru.forward_shared(deter, shared)
+            gates = self.dyngru.forward_shared(deter_in, shared)
         return self.ops.gru_update(gates, deter, self.blocks)
+
+    @staticmethod
+    def compute(x: torch.Tensor) -> torch.Tensor:
+        """x in the dtype autocast gives matmuls (itself without autocast): one cast that
+        every layer reading x shares, instead of one cast per layer (and per gradient)."""
+        return x.to(compute_dtype(x))
 
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         return self.prior(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
 
     def post_logits(self, deter: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.post(torch.cat([deter, tokens], -1))
+        x = self.post(torch.cat([deter.to(tokens.dtype), tokens], -1))
         return x.reshape(*deter.shape[:-1], self.stoch, self.classes)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -204,14 +214,17 @@ class RSSM(nn.Module):
         steps: the reset masks and the action embedding dynin2(action_input(a * keep)), over
         T x B rows in one pass. Each step's values are the reference loop's (the row-wise
         ops see the same rows); it saves ~10 kernels per step on the fast paths."""
-        keep = (~is_first).float().transpose(0, 1).unsqueeze(-1)  # (T, B, 1)
+        # 0/1 masks are exact in any dtype: in the matmul dtype, masking keeps each operand's.
+        keep = (~is_first).to(compute_dtype(tokens)).transpose(0, 1).unsqueeze(-1)
         x2 = self.dynin2(self.action_input(actions.transpose(0, 1) * keep))  # (T, B, hidden)
         # unbind: the backward of all T slices is one stack, not T zero-filled selects.
         steps = zip(keep.unbind(0), x2.unbind(0), tokens.unbind(1))
         deters, stochs, logits = [], [], []
+        deter_in = self.compute(deter)
         for k, x2_t, token in steps:
-            deter = self.core(deter * k, stoch * k[..., None], None, x2_t)
-            logit = self.post_logits(deter, token)
+            deter = self.core(deter * k, stoch * k[..., None], None, x2_t, deter_in * k)
+            deter_in = self.compute(deter)
+            logit = self.post_logits(deter_in, token)
             stoch = self.sample(logit)
             deters.append(deter)
             stochs.append(stoch)
@@ -220,8 +233,8 @@ class RSSM(nn.Module):
 
     def img_step(self, deter, stoch, action):
         """One imagined step with the prior: returns the next deter and stoch."""
-        deter = self.core(deter, stoch, action)
-        return deter, self.sample(self.prior_logits(deter))
+        deter = self.core(deter, stoch, action, deter_in=self.compute(deter))
+        return deter, self.sample(self.prior_logits(self.compute(deter)))
 
 
 class Decoder(nn.Module):
