@@ -200,3 +200,21 @@ def test_bf16_autocast_matmuls_with_float32_params_and_losses():
     for key in ("loss/rec", "loss/dyn", "loss/value", "loss/repval"):
         a, b = results["float32"][key], results["bfloat16"][key]
         assert abs(a - b) <= 0.02 * abs(a), (key, a, b)
+
+
+@pytest.mark.parametrize("impl", ["ref", "fused"])
+def test_actor_sample_is_the_policy_distribution(impl):
+    """The imagination rollout's discrete sampler (inverse CDF through the latent sampler)
+    draws from the same unimix categorical as the policy distribution it replaces."""
+    from dreamer_fast.agent.heads import Actor
+    from kernels import get_ops
+    torch.manual_seed(0)
+    actor = Actor(8, 16, 2, 5, True, 0.01, 0.1, 1.0, get_ops(impl))
+    with torch.no_grad():
+        actor.mean.weight.normal_()  # a peaked policy (the init's outscale 0.01 is flat)
+    feat = torch.randn(2, 8).repeat_interleave(20000, 0)
+    probs = actor(feat[[0, 20000]]).probs
+    sample = actor.sample(feat)
+    assert sample.shape == (40000, 5) and torch.equal(sample.sum(-1), torch.ones(40000))
+    freq = sample.float().reshape(2, 20000, 5).mean(1)
+    assert probs.max() > 0.5 and (freq - probs).abs().max() < 0.015, (freq, probs)

@@ -244,7 +244,7 @@ class Agent(nn.Module):
         with torch.no_grad():
             for _ in range(self.cfg.imag_horizon):
                 feats.append(self.feat(deter, stoch))
-                acts.append(self.pol(feats[-1]).sample())
+                acts.append(self.pol.sample(feats[-1]))
                 deter, stoch = self.dyn.img_step(deter, stoch, acts[-1])
             feats.append(self.feat(deter, stoch))
         return torch.stack(feats, 1), torch.stack(acts, 1)

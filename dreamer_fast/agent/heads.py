@@ -50,6 +50,7 @@ class Actor(nn.Module):
                  unimix: float, minstd: float, maxstd: float, ops):
         super().__init__()
         self.mlp = MLP(inp, units, layers, ops)
+        self.ops = ops
         self.discrete, self.unimix, self.minstd, self.maxstd = discrete, unimix, minstd, maxstd
         self.mean = Linear(self.mlp.out_size, act_size, outscale=0.01)
         if not discrete:
@@ -61,3 +62,14 @@ class Actor(nn.Module):
         if self.discrete:
             return OneHotCategorical(self.mean(x), self.unimix)
         return BoundedNormal(self.mean(x), self.std(x), self.minstd, self.maxstd)
+
+    @torch.no_grad()
+    def sample(self, feat: torch.Tensor) -> torch.Tensor:
+        """A sample of forward(feat), without gradient (the imagination rollout). A discrete
+        policy samples through the latent sampler's one-launch inverse-CDF op: the same
+        unimix categorical, as a one-hot in the logits' dtype."""
+        if not self.discrete:
+            return self(feat).sample()
+        logits = self.mean(self.mlp(feat))[..., None, :]
+        noise = torch.rand(logits.shape[:-1], device=logits.device)
+        return self.ops.latent_sample(logits, self.unimix, noise)[..., 0, :]

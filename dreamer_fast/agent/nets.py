@@ -25,10 +25,10 @@ class DeferredWeightGrads:
 
     Autograd computes a layer's weight gradient at every step it was applied and adds it to
     .grad: for T steps, T small GEMMs (plus a bias sum) and T - 1 additions, about 4 kernels
-    per layer per step. Inside `with deferred(...)`, Linear and BlockLinear layers keep the
+    per layer per step (a norm's scale: T - 1 additions). Inside `with deferred(...)`, Linear and BlockLinear layers keep the
     step's input and output gradient instead (their backward computes only the input
     gradient), and `flush()`, called after the backward pass, computes each weight's
-    gradient as one GEMM over all steps' rows. The sum is the same; only the order of the
+    gradient as one GEMM over all steps' rows (NormAct: its scale's, in one backward pass). The sum is the same; only the order of the
     floating-point additions differs. Used on the GPU path (`--agent.kernels triton`), whose
     update is bound by its number of kernels (bench/kernel_count.py).
 
@@ -63,7 +63,7 @@ class DeferredWeightGrads:
         self.cache = {}  # the backward's casts; the optimizer changes the weights next
         for module, items in pending.items():
             grads = module.deferred_grads(items)
-            for param, grad in zip((module.weight, module.bias), grads):
+            for param, grad in zip(module.deferred_params(), grads):
                 grad = grad.to(param.dtype)
                 if param.grad is None:
                     param.grad = grad
@@ -145,6 +145,9 @@ class Linear(nn.Linear):
                 return _scan_linear(self, x)
         return super().forward(x)
 
+    def deferred_params(self) -> tuple[nn.Parameter, ...]:
+        return self.weight, self.bias
+
     def deferred_grads(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         """(dW, db) over every stashed (x, dy): one GEMM and one sum."""
         gs = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in items])
@@ -181,6 +184,9 @@ class BlockLinear(nn.Module):
         if shared is not None:
             y = y + shared @ w[:, n:].transpose(0, 1).reshape(shared.shape[-1], -1)
         return y + bias.to(y.dtype)
+
+    def deferred_params(self) -> tuple[nn.Parameter, ...]:
+        return self.weight, self.bias
 
     def deferred_grads(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         """(dW, db) over every stashed (own, shared, dy): one batched GEMM per input part."""
@@ -273,8 +279,28 @@ def _cast_view(module: nn.Module, name: str, dtype: torch.dtype, n: int) -> torc
     return DEFER.cached((module, name, dtype), lambda: module.weight.detach()[:, :n].to(dtype))
 
 
+class _StashGrad(torch.autograd.Function):
+    """Identity on y = layer(x) whose backward stashes (x, dy) for DEFER.flush."""
+
+    @staticmethod
+    def forward(ctx, y, x, module):
+        ctx.save_for_backward(x)
+        ctx.module = module
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        DEFER.stash(ctx.module, x, grad)
+        return grad, None, None
+
+
 class NormAct(nn.Module):
-    """SiLU(RMSNorm(x)) over the last axis; learnable scale, no bias, eps 1e-4, float32 math."""
+    """SiLU(RMSNorm(x)) over the last axis; learnable scale, no bias, eps 1e-4, float32 math.
+
+    Inside a DEFER scope the scale's gradient is deferred like the weights' (autograd would
+    add one per step into .grad): the op runs with the scale detached (its backward gives dx
+    only) and flush() computes d scale once over all stashed rows."""
 
     def __init__(self, size: int, ops, eps: float = 1e-4):
         super().__init__()
@@ -283,7 +309,22 @@ class NormAct(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if DEFER.active and torch.is_grad_enabled() and self.scale.requires_grad:
+            return _StashGrad.apply(self.ops.rms_silu(x, self.scale.detach(), self.eps), x,
+                                    self)
         return self.ops.rms_silu(x, self.scale, self.eps)
+
+    def deferred_params(self) -> tuple[nn.Parameter, ...]:
+        return (self.scale,)
+
+    def deferred_grads(self, items) -> tuple[torch.Tensor]:
+        """d scale over every stashed (x, dy): the op's backward once over all rows."""
+        xs = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in items])
+        gs = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in items])
+        scale = self.scale.detach().requires_grad_()
+        with torch.enable_grad():
+            y = self.ops.rms_silu(xs, scale, self.eps)
+        return torch.autograd.grad(y, scale, gs.to(y.dtype))
 
 
 class NormAct2d(NormAct):
