@@ -14,10 +14,10 @@ from kernels import categorical, fused, returns, rssm_step, twohot
 
 IMPLS = ("ref", "triton", "fused")
 OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",
-       "lambda_return")
+       "lambda_return", "mask_rows")
 _MODULES = {"rms_silu": rssm_step, "gru_update": rssm_step, "twohot_loss": twohot,
             "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical,
-            "lambda_return": returns}
+            "lambda_return": returns, "mask_rows": rssm_step}
 
 
 def get_ops(impl: str) -> SimpleNamespace:

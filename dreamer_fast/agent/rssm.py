@@ -227,7 +227,12 @@ class RSSM(nn.Module):
         deters, stochs, logits = [], [], []
         deter_in = self.compute(deter)
         for k, x2_t, token, noise_t in steps:
-            deter = self.core(deter * k, stoch * k[..., None], None, x2_t, deter_in * k)
+            if deter_in is deter:  # no autocast: one mask, the reference's autograd graph
+                masked = masked_in = deter * k
+                masked_stoch = stoch * k[..., None]
+            else:  # the carry in both dtypes and the sample, in one op
+                masked, masked_in, masked_stoch = self.ops.mask_rows(k, deter, deter_in, stoch)
+            deter = self.core(masked, masked_stoch, None, x2_t, masked_in)
             deter_in = self.compute(deter)
             logit = self.post_logits(deter_in, token)
             stoch = self.sample(logit, noise_t)
