@@ -90,7 +90,7 @@ def _use_row_noise() -> None:
     """Route every sampler of the train step through NOISE (test-only, in worker processes)."""
     from dreamer_fast.agent import dists, rssm
 
-    def latent(self, logits):
+    def latent(self, logits, noise=None):  # a scan's own draw is replaced by the row noise
         noise = NOISE.draw(logits.shape[:-1], torch.rand)
         return self.ops.latent_sample(logits, self.unimix, noise)
 

@@ -229,16 +229,26 @@ class BlockLinear(nn.Module):
         n, m = own.shape[-1] // G, self.weight.shape[-1]
         rows = own.reshape(-1, G * n).to(dtype)
         N = rows.shape[0]
-        w_own = DEFER.cached((self, "own", dtype), lambda: self.weight.detach()[:, :n].to(dtype))
         bias = _cast(self, "bias", dtype)
         if shared is None:
             y = bias.expand(N, G * m).clone()
         else:
-            w_shared = DEFER.cached((self, "shared", dtype), lambda: self.weight.detach()[
-                :, n:].transpose(0, 1).reshape(-1, G * m).to(dtype))
-            y = torch.addmm(bias, shared.reshape(N, -1).to(dtype), w_shared)
-        y.view(N, G, m).transpose(0, 1).baddbmm_(rows.reshape(N, G, n).transpose(0, 1), w_own)
+            y = torch.addmm(bias, shared.reshape(N, -1).to(dtype), self._shared_rows(n, dtype))
+        y.view(N, G, m).transpose(0, 1).baddbmm_(rows.reshape(N, G, n).transpose(0, 1),
+                                                 self._own_rows(n, dtype))
         return y.reshape(*lead, G * m)
+
+    def _own_rows(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Each block's rows for its own input chunk, (G, n, m) in dtype, once per scope."""
+        return DEFER.cached((self, "own", n, dtype),
+                            lambda: self.weight.detach()[:, :n].to(dtype))
+
+    def _shared_rows(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """All blocks' rows for the shared input as one (inp / G - n, out) matrix in dtype,
+        laid out once per scope (a copy: the blocks' columns are interleaved)."""
+        G, m = self.blocks, self.weight.shape[-1]
+        return DEFER.cached((self, "shared", n, dtype), lambda: self.weight.detach()[
+            :, n:].transpose(0, 1).reshape(-1, G * m).to(dtype))
 
 
 class _BlockFn(torch.autograd.Function):
@@ -260,23 +270,17 @@ class _BlockFn(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1]).to(dtype)
         N, m = rows.shape[0], rows.shape[1] // G
         d_own = d_shared = None
+        # The backward runs after the scope closed: the casts are made once more, then kept
+        # for every step's backward until flush().
         if ctx.needs_input_grad[0]:
-            w_own = _cast_view(module, "own", dtype, n)
             d_own = torch.empty(N, G * n, dtype=dtype, device=rows.device)
-            torch.bmm(rows.view(N, G, m).transpose(0, 1), w_own.transpose(1, 2),
+            torch.bmm(rows.view(N, G, m).transpose(0, 1),
+                      module._own_rows(n, dtype).transpose(1, 2),
                       out=d_own.view(N, G, n).transpose(0, 1))
             d_own = d_own.reshape(own.shape)
         if shared is not None and ctx.needs_input_grad[1]:
-            w_shared = DEFER.cached((module, "shared", dtype), lambda: module.weight.detach()[
-                :, n:].transpose(0, 1).reshape(-1, G * m).to(dtype))
-            d_shared = (rows @ w_shared.t()).reshape(shared.shape)
+            d_shared = (rows @ module._shared_rows(n, dtype).t()).reshape(shared.shape)
         return d_own, d_shared, None, None, None
-
-
-def _cast_view(module: nn.Module, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """BlockLinear's own-input rows (G, n, m) in dtype (cached in the scope, or made again
-    when the backward runs after the scope closed)."""
-    return DEFER.cached((module, name, dtype), lambda: module.weight.detach()[:, :n].to(dtype))
 
 
 class _StashGrad(torch.autograd.Function):
