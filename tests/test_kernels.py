@@ -1,4 +1,4 @@
-"""Triton kernels against their references (STYLE 9), and the agent with kernels on vs off.
+"""Triton kernels against their references, and the agent with kernels on vs off.
 
 Every op runs on random inputs in its valid domain; the reference is the `<name>_ref` run on
 float64 copies of the same values. One backward with random upstream gradients for every
