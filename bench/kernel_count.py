@@ -6,7 +6,8 @@
 At DreamerV3's small and mid sizes a graphed update is bound by its number of kernels (each
 costs the GPU a few microseconds however small), not by FLOPs, so this is the number to cut.
 One `train_step` at B16 x T64, H15 (after one warm-up update, so lazily built state exists),
-counted on the CPU:
+counted on the CPU, under bfloat16 autocast by default (`--precision`: what a GPU runs, so the
+dtype casts it launches count too):
 
   * eager modes (`ref`, `fused`, `triton`): every aten op dispatched during the update
     (forward, backward, optimizer), through a TorchDispatchMode, except ops that launch no

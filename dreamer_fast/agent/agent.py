@@ -242,8 +242,9 @@ class Agent(nn.Module):
         rollout's action also gives its log-prob (one actor pass per state: the fewest FLOPs,
         the CPU's); or, with `batch_actor` (the GPU path), the rollout samples without
         gradient and the actor is evaluated again over all N x H states in one pass, as the
-        official imagination loss does (`self.pol(sg(inp), 2)` in dreamerv3/agent.py): about
-        10% more actor FLOPs, but one batched backward instead of H, far fewer kernels.
+        official imagination loss does (`self.pol(sg(inp), 2)` in dreamerv3/agent.py): a
+        second actor forward (about 10% more FLOPs per update at paper-S, 502 vs 458 GFLOP),
+        but one batched backward instead of H, far fewer kernels.
         """
         feats, acts, logps, ents = [], [], [], []
         for _ in range(self.cfg.imag_horizon):

@@ -1,4 +1,5 @@
-"""Loss math as free functions: lambda-returns, return normaliser, actor/critic."""
+"""Loss math as free functions: return normaliser, actor/critic (lambda-returns: their
+reference lives beside its Triton kernel in kernels/returns.py, re-exported here)."""
 
 from __future__ import annotations
 
