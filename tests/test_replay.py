@@ -261,6 +261,36 @@ def test_write_latents_skips_overwritten_steps():
     assert not errors
 
 
+def test_write_latents_counts_a_race_during_the_first_keys_copy():
+    """The actor overwrites steps while the first key (deter) is copied in: those deter steps
+    now hold a stale latent. The later key re-checks and skips them, and the clobber count
+    must still cover the first key's steps (it once used the last key's range only)."""
+    cap, margin = 40, 2
+
+    class Racy(Ring):
+        def _copy_in(self, ring, first, end, value):
+            if self.race:  # the actor runs 6 steps on stream 0 between the check and the copy
+                self.race = False
+                fill(self, 0, 6, start=int(self._count[0]))
+            super()._copy_in(ring, first, end, value)
+
+    ring = Racy(SPEC, 1, cap, length=L, margin=margin, online=False)
+    fill(ring, 0, 44)
+    keys = torch.tensor([[0, 5]])  # steps 6..21; valid from 44 - 40 + 2 = 6
+    t = keys[:, 1, None].numpy() + 1 + np.arange(L - 1)
+    ring.race = True
+    n = ring.write_latents(keys, latents(np.zeros_like(t), t, 2))
+    # After the race count = 50: slots 6..9 hold steps 46..49, then got the stale deter of
+    # steps 6..9; stoch re-checked and started at 50 - 40 + 2 = 12. The count is conservative
+    # by one step (count 50: the actor may be writing step 50 into slot 10 right now).
+    assert n == 22 - 12
+    deter, stoch = ring._storage["deter"], ring._storage["stoch"]
+    stale = [tt for tt in range(46, 50) if deter[0, tt % cap, 0].item() == 2]
+    assert stale == [46, 47, 48, 49]  # the benign race the ring documents
+    assert (stoch[0, 6:10, 0] == 1).all() and (stoch[0, 12:22, 0] == 2).all()
+    assert ring.stats()["latent_clobbered"] == 5
+
+
 def test_write_latents_overlapping_windows_later_wins():
     ring = Ring(SPEC, 1, 100, length=L, online=False)
     fill(ring, 0, 60)

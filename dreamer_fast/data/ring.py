@@ -257,14 +257,18 @@ class Ring:
         written = clobbered = 0
         for i, (j, start) in enumerate(keys):
             first, end = start + 1, start + self.length  # steps [first, end) get written
-            for key, value in src.items():
+            lowest = None  # first step written of the first key (each key re-checks: `first`
+            for key, value in src.items():  # only grows, so later keys write a suffix)
                 first = max(first, int(self._count[j]) - self.cap + self.margin,
                             int(self._first[j]))
+                lowest = first if lowest is None else lowest
                 self._copy_in(self._storage[key][j], first, end, value[i, first - start - 1:])
             if first < end:
                 written += end - first
-                # The actor began overwriting step t once count reached t + cap.
-                clobbered += max(0, min(int(self._count[j]) - self.cap + 1, end) - first)
+            if lowest is not None and lowest < end:
+                # The actor began overwriting step t once count reached t + cap; any key's copy
+                # from `lowest` on may have landed after it (the union over keys).
+                clobbered += max(0, min(int(self._count[j]) - self.cap + 1, end) - lowest)
         tally = self._tally()
         tally["latent_clobbered"] += clobbered
         tally["latent_written"] += written
