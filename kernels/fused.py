@@ -54,3 +54,97 @@ class _RmsSilu(torch.autograd.Function):
 def rms_silu_fused(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """SiLU(RMSNorm(x)) over the last axis (as kernels.rssm_step.rms_silu_ref)."""
     return _RmsSilu.apply(x, scale, eps)
+
+
+# ---------------------------------------------------------------------------- twohot
+
+def _twohot_weights(bins: torch.Tensor, target: torch.Tensor):
+    """The two bins around each target and their weights, as twohot_loss_ref finds them:
+    below = #(bins <= t) - 1 and above = #(bins <= t), clamped to the ends (where both are the
+    end bin, each weighs 1/2). A binary search instead of K comparisons per row."""
+    K = bins.shape[0]
+    above = torch.searchsorted(bins, target.contiguous(), right=True)
+    below = (above - 1).clamp_(0, K - 1)
+    above = above.clamp_(max=K - 1)
+    equal = below == above
+    dist_below = torch.where(equal, 1.0, (bins[below] - target).abs())
+    dist_above = torch.where(equal, 1.0, (bins[above] - target).abs())
+    total = dist_below + dist_above
+    return below, above, dist_above / total, dist_below / total
+
+
+class _TwohotLoss(torch.autograd.Function):
+    """loss = lse(x) * (w_b + w_a) - w_b * x_b - w_a * x_a (the twohot cross-entropy without
+    materialising the log-softmax); d x = g * ((w_b + w_a) * softmax(x) - w_b e_b - w_a e_a).
+    Saves the logits, one log-sum-exp per row and the two bins and weights."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        x = _upcast(logits)
+        from kernels.twohot import symexp_bins  # kernels.twohot imports triton: lazily here
+        bins = symexp_bins(x.shape[-1], x.device).to(x.dtype)
+        t = target.to(x.dtype)
+        below, above, w_below, w_above = _twohot_weights(bins, t)
+        lse = torch.logsumexp(x, -1)
+        x_below = x.gather(-1, below.unsqueeze(-1)).squeeze_(-1)
+        x_above = x.gather(-1, above.unsqueeze(-1)).squeeze_(-1)
+        loss = (lse - x_below).mul_(w_below).add_((lse - x_above).mul_(w_above))
+        # A NaN target gives a NaN loss, as in the reference (the search would place it last).
+        loss = torch.where(torch.isnan(t), t, loss)
+        ctx.save_for_backward(x, lse, below, above, w_below, w_above)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lse, below, above, w_below, w_above = ctx.saved_tensors
+        g = _upcast(grad)
+        dx = (x - lse.unsqueeze(-1)).exp_().mul_((g * (w_below + w_above)).unsqueeze(-1))
+        dx.scatter_add_(-1, below.unsqueeze(-1), (-g * w_below).unsqueeze(-1))
+        dx.scatter_add_(-1, above.unsqueeze(-1), (-g * w_above).unsqueeze(-1))
+        return dx.to(ctx.dtype), None
+
+
+def twohot_loss_fused(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Twohot cross-entropy (as kernels.twohot.twohot_loss_ref): one log-sum-exp pass forward,
+    one softmax pass backward. The target gets no gradient (returns and rewards are data);
+    a target that requires grad takes the reference."""
+    if target.requires_grad and torch.is_grad_enabled():
+        from kernels.twohot import twohot_loss_ref
+        return twohot_loss_ref(logits, target)
+    return _TwohotLoss.apply(logits, target)
+
+
+class _TwohotMean(torch.autograd.Function):
+    """mean = sum_i e_i b_i / sum_i e_i with e = exp(x - max), the negative half of the bins
+    paired with its mirror first: sum_{i>0} (e_{m+i} - e_{m-i}) b_{m+i} (the bins are exactly
+    antisymmetric), so uniform logits give exactly 0; d x = g * p * (b - mean)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        x = _upcast(logits)
+        from kernels.twohot import symexp_bins
+        K = x.shape[-1]
+        m = (K - 1) // 2
+        bins = symexp_bins(K, x.device).to(x.dtype)
+        e = (x - x.amax(-1, keepdim=True)).exp_()
+        total = e.sum(-1)
+        pairs = torch.sub(e[..., m + 1:], e[..., :m].flip(-1))
+        mean = (pairs @ bins[m + 1:]).addcmul_(e[..., m], bins[m]).div_(total)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e, total, mean, bins)
+        ctx.dtype = logits.dtype
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, total, mean, bins = ctx.saved_tensors
+        scale = _upcast(grad).div(total).unsqueeze_(-1)
+        dx = (bins - mean.unsqueeze(-1)).mul_(e).mul_(scale)
+        return dx.to(ctx.dtype)
+
+
+def twohot_mean_fused(logits: torch.Tensor) -> torch.Tensor:
+    """Expected raw value of a symexp twohot head (as kernels.twohot.twohot_mean_ref): one
+    exp pass and a matrix-vector product instead of a softmax and three elementwise passes."""
+    return _TwohotMean.apply(logits)

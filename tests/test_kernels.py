@@ -96,6 +96,7 @@ def test_rms_silu(op, shape, strided, dtype):
 
 def test_get_ops_impls():
     assert get_ops("fused").rms_silu is fused.rms_silu_fused
+    assert get_ops("fused").twohot_loss is fused.twohot_loss_fused
     assert get_ops("fused").gru_update is rssm_step.gru_update_ref  # no fused version: the ref
     with pytest.raises(ValueError, match="allowed: ref, triton, fused"):
         get_ops("cuda")
@@ -156,42 +157,68 @@ TWOHOT_IDS = ["rows1-K255", "rows7-K255", "rows63-K255", "rows7-K5", "rows63-K5"
               "lead3x5-K255"]
 
 
+TWOHOT_LOSS = [pytest.param(twohot.twohot_loss, id="triton"),
+               pytest.param(fused.twohot_loss_fused, id="fused")]
+TWOHOT_MEAN = [pytest.param(twohot.twohot_mean, id="triton"),
+               pytest.param(fused.twohot_mean_fused, id="fused")]
+
+
+@pytest.mark.parametrize("op", TWOHOT_LOSS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K", TWOHOT_SHAPES, ids=TWOHOT_IDS)
-def test_twohot_loss(lead, K, dtype):
+def test_twohot_loss(lead, K, dtype, op):
     logits = randn(*lead, K, dtype=dtype, scale=3.0)
     target = twohot_targets(logits[..., 0].numel(), K).reshape(lead)
-    check(twohot.twohot_loss, twohot.twohot_loss_ref, {"logits": logits, "target": target},
-          grads=("logits",))
+    check(op, twohot.twohot_loss_ref, {"logits": logits, "target": target}, grads=("logits",))
 
 
-def test_twohot_loss_strided_and_without_grad():
+@pytest.mark.parametrize("op", TWOHOT_LOSS)
+def test_twohot_loss_strided_and_without_grad(op):
     K = 255
     logits = randn(K, 7, scale=3.0).t()  # column stride 7
     target = twohot_targets(7, K)
-    check(twohot.twohot_loss, twohot.twohot_loss_ref, {"logits": logits, "target": target},
-          grads=("logits",))
+    check(op, twohot.twohot_loss_ref, {"logits": logits, "target": target}, grads=("logits",))
     with torch.no_grad():
-        loss = twohot.twohot_loss(logits.requires_grad_(), target)
+        loss = op(logits.requires_grad_(), target)
     assert_close("loss (no grad)", loss, twohot.twohot_loss_ref(logits.double(), target))
+    # Rows of a wider (B, T+1, K) head output sliced to T steps, as the critic loss reads them.
+    wide = randn(3, 6, K, scale=3.0)
+    target = twohot_targets(15, K).reshape(3, 5)
+    check(lambda x, t: op(x[:, :-1], t), lambda x, t: twohot.twohot_loss_ref(x[:, :-1], t),
+          {"logits": wide, "target": target}, grads=("logits",))
 
 
+def test_twohot_loss_fused_nan_target_and_target_gradient():
+    """A NaN target gives a NaN loss as in the reference (the non-finite check sees it); a
+    target that requires grad gets the reference's gradient."""
+    logits = randn(3, 255, scale=3.0)
+    target = torch.tensor([float("nan"), float("inf"), 2.5], device=DEVICE)
+    got, want = fused.twohot_loss_fused(logits, target), twohot.twohot_loss_ref(logits, target)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    assert_close("finite rows", got[1:], want[1:])
+    check(fused.twohot_loss_fused, twohot.twohot_loss_ref,
+          {"logits": logits, "target": torch.tensor([0.3, -2.7, 11.0], device=DEVICE)},
+          grads=("logits", "target"))
+
+
+@pytest.mark.parametrize("op", TWOHOT_MEAN)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K", TWOHOT_SHAPES, ids=TWOHOT_IDS)
-def test_twohot_mean(lead, K, dtype):
+def test_twohot_mean(lead, K, dtype, op):
     logits = randn(*lead, K, dtype=dtype, scale=3.0)
     # The mean adds terms up to |bins| ~ 5e8 that cancel: its error scales with sum |p * bins|.
     p = torch.softmax(logits.double(), -1)
     scale = (p * twohot.symexp_bins(K, DEVICE).double().abs()).sum(-1)
-    check(twohot.twohot_mean, twohot.twohot_mean_ref, {"logits": logits}, grads=("logits",),
+    check(op, twohot.twohot_mean_ref, {"logits": logits}, grads=("logits",),
           scales={0: scale})
 
 
+@pytest.mark.parametrize("op", TWOHOT_MEAN)
 @pytest.mark.parametrize("K", [255, 5])
-def test_twohot_mean_zero_logits_exactly_zero(K):
+def test_twohot_mean_zero_logits_exactly_zero(K, op):
     zeros = torch.zeros(7, K, device=DEVICE)
-    assert torch.equal(twohot.twohot_mean(zeros), torch.zeros(7, device=DEVICE))
-    assert torch.equal(twohot.twohot_mean(zeros.bfloat16()), torch.zeros(7, device=DEVICE))
+    assert torch.equal(op(zeros), torch.zeros(7, device=DEVICE))
+    assert torch.equal(op(zeros.bfloat16()), torch.zeros(7, device=DEVICE))
 
 
 # ------------------------------------------------------------------------------ mask_rows
