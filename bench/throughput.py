@@ -57,7 +57,12 @@ LEARNER = {
     "learner-paper-s-img-strided": (replace(PAPER_S, strided=True), IMAGE, ActSpace(True, 9),
                                     256.0),
     "learner-paper-s-vec": (PAPER_S, VECTOR, ActSpace(False, 6), 1024.0),
+    # the control preset's learner (size300k, B16 x T16) on CartPole's spaces
+    "learner-control-vec": (SIZES["size300k"], {"vector": ((4,), np.float32)}, ActSpace(True, 2),
+                            64.0),
 }
+LEARNER_AGENT = {"learner-control-vec": dict(batch_length=16)}
+"""Agent settings of a learner workload other than the default B16 x T64, H15."""
 OTHER = ("matmul-peak", "policy-64envs", "env-pong-64", "e2e-pong-64")
 MODES = ("eager", "fused", "compile", "graph", "graph+triton")
 DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-paper-s-img-strided",
@@ -69,11 +74,11 @@ DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-paper
 E2E_MODEL = {"cpu": "debug", "cuda": "size12m"}
 
 
-def agent_cfg(mode: str, precision: str) -> AgentConfig:
+def agent_cfg(mode: str, precision: str, **overrides) -> AgentConfig:
     """Kernels per mode: the references everywhere but fused (the CPU fast path, eager) and
     graph+triton."""
     kernels = {"graph+triton": "triton", "fused": "fused"}.get(mode, "ref")
-    return AgentConfig(kernels=kernels, precision=precision)
+    return AgentConfig(kernels=kernels, precision=precision, **overrides)
 
 
 def update_flops(agent, batch) -> float:
@@ -105,10 +110,11 @@ def matmul_peak(device: str, precision: str) -> dict:
 
 def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float,
             precision: str = "float32", spec=None, count_flops: bool = False) -> dict:
-    """Seconds per update at B16 x T64, H15 (spec overrides the named (net, obs, act, ratio))."""
+    """Seconds per update at B16 x T64, H15 (or the workload's LEARNER_AGENT settings; spec
+    overrides the named (net, obs, act, ratio))."""
     net, obs, act, ratio = spec or LEARNER[name]
     torch.manual_seed(0)
-    cfg = agent_cfg(mode, precision)
+    cfg = agent_cfg(mode, precision, **LEARNER_AGENT.get(name, {}))
     agent = Agent(obs, act, net, cfg, device=device)
     batch = {k: v.to(device) for k, v in make_batch(obs, act, net, cfg.batch_size,
                                                     cfg.batch_length + 1).items()}
@@ -284,7 +290,8 @@ def main() -> None:
                         row = env_pong(200, 20)
                 except Exception as e:  # keep the other rows; record why this one failed
                     row = {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
-            rows.append({**env, "bench": "throughput", "batch": "B16xT64", "horizon": 15,
+            batch = f"B16xT{LEARNER_AGENT.get(name, {}).get('batch_length', 64)}"
+            rows.append({**env, "bench": "throughput", "batch": batch, "horizon": 15,
                          "dtype": precision, "price_usd_per_hour": args.price, **row})
             _print(rows[-1])
     tag = "cpu" if kind == "cpu" else env["device"].replace(" ", "-").lower()
