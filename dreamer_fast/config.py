@@ -451,7 +451,7 @@ DOMAINS: dict[str, Config] = {
     "crafter": Config(env="crafter", num_envs=1, steps=1_100_000, train_ratio=512.0,
                       net=SIZES["size200m"], env_opts=_GYM, preset="crafter",
                       model="size200m"),
-    "control": Config(env="CartPole-v1", num_envs=4, steps=CONTROL_STEPS, train_ratio=64.0,
+    "control": Config(env="CartPole-v1", num_envs=4, steps=CONTROL_STEPS, train_ratio=16.0,
                       net=SIZES["size300k"], agent=AgentConfig(
                           batch_size=16, batch_length=16,
                           optim=OptimConfig(lr=3e-4, warmup=100)),

@@ -29,7 +29,7 @@ def left_seconds(line):
 
 def test_eta_ignores_prefill_and_is_steady():
     # control-like: B16 x T16 = 256 replayed steps per update, ratio 64 -> 4 agent steps each.
-    cfg = dataclasses.replace(DOMAINS["control"], steps=100_000)
+    cfg = dataclasses.replace(DOMAINS["control"], steps=100_000, train_ratio=64.0)
     progress, lines = Progress(cfg, window_s=60.0), []
     # Prefill: the actor runs unthrottled (500 steps/s), no update yet: time left unknown.
     t, steps, updates = simulate(progress, 10, 0.0, 0, 0, 500, 0, lines)
@@ -69,7 +69,8 @@ def test_more_than_a_day_names_the_flags():
     assert note and "more than a day" in note and "--model size1m" in note, note
     assert "--steps 6" in note  # what a day gives: 5420 + 7 * 86400 = 610,220
     assert progress.note(5000 + 7 * 60) is None  # once
-    control = Progress(dataclasses.replace(DOMAINS["control"], steps=100_000), window_s=60.0)
+    control = Progress(dataclasses.replace(DOMAINS["control"], steps=100_000, train_ratio=64.0),
+                       window_s=60.0)
     for i in range(61):
         control.sample(12 * i, 3 * i, float(i))
     assert control.note(720) is None  # 2.3 hours: no note
