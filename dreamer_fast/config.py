@@ -433,7 +433,7 @@ _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
-steps, Acrobot-v1 -100 at ~26k; DMC CartpoleBalance-v1 479 at 124k (45 min, target 800 missed; at
+steps in one of two seeds, Acrobot-v1 -100 at ~26k; DMC CartpoleBalance-v1 479 at 124k (45 min, target 800 missed; at
 train_ratio 64 it met 800 at ~32k)."""
 
 DOMAINS: dict[str, Config] = {
