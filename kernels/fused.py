@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.twohot import symexp_bins, twohot_loss_ref
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
@@ -81,7 +83,6 @@ class _TwohotLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target):
         x = _upcast(logits)
-        from kernels.twohot import symexp_bins  # kernels.twohot imports triton: lazily here
         bins = symexp_bins(x.shape[-1], x.device).to(x.dtype)
         t = target.to(x.dtype)
         below, above, w_below, w_above = _twohot_weights(bins, t)
@@ -110,7 +111,6 @@ def twohot_loss_fused(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     one softmax pass backward. The target gets no gradient (returns and rewards are data);
     a target that requires grad takes the reference."""
     if target.requires_grad and torch.is_grad_enabled():
-        from kernels.twohot import twohot_loss_ref
         return twohot_loss_ref(logits, target)
     return _TwohotLoss.apply(logits, target)
 
@@ -123,7 +123,6 @@ class _TwohotMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits):
         x = _upcast(logits)
-        from kernels.twohot import symexp_bins
         K = x.shape[-1]
         m = (K - 1) // 2
         bins = symexp_bins(K, x.device).to(x.dtype)
