@@ -430,6 +430,13 @@ _ATARI100K = EnvConfig(repeat=4, image_size=64, gray=False, sticky=0.0,
 _DMC = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 """Gymnasium envs: no action repeat, the env's own registered time limit."""
+CONTROL_DMC_RATIO = 64.0
+"""train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
+official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU):
+DMC CartpoleBalance-v1 met 800 at ~32k steps (41 min) at 64 and reached 479 at 124k steps
+(45 min) at 16: DMC's continuous control wants more updates per step, and its updates, not
+its env steps, fill the wall clock; CartPole-v1 wants 16 (its 10-episode score window spans
+5,000 agent steps, 1.7 minutes at ratio 16 and over 6 at 64)."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
@@ -499,6 +506,8 @@ class Choice:
     preset: str
     model: str
     notes: tuple[str, ...]
+    train_ratio: float | None = None
+    """The preset's train_ratio for this env's suite where it differs (control on DMC)."""
 
 
 def _has_cuda(device: str) -> bool:
@@ -533,7 +542,22 @@ def choose(argv: list[str], route: Route | None) -> Choice:
             model = CPU_MODEL
     if model not in SIZES:
         raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
-    return Choice(preset, model, tuple(notes))
+    ratio = None
+    if preset == "control" and _suite(env) == "dmc":
+        ratio = CONTROL_DMC_RATIO
+        notes.append(f"train_ratio {ratio:g} (the control preset on DMC; --train-ratio to "
+                     "change)")
+    return Choice(preset, model, tuple(notes), ratio)
+
+
+def _suite(env: str) -> str | None:
+    """The env id's suite, None for an id no suite knows (the env builder names the fix)."""
+    from dreamer_fast.envs import suite_of  # dreamer_fast.envs imports this module
+
+    try:
+        return suite_of(env)
+    except ValueError:
+        return None
 
 
 def parse(argv: list[str] | None = None, route: Route | None = None,
@@ -549,6 +573,8 @@ def parse(argv: list[str] | None = None, route: Route | None = None,
     env = _flag(argv, "env") or Config.env
     default = replace(DOMAINS[choice.preset], env=env, preset=choice.preset, model=choice.model,
                       net=SIZES[choice.model])
+    if choice.train_ratio is not None:
+        default = replace(default, train_ratio=choice.train_ratio)
     return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
 
 

@@ -76,6 +76,19 @@ def test_env_picks_domain_and_model(monkeypatch):
     assert cfg.agent.lam == 0.9 and cfg.train_ratio == 256
 
 
+def test_control_preset_train_ratio_by_suite():
+    # Gymnasium keeps the preset's 16; DMC under --preset control gets 64 and says so.
+    assert parse(["--env", "CartPole-v1"]).train_ratio == 16
+    choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for)
+    assert choice.train_ratio == 64 and choice.notes == (
+        "train_ratio 64 (the control preset on DMC; --train-ratio to change)",)
+    cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control"], choice=choice)
+    assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 64)
+    cfg = parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"])
+    assert cfg.train_ratio == 8  # a flag still wins
+    assert parse(["--env", "CartpoleBalance-v1"]).train_ratio == 1024  # dmc_proprio: unchanged
+
+
 def test_help_choices_are_the_presets_and_sizes():
     from typing import get_args
 
