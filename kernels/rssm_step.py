@@ -287,6 +287,149 @@ def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.T
     return out.reshape(deter.shape)
 
 
+# ------------------------------------------------------------------------------ gru_cell
+
+def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """gru_update of gates + bias (the GRU layer's output before its bias), returning the new
+    state in deter.dtype and in `dtype` (the matmul dtype the next layers read it in).
+
+    gates: (..., 3D) float32/bfloat16; bias: (3D,); deter: (..., D). The bias is added in
+    float32.
+    """
+    h = gru_update_ref(_upcast(gates) + _upcast(bias), deter, blocks)
+    return h, h.to(dtype)
+
+
+@triton.jit
+def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total, D, Dg,
+                         sg_r, sg_c, sd_r, sd_c, BLOCK: tl.constexpr):
+    mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
+    g = gates_ptr + row * sg_r + gj * sg_c
+    b = bias_ptr + gj
+    r = tl.load(g, mask=mask, other=0.0).to(tl.float32) + tl.load(b, mask=mask, other=0.0).to(
+        tl.float32)
+    c = tl.load(g + Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        b + Dg, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        b + 2 * Dg, mask=mask, other=0.0).to(tl.float32)
+    r = tl.sigmoid(r)
+    u = tl.sigmoid(u - 1.0)
+    h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    out = u * _tanh(r * c) + (1.0 - u) * h
+    tl.store(out_ptr + row * D + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(low_ptr + row * D + j, out.to(low_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, gates_ptr, bias_ptr, deter_ptr, dgates_ptr,
+                         ddeter_ptr, total, D, Dg, so_r, so_c, sl_r, sl_c, sg_r, sg_c, sd_r,
+                         sd_c, BLOCK: tl.constexpr):
+    mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
+    g = gates_ptr + row * sg_r + gj * sg_c
+    b = bias_ptr + gj
+    r = tl.load(g, mask=mask, other=0.0).to(tl.float32) + tl.load(b, mask=mask, other=0.0).to(
+        tl.float32)
+    c_in = tl.load(g + Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        b + Dg, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        b + 2 * Dg, mask=mask, other=0.0).to(tl.float32)
+    r = tl.sigmoid(r)
+    u = tl.sigmoid(u - 1.0)
+    h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    # Both outputs are the same state: their gradients add.
+    dout = tl.load(dout_ptr + row * so_r + j * so_c, mask=mask, other=0.0).to(tl.float32)
+    dout += tl.load(dlow_ptr + row * sl_r + j * sl_c, mask=mask, other=0.0).to(tl.float32)
+    c = _tanh(r * c_in)
+    dpre = dout * u * (1.0 - c * c)
+    dg = dgates_ptr + row * 3 * D + gj
+    ty = dgates_ptr.dtype.element_ty
+    tl.store(dg, (dpre * c_in * r * (1.0 - r)).to(ty), mask=mask)
+    tl.store(dg + Dg, (dpre * r).to(ty), mask=mask)
+    tl.store(dg + 2 * Dg, (dout * (c - h) * u * (1.0 - u)).to(ty), mask=mask)
+    tl.store(ddeter_ptr + row * D + j, (dout * (1.0 - u)).to(ddeter_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _gru_cell_fwd_fake(gates, bias, deter, blocks, dtype):
+    return deter.new_empty(deter.shape), deter.new_empty(deter.shape, dtype=dtype)
+
+
+@kernel_op("gru_cell", _gru_cell_fwd_fake)
+def _gru_cell_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, D = deter.shape
+    out = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
+    low = torch.empty((rows, D), dtype=dtype, device=deter.device)
+    total = rows * D
+    if total:
+        launch(_gru_cell_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            gates, bias, deter, out, low, total, D, D // blocks, gates.stride(0),
+            gates.stride(1), deter.stride(0), deter.stride(1), BLOCK=_GRU_BLOCK,
+            num_warps=warps(_GRU_BLOCK))
+    return out, low
+
+
+def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
+    return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
+
+
+@kernel_op("gru_cell_bwd", _gru_cell_bwd_fake)
+def _gru_cell_bwd(dout: torch.Tensor, dlow: torch.Tensor, gates: torch.Tensor,
+                  bias: torch.Tensor, deter: torch.Tensor,
+                  blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, D = deter.shape
+    dgates = torch.empty((rows, 3 * D), dtype=gates.dtype, device=gates.device)
+    ddeter = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
+    total = rows * D
+    if total:
+        launch(_gru_cell_bwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            dout, dlow, gates, bias, deter, dgates, ddeter, total, D, D // blocks,
+            dout.stride(0), dout.stride(1), dlow.stride(0), dlow.stride(1), gates.stride(0),
+            gates.stride(1), deter.stride(0), deter.stride(1), BLOCK=_GRU_BLOCK,
+            num_warps=warps(_GRU_BLOCK))
+    return dgates, ddeter
+
+
+def _gru_cell_setup(ctx, inputs, output):
+    gates, bias, deter, blocks, dtype = inputs
+    ctx.save_for_backward(gates, bias, deter)
+    ctx.blocks = blocks
+
+
+def _gru_cell_backward(ctx, dout, dlow):
+    gates, bias, deter = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(deter)
+    if dlow is None:
+        dlow = torch.zeros_like(deter)
+    dgates, ddeter = _gru_cell_bwd(dout, dlow, gates, bias, deter, ctx.blocks)
+    dbias = None
+    if ctx.needs_input_grad[1]:
+        dbias = dgates.reshape(-1, dgates.shape[-1]).sum(0).to(bias.dtype)
+    return dgates, dbias, ddeter, None, None
+
+
+_gru_cell_fwd.register_autograd(_gru_cell_backward, setup_context=_gru_cell_setup)
+
+
+def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """gru_cell_ref in one Triton launch each way: the GRU layer's bias, the gate math, the
+    state update and the state's copy in the matmul dtype (the two outputs' gradients are
+    summed inside the backward kernel). gates (..., 3D) and deter (..., D) of any strides;
+    both outputs contiguous. A bias gradient, when asked for, costs one extra sum."""
+    D = deter.shape[-1]
+    if (gates.shape[-1] != 3 * D or D % blocks or gates.shape[:-1] != deter.shape[:-1]
+            or bias.shape != (3 * D,)):
+        raise ValueError(f"gru_cell: gates {tuple(gates.shape)}, bias {tuple(bias.shape)} and "
+                         f"deter {tuple(deter.shape)} do not fit blocks={blocks} (need (..., "
+                         "3D), (3D,), (..., D), D % blocks == 0)")
+    out, low = _gru_cell_fwd(gates.reshape(-1, 3 * D), bias.contiguous(), deter.reshape(-1, D),
+                             int(blocks), dtype)
+    return out.reshape(deter.shape), low.reshape(deter.shape)
+
+
 # ------------------------------------------------------------------------------ mask_rows
 
 def mask_rows_ref(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

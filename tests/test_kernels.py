@@ -15,7 +15,7 @@ import torch
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from kernels import OPS, categorical, fused, get_ops, returns, rssm_step, twohot
+from kernels import OPS, categorical, fused, get_ops, policy, returns, rssm_step, twohot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -127,6 +127,28 @@ def test_gru_update_mixed_dtypes_and_strides():
           {"gates": gates, "deter": deter}, grads=("gates", "deter"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gru_cell(dtype):
+    """The GRU step of the GPU path: the layer's bias, the gate math, the update and the
+    state's bf16 copy in one launch; both outputs' gradients summed in one backward launch;
+    gates a column slice, deter a transposed view, the bias's gradient too."""
+    D, blocks = 500, 4
+    gates = randn(7, 3 * D + 9, dtype=dtype, scale=3.0)[:, 5:5 + 3 * D]
+    inputs = {"gates": gates, "bias": randn(3 * D, seed=4), "deter": randn(D, 7, seed=3).t()}
+    op = lambda g, b, h: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16)
+    ref = lambda g, b, h: rssm_step.gru_cell_ref(g, b, h, blocks, torch.float64)
+    # The bias's gradient sums the gates' gradients, which are in the gates' dtype.
+    check(op, ref, inputs, grads=("gates", "deter") + (("bias",) * (dtype == torch.float32)))
+    if dtype == torch.bfloat16:
+        (g, b, h), (g64, b64, h64) = leaves(*inputs.values())
+        for fn, args in ((op, (g, b, h)), (ref, (g64, b64, h64))):
+            out, low = fn(*args)
+            (out.sum() + 2 * low.sum()).backward()
+        assert_close("dbias", b.grad.bfloat16(), b64.grad)
+    with pytest.raises(ValueError, match="blocks=3"):
+        rssm_step.gru_cell(randn(2, 12), randn(12), randn(2, 4), 3, torch.float32)
+
+
 def test_gru_update_rejects_bad_shapes():
     with pytest.raises(ValueError, match="blocks=3"):
         rssm_step.gru_update(randn(2, 12), randn(2, 4), 3)
@@ -233,6 +255,35 @@ def test_mask_rows(N):
     check(rssm_step.mask_rows, rssm_step.mask_rows_ref, inputs, grads=("a", "b", "c"))
     with pytest.raises(ValueError, match="needs"):
         rssm_step.mask_rows(keep[:-1], inputs["a"], inputs["b"], inputs["c"])
+
+
+# --------------------------------------------------------------------------- action_sample
+
+@pytest.mark.parametrize("N,A,dtype", [(1, 1, torch.float32), (37, 6, torch.bfloat16),
+                                       (300, 17, torch.float32)])
+def test_action_sample(N, A, dtype):
+    """The rollout's bounded-normal sample and its scaled RSSM input in one launch, from the
+    two halves of one (N, 2A) layer output (strided rows), large pre-activations included
+    (tanh and sigmoid saturate; |a| > 1 is scaled back to 1)."""
+    out = randn(N, 2 * A, dtype=dtype, scale=4.0)
+    out[0, 0], out[-1, A - 1] = 60.0, -60.0  # saturated tanh
+    mean, std, noise = out[:, :A], out[:, A:], randn(N, A, seed=5, scale=3.0)
+    act, inp = policy.action_sample(mean, std, noise, 0.1, 1.0, dtype)
+    ref_act, ref_inp = policy.action_sample_ref(mean.double(), std.double(), noise.double(),
+                                                0.1, 1.0, torch.float64)
+    assert act.dtype == torch.float32 and inp.dtype == dtype
+    assert_close("action", act, ref_act)
+    assert_close("input", inp, ref_inp.to(dtype).double())
+    assert inp.float().abs().max() <= 1.0
+
+
+def test_action_sample_refuses_gradients_and_bad_shapes():
+    mean = randn(4, 3).requires_grad_()
+    with pytest.raises(ValueError, match="no backward"):
+        policy.action_sample(mean, mean, mean, 0.1, 1.0, torch.float32)
+    with pytest.raises(ValueError, match=r"must all be \(N, A\)"):
+        policy.action_sample(mean.detach(), mean.detach()[:, 1:], mean.detach(), 0.1, 1.0,
+                             torch.float32)
 
 
 # --------------------------------------------------------------------------- lambda_return
@@ -399,11 +450,12 @@ def test_agent_train_steps_match_with_kernels_on_and_off(fast, discrete):
         assert err <= 1e-5 * (1 + ref_params[name].abs().max().item()), f"{name}: {err:.3g}"
 
 
-def test_imagination_schedules_agree():
+@pytest.mark.parametrize("discrete", [False, True])
+def test_imagination_schedules_agree(discrete):
     """The actor run per imagined step (CPU) and once over all imagined states (GPU path,
-    `batch_actor`) give the same losses and updates: continuous actions, whose samples draw
-    the same noise in the same order under both schedules."""
-    net, act, obs = SIZES["debug"], ActSpace(False, 3), dict(VECTOR)
+    `batch_actor`: pre-drawn noise, the fused action sample) give the same losses and
+    updates, both rolling out with the same pre-drawn noise (`rollout_noise`)."""
+    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
     cfg = AgentConfig(batch_size=2, batch_length=8, imag_horizon=4, kernels="ref")
     batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
     runs = {}
@@ -411,6 +463,10 @@ def test_imagination_schedules_agree():
         torch.manual_seed(0)
         agent = Agent(obs, act, net, cfg, device=DEVICE)
         agent.batch_actor = batched
+
+        def imagine(deter, stoch, noise=None, agent=agent, method=agent.imagine):
+            return method(deter, stoch, agent.rollout_noise(len(deter)))
+        agent.imagine = imagine
         runs[batched] = [agent]
         for step in range(2):
             torch.manual_seed(100 + step)

@@ -232,7 +232,8 @@ class Agent(nn.Module):
                   "con": con.mean(), "dyn": dyn.mean(), "rep": rep.mean()}
         return losses, metrics
 
-    def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
+    def imagine(self, deter: torch.Tensor, stoch: torch.Tensor,
+                noise: dict[str, torch.Tensor] | None = None):
         """Roll out H steps of the prior under the policy from N (detached) start states.
 
         Returns feats (N, H+1, F) including the start, without gradient, and the log-prob and
@@ -245,27 +246,54 @@ class Agent(nn.Module):
         official imagination loss does (`self.pol(sg(inp), 2)` in dreamerv3/agent.py): a
         second actor forward (about 10% more FLOPs per update at paper-S, 502 vs 458 GFLOP),
         but one batched backward instead of H, far fewer kernels.
+
+        noise: the rollout's random draws, {"act": (H, N, A) standard normal (continuous) or
+        (H, N, 1) uniform (discrete), "lat": (H, N, S) uniform} (`rollout_noise`); None: the
+        per-step schedule draws as it goes, the batched one draws them all first.
         """
+        if self.batch_actor:
+            return self._imagine_batched(deter, stoch, noise or self.rollout_noise(len(deter)))
         feats, acts, logps, ents = [], [], [], []
-        for _ in range(self.cfg.imag_horizon):
+        for t in range(self.cfg.imag_horizon):
             feats.append(self.feat(deter, stoch))
-            if self.batch_actor:
-                act = self.pol.sample(feats[-1])
-            else:
-                dist = self.pol(feats[-1])
-                act = dist.sample()  # detached
-                logps.append(dist.log_prob(act))
-                ents.append(dist.entropy())
+            dist = self.pol(feats[-1])
+            act = dist.sample(None if noise is None else noise["act"][t])  # detached
+            logps.append(dist.log_prob(act))
+            ents.append(dist.entropy())
             acts.append(act)
             with torch.no_grad():
-                deter, stoch = self.dyn.img_step(deter, stoch, act)
+                deter, stoch = self.dyn.img_step(deter, stoch, act,
+                                                 None if noise is None else noise["lat"][t])
         feats.append(self.feat(deter, stoch))
-        feat = torch.stack(feats, 1)
-        if self.batch_actor:
-            dist = self.pol(feat[:, :-1])
-            act = torch.stack(acts, 1)
-            return feat, dist.log_prob(act), dist.entropy()
-        return feat, torch.stack(logps, 1), torch.stack(ents, 1)
+        return torch.stack(feats, 1), torch.stack(logps, 1), torch.stack(ents, 1)
+
+    def rollout_noise(self, n: int) -> dict[str, torch.Tensor]:
+        """All random draws of an H-step rollout from n states, in two launches (see
+        imagine)."""
+        H, A, S = self.cfg.imag_horizon, self.act_space.size, self.net.stoch
+        act = (torch.rand(H, n, 1, device=self.device) if self.act_space.discrete else
+               torch.randn(H, n, A, device=self.device))
+        return {"act": act, "lat": torch.rand(H, n, S, device=self.device)}
+
+    def _imagine_batched(self, deter, stoch, noise):
+        """imagine's batched schedule. Each state enters the matmuls through one cast (the
+        policy's input is built in the matmul dtype, where the reference casts feat's deter
+        and stoch the same way), and feats are built once from the stacked states."""
+        deters, stochs, acts = [deter], [stoch], []
+        deter_in = self.dyn.compute(deter)
+        with torch.no_grad():
+            for t in range(self.cfg.imag_horizon):
+                flat = stoch.reshape(*stoch.shape[:-2], -1)
+                act, act_in = self.pol.sample(
+                    torch.cat([deter_in, flat.to(deter_in.dtype)], -1), noise["act"][t])
+                acts.append(act)
+                deter, stoch, deter_in = self.dyn.img_step_in(deter, stoch, act_in, deter_in,
+                                                              noise["lat"][t])
+                deters.append(deter)
+                stochs.append(stoch)
+        feat = self.feat(torch.stack(deters, 1), torch.stack(stochs, 1))
+        dist = self.pol(feat[:, :-1])
+        return feat, dist.log_prob(torch.stack(acts, 1)), dist.entropy()
 
     def _imag_losses(self, feat, logp, ent, metrics):
         """Actor and critic losses on imagined trajectories.

@@ -33,8 +33,14 @@ class OneHotCategorical:
         self.probs = probs
         self.logprobs = torch.log(probs)
 
-    def sample(self) -> torch.Tensor:
-        """A one-hot sample (no gradient)."""
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A one-hot sample (no gradient). noise: (*lead, 1) uniform draws to sample with by
+        inverse CDF, the first class whose cumulative probability exceeds it (the rollout's
+        pre-drawn noise, as the latent sampler takes it); default an exponential race."""
+        if noise is not None:
+            probs = self.probs.detach()
+            index = (probs.cumsum(-1) <= noise).sum(-1).clamp(max=probs.shape[-1] - 1)
+            return one_hot(index, probs.shape[-1])
         # argmax(p / E), E ~ Exp(1), is a sample from p (exponential race). Unlike
         # torch.multinomial it has no device-side validity check and is graph-capturable.
         probs = self.probs.detach()
@@ -61,8 +67,10 @@ class BoundedNormal:
         self.mean = torch.tanh(mean.float())
         self.std = (maxstd - minstd) * torch.sigmoid(std.float() + 2.0) + minstd
 
-    def sample(self) -> torch.Tensor:
-        return (self.mean + self.std * torch.randn_like(self.mean)).detach()
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise (noise: standard normal draws, default drawn here)."""
+        noise = torch.randn_like(self.mean) if noise is None else noise
+        return (self.mean + self.std * noise).detach()
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.dists import BoundedNormal, OneHotCategorical
-from dreamer_fast.agent.nets import MLP, Linear
+from dreamer_fast.agent.nets import DEFER, MLP, Linear, compute_dtype
 
 
 class TwohotHead(nn.Module):
@@ -64,12 +64,34 @@ class Actor(nn.Module):
         return BoundedNormal(self.mean(x), self.std(x), self.minstd, self.maxstd)
 
     @torch.no_grad()
-    def sample(self, feat: torch.Tensor) -> torch.Tensor:
-        """A sample of forward(feat), without gradient (the imagination rollout). A discrete
-        policy samples through the latent sampler's one-launch inverse-CDF op: the same
-        unimix categorical, as a one-hot in the logits' dtype."""
-        if not self.discrete:
-            return self(feat).sample()
-        logits = self.mean(self.mlp(feat))[..., None, :]
-        noise = torch.rand(logits.shape[:-1], device=logits.device)
-        return self.ops.latent_sample(logits, self.unimix, noise)[..., 0, :]
+    def sample(self, feat: torch.Tensor, noise: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample of forward(feat) without gradient (the imagination rollout), with the
+        given noise (N, A) standard normal (continuous) or (N, 1) uniform (discrete); returns
+        (action, the RSSM's input for it in feat's matmul dtype: rssm.RSSM.action_input).
+
+        Continuous: the two output layers as one matmul (inside a DEFER scope) and the
+        bounded normal's sample and scaling in one op (`ops.action_sample`). Discrete: the
+        latent sampler's one-launch inverse-CDF op: the same unimix categorical, as a one-hot
+        in the logits' dtype."""
+        x = self.mlp(feat)
+        dtype = compute_dtype(x)
+        if self.discrete:
+            action = self.ops.latent_sample(self.mean(x)[..., None, :], self.unimix,
+                                            noise)[..., 0, :]
+            return action, action.to(dtype)
+        mean, std = self._mean_std(x)
+        return self.ops.action_sample(mean, std, noise, self.minstd, self.maxstd, dtype)
+
+    def _mean_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The continuous policy's two output layers; inside a DEFER scope one matmul of the
+        weights concatenated once per scope (the same dot products)."""
+        if not DEFER.active:
+            return self.mean(x), self.std(x)
+        dtype, size = compute_dtype(x), self.mean.out_features
+
+        def joined(name):
+            return DEFER.cached((self, name, dtype), lambda: torch.cat(
+                [getattr(self.mean, name), getattr(self.std, name)]).detach().to(dtype))
+        y = torch.nn.functional.linear(x.to(dtype), joined("weight"), joined("bias"))
+        return y[..., :size], y[..., size:]

@@ -201,41 +201,52 @@ class BlockLinear(nn.Module):
             dw = torch.cat([dw, dws], 1)
         return dw, gs.sum(0)
 
-    def forward_shared(self, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    def forward_shared(self, own: torch.Tensor, shared: torch.Tensor | None,
+                       bias: bool = True) -> torch.Tensor:
         """forward() of the input whose block g is concat(own_g, shared), without building it.
 
         own: (..., G * n) split into G chunks of n; shared: (..., m) seen by every block, with
         n + m = inp / G. Block g's matrix splits into rows for own_g and rows for shared; the
         shared rows of all blocks form one (m, out) matrix, so the repeated input (G copies of
         shared: 12,800 wide per step at paper-S) becomes one dense GEMM. Same parameters.
+        bias=False (inside a DEFER scope only): the output without the bias, for an op that
+        adds it (ops.gru_cell); the bias still gets its gradient at flush().
         """
         if DEFER.active:
             if torch.is_grad_enabled() and self.weight.requires_grad:
-                return _BlockFn.apply(own, shared, self.weight, self.bias, self)
+                return _BlockFn.apply(own, shared, self.weight, self.bias, self, bias)
             if not torch.is_grad_enabled():
-                return self._scan_forward(own, shared)
+                return self._scan_forward(own, shared, bias)
+        if not bias:
+            raise ValueError("BlockLinear.forward_shared(bias=False) needs a DEFER scope")
         return self._forward(own, shared, self.weight, self.bias)
 
-    def _scan_forward(self, own: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    def _scan_forward(self, own: torch.Tensor, shared: torch.Tensor | None,
+                      bias: bool = True) -> torch.Tensor:
         """forward_shared inside a DEFER scope, no autograd; 2 kernels and no copies.
 
         The shared part (with the bias) is one GEMM into the (N, out) output; each block's own
         part is then added in place by one batched GEMM that reads and writes the blocks as
         strided views of the rows ((G, N, n) with row stride G n: a layout cuBLAS takes as
-        it is). Weights are cast and laid out once per scope.
+        it is). Weights are cast and laid out once per scope. Without a shared input the
+        batched GEMM writes the output alone (bias=False) or onto a copy of the bias.
         """
         G, lead = self.blocks, own.shape[:-1]
         dtype = compute_dtype(own)
         n, m = own.shape[-1] // G, self.weight.shape[-1]
         rows = own.reshape(-1, G * n).to(dtype)
         N = rows.shape[0]
-        bias = _cast(self, "bias", dtype)
-        if shared is None:
-            y = bias.expand(N, G * m).clone()
-        else:
-            y = torch.addmm(bias, shared.reshape(N, -1).to(dtype), self._shared_rows(n, dtype))
+        beta = 1.0
+        if shared is not None:
+            y = (torch.addmm(_cast(self, "bias", dtype), shared.reshape(N, -1).to(dtype),
+                             self._shared_rows(n, dtype)) if bias else
+                 shared.reshape(N, -1).to(dtype) @ self._shared_rows(n, dtype))
+        elif bias:
+            y = _cast(self, "bias", dtype).expand(N, G * m).clone()
+        else:  # beta 0: the uninitialised output is not read
+            y, beta = torch.empty(N, G * m, dtype=dtype, device=rows.device), 0.0
         y.view(N, G, m).transpose(0, 1).baddbmm_(rows.reshape(N, G, n).transpose(0, 1),
-                                                 self._own_rows(n, dtype))
+                                                 self._own_rows(n, dtype), beta=beta)
         return y.reshape(*lead, G * m)
 
     def _own_rows(self, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -256,10 +267,10 @@ class _BlockFn(torch.autograd.Function):
     and stashes (own, shared, dy) for DEFER.flush."""
 
     @staticmethod
-    def forward(ctx, own, shared, weight, bias, module):
+    def forward(ctx, own, shared, weight, bias, module, add_bias=True):
         ctx.save_for_backward(own, shared)
         ctx.module, ctx.dtype = module, compute_dtype(own)
-        return module._scan_forward(own, shared)
+        return module._scan_forward(own, shared, add_bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -280,7 +291,7 @@ class _BlockFn(torch.autograd.Function):
             d_own = d_own.reshape(own.shape)
         if shared is not None and ctx.needs_input_grad[1]:
             d_shared = (rows @ module._shared_rows(n, dtype).t()).reshape(shared.shape)
-        return d_own, d_shared, None, None, None
+        return d_own, d_shared, None, None, None, None
 
 
 class _StashGrad(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.dists import symexp, symlog
-from dreamer_fast.agent.nets import (MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
+from dreamer_fast.agent.nets import (DEFER, MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
                                      StridedConv, StridedConvT, compute_dtype, upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
@@ -154,6 +154,21 @@ class RSSM(nn.Module):
         in the matmul dtype (`compute`), when the caller has it; the state update itself uses
         deter as it is (float32)."""
         deter_in = deter if deter_in is None else deter_in
+        return self.ops.gru_update(self._gates(deter_in, stoch, action, x2), deter, self.blocks)
+
+    def core_in(self, deter, stoch, action, x2, deter_in):
+        """core() and the new state in the matmul dtype (`compute`). Inside a DEFER scope (the
+        GPU path) the GRU layer's bias, the gate math, the update and the cast are one op
+        (ops.gru_cell, which also sums the two results' gradients)."""
+        if not DEFER.active:
+            deter = self.core(deter, stoch, action, x2, deter_in)
+            return deter, self.compute(deter)
+        gates = self._gates(deter_in, stoch, action, x2, bias=False)
+        return self.ops.gru_cell(gates, self.dyngru.bias.detach(), deter, self.blocks,
+                                 compute_dtype(deter_in))
+
+    def _gates(self, deter_in, stoch, action, x2, bias=True):
+        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope)."""
         x0 = self.dynin0(deter_in)
         x1 = self.dynin1(stoch.reshape(*stoch.shape[:-2], -1))
         if x2 is None:
@@ -162,10 +177,8 @@ class RSSM(nn.Module):
         shared = torch.cat([x0, x1, x2], -1)
         if len(self.dynhid):
             x = self.dynhid[1:](self.dynhid[0].forward_shared(deter_in, shared))
-            gates = self.dyngru(x)
-        else:
-            gates = self.dyngru.forward_shared(deter_in, shared)
-        return self.ops.gru_update(gates, deter, self.blocks)
+            return self.dyngru.forward_shared(x, None, bias)
+        return self.dyngru.forward_shared(deter_in, shared, bias)
 
     @staticmethod
     def compute(x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +245,7 @@ class RSSM(nn.Module):
                 masked_stoch = stoch * k[..., None]
             else:  # the carry in both dtypes and the sample, in one op
                 masked, masked_in, masked_stoch = self.ops.mask_rows(k, deter, deter_in, stoch)
-            deter = self.core(masked, masked_stoch, None, x2_t, masked_in)
-            deter_in = self.compute(deter)
+            deter, deter_in = self.core_in(masked, masked_stoch, None, x2_t, masked_in)
             logit = self.post_logits(deter_in, token)
             stoch = self.sample(logit, noise_t)
             deters.append(deter)
@@ -241,10 +253,19 @@ class RSSM(nn.Module):
             logits.append(logit)
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
 
-    def img_step(self, deter, stoch, action):
-        """One imagined step with the prior: returns the next deter and stoch."""
+    def img_step(self, deter, stoch, action, noise=None):
+        """One imagined step with the prior: returns the next deter and stoch (noise: the
+        latent sample's uniform draws (N, S), default drawn here)."""
         deter = self.core(deter, stoch, action, deter_in=self.compute(deter))
-        return deter, self.sample(self.prior_logits(self.compute(deter)))
+        return deter, self.sample(self.prior_logits(self.compute(deter)), noise)
+
+    def img_step_in(self, deter, stoch, action_in, deter_in, noise):
+        """img_step from the action already scaled and cast (action_input(a) in the matmul
+        dtype) and deter already in the matmul dtype; returns the next deter, stoch and deter
+        in the matmul dtype (for the next step and the policy). The same values as
+        img_step."""
+        deter, deter_in = self.core_in(deter, stoch, None, self.dynin2(action_in), deter_in)
+        return deter, self.sample(self.prior_logits(deter_in), noise), deter_in
 
 
 class Decoder(nn.Module):
