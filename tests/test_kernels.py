@@ -385,6 +385,10 @@ def test_ops_trace_under_torch_compile():
 
     def step(x, scale, gates, deter, logits, target, post, prior, noise):
         h = ops.gru_update(gates, deter, 4)
+        h2, h2_low = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16)
+        act, act_in = ops.action_sample(x[:, :6].detach(), x[:, 6:12].detach(),
+                                        deter[:, :6].detach(), 0.1, 1.0, torch.bfloat16)
+        h = h + h2 * h2_low + (act + act_in).sum()
         y = ops.rms_silu(x, scale)
         z = ops.latent_sample(post, 0.01, noise)
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
