@@ -432,17 +432,14 @@ _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 """Gymnasium envs: no action repeat, the env's own registered time limit."""
 CONTROL_DMC_RATIO = 64.0
 """train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
-official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU,
-action repeat 1): DMC CartpoleBalance-v1 met 800 at ~32k steps (41 min) at 64 and reached 479
-at 124k steps (45 min) at 16: DMC's continuous control wants more updates per step, and its
-updates, not its env steps, fill the wall clock; CartPole-v1 wants 16 (its 10-episode score
-window spans 5,000 agent steps, 1.7 minutes at ratio 16 and over 6 at 64)."""
-CONTROL_DMC_REPEAT = 2
-"""Action repeat of the control preset on an EnvPool DMC id: the DreamerV3 paper's DMC
-setting (the current official config uses 1). A 1000-step DMC episode is then 500 agent
-steps: at ratio 64 (~14 agent steps/s here) the 10 training episodes a score averages span
-6 minutes instead of 12 (with repeat 1 a second run stood at 534 on that window at 45 min
-while its final checkpoint evaluated at 805)."""
+official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU):
+DMC CartpoleBalance-v1 at 64 met 800 at ~32k steps (41 min) in one run and stood at 534 at 45
+min in a second (its final checkpoint evaluated at 805: the 10 training episodes a score
+averages are 10,000 agent steps, 12 minutes at this ratio); at 16 it reached 479 at 124k
+steps (45 min). DMC's continuous control wants more updates per step, and its updates, not
+its env steps, fill the wall clock; CartPole-v1 wants 16 (its window spans 5,000 agent
+steps, 1.7 minutes at ratio 16 and over 6 at 64). Action repeat 2 (the paper's DMC setting)
+with ratio 64 plateaued at 488 (eval 497) and is not used."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
@@ -514,8 +511,6 @@ class Choice:
     notes: tuple[str, ...]
     train_ratio: float | None = None
     """The preset's train_ratio for this env's suite where it differs (control on DMC)."""
-    repeat: int | None = None
-    """The preset's action repeat for this env's suite where it differs (control on DMC)."""
 
 
 def _has_cuda(device: str) -> bool:
@@ -550,12 +545,12 @@ def choose(argv: list[str], route: Route | None) -> Choice:
             model = CPU_MODEL
     if model not in SIZES:
         raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
-    ratio = repeat = None
+    ratio = None
     if preset == "control" and _suite(env) == "dmc":
-        ratio, repeat = CONTROL_DMC_RATIO, CONTROL_DMC_REPEAT
-        notes.append(f"train_ratio {ratio:g}, action repeat {repeat} (the control preset on "
-                     "DMC; --train-ratio, --env-opts.repeat to change)")
-    return Choice(preset, model, tuple(notes), ratio, repeat)
+        ratio = CONTROL_DMC_RATIO
+        notes.append(f"train_ratio {ratio:g} (the control preset on DMC; --train-ratio to "
+                     "change)")
+    return Choice(preset, model, tuple(notes), ratio)
 
 
 def _suite(env: str) -> str | None:
@@ -583,8 +578,6 @@ def parse(argv: list[str] | None = None, route: Route | None = None,
                       net=SIZES[choice.model])
     if choice.train_ratio is not None:
         default = replace(default, train_ratio=choice.train_ratio)
-    if choice.repeat is not None:
-        default = replace(default, env_opts=replace(default.env_opts, repeat=choice.repeat))
     return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
 
 

@@ -80,18 +80,13 @@ def test_control_preset_train_ratio_by_suite():
     # Gymnasium keeps the preset's 16; DMC under --preset control gets 64 and says so.
     assert parse(["--env", "CartPole-v1"]).train_ratio == 16
     choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for)
-    assert (choice.train_ratio, choice.repeat) == (64, 2) and choice.notes == (
-        "train_ratio 64, action repeat 2 (the control preset on DMC; --train-ratio, "
-        "--env-opts.repeat to change)",)
+    assert choice.train_ratio == 64 and choice.notes == (
+        "train_ratio 64 (the control preset on DMC; --train-ratio to change)",)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control"], choice=choice)
-    assert (cfg.preset, cfg.model, cfg.train_ratio, cfg.env_opts.repeat) == (
-        "control", "size300k", 64, 2)
-    cfg = parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8",
-                 "--env-opts.repeat", "1"])
-    assert (cfg.train_ratio, cfg.env_opts.repeat) == (8, 1)  # flags still win
-    cfg = parse(["--env", "CartpoleBalance-v1"])  # dmc_proprio: the official config's
-    assert (cfg.train_ratio, cfg.env_opts.repeat) == (1024, 1)
-    assert parse(["--env", "CartPole-v1"]).env_opts.repeat == 1
+    assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 64)
+    cfg = parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"])
+    assert cfg.train_ratio == 8  # a flag still wins
+    assert parse(["--env", "CartpoleBalance-v1"]).train_ratio == 1024  # dmc_proprio: unchanged
 
 
 def test_help_choices_are_the_presets_and_sizes():
