@@ -214,7 +214,15 @@ def test_actor_sample_is_the_policy_distribution(impl):
         actor.mean.weight.normal_()  # a peaked policy (the init's outscale 0.01 is flat)
     feat = torch.randn(2, 8).repeat_interleave(20000, 0)
     probs = actor(feat[[0, 20000]]).probs
-    sample = actor.sample(feat)
+    sample, sample_in = actor.sample(feat, torch.rand(40000, 1))
     assert sample.shape == (40000, 5) and torch.equal(sample.sum(-1), torch.ones(40000))
+    assert torch.equal(sample_in, sample)  # a one-hot enters the RSSM as it is
     freq = sample.float().reshape(2, 20000, 5).mean(1)
     assert probs.max() > 0.5 and (freq - probs).abs().max() < 0.015, (freq, probs)
+    # Continuous: the policy's mean + std * noise, and its RSSM input a / max(1, |a|).
+    actor = Actor(8, 16, 2, 3, False, 0.01, 0.1, 1.0, get_ops(impl))
+    noise = 3 * torch.randn(40, 3)
+    act, act_in = actor.sample(feat[:40], noise)
+    dist = actor(feat[:40])
+    assert torch.allclose(act, dist.mean + dist.std * noise, atol=1e-6)
+    assert torch.allclose(act_in, act / act.abs().clamp(min=1.0)) and act.abs().max() > 1
