@@ -94,13 +94,13 @@ def _use_row_noise() -> None:
         noise = NOISE.draw(logits.shape[:-1], torch.rand)
         return self.ops.latent_sample(logits, self.unimix, noise)
 
-    def categorical(self):  # inverse CDF instead of torch.multinomial
+    def categorical(self, noise=None):  # inverse CDF instead of torch.multinomial
         u = NOISE.draw(self.probs.shape[:-1], torch.rand)
         k = self.probs.shape[-1]
         index = (self.probs.detach().cumsum(-1) <= u[..., None]).sum(-1).clamp(max=k - 1)
         return F.one_hot(index, k).float()
 
-    def normal(self):
+    def normal(self, noise=None):
         return (self.mean + self.std * NOISE.draw(self.mean.shape, torch.randn)).detach()
 
     rssm.RSSM.sample, dists.OneHotCategorical.sample = latent, categorical
