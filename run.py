@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
             if evaluate(parse_eval([a for a in argv if a != "--eval"]))["interrupted"]:
                 sys.exit(130)
         else:
-            choice = choose(argv, route)
+            choice = choose(argv, route, suite)
             cfg = parse(argv, choice=choice)
             if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
                 for note in choice.notes:
@@ -54,6 +54,16 @@ def route(env_id: str, pixels: bool) -> tuple[str, str]:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def suite(env_id: str) -> str | None:
+    """The env's suite, None for an id no suite knows (route names the fix for those)."""
+    from dreamer_fast.envs import suite_of
+
+    try:
+        return suite_of(env_id)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -494,6 +494,9 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 Route = Callable[[str, bool], tuple[str, str]]
 """env id, pixels -> (domain preset, why): dreamer_fast.envs.preset_for (by suite, never name)."""
+Suite = Callable[[str], "str | None"]
+"""env id -> its suite ('atari', 'dmc', 'crafter', 'gymnasium'; None if unknown):
+dreamer_fast.envs.suite_of. Gives the control preset its DMC train ratio."""
 
 CPU_MODEL = "size1m"
 """The model a preset's GPU-sized model (deter >= LARGE_DETER) becomes without a GPU."""
@@ -519,10 +522,11 @@ def _has_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def choose(argv: list[str], route: Route | None) -> Choice:
+def choose(argv: list[str], route: Route | None, suite: Suite | None = None) -> Choice:
     """The domain preset (`--preset`, else from the env's suite by `route`) and the model
     (`--model`, else the preset's; without a GPU a model of deter >= LARGE_DETER becomes
-    CPU_MODEL, so the first command runs where it is typed), with one line on each choice."""
+    CPU_MODEL, so the first command runs where it is typed), with one line on each choice.
+    `suite` (the env's suite by id) gives the control preset its DMC train ratio."""
     env = _flag(argv, "env") or Config.env
     preset, notes = _flag(argv, "preset"), []
     if preset is None:
@@ -546,21 +550,12 @@ def choose(argv: list[str], route: Route | None) -> Choice:
     if model not in SIZES:
         raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
     ratio = None
-    if preset == "control" and _suite(env) == "dmc":
+    if preset == "control" and suite is not None and suite(env) == "dmc":
         ratio = CONTROL_DMC_RATIO
         notes.append(f"train_ratio {ratio:g} (the control preset on DMC; --train-ratio to "
                      "change)")
     return Choice(preset, model, tuple(notes), ratio)
 
-
-def _suite(env: str) -> str | None:
-    """The env id's suite, None for an id no suite knows (the env builder names the fix)."""
-    from dreamer_fast.envs import suite_of  # dreamer_fast.envs imports this module
-
-    try:
-        return suite_of(env)
-    except ValueError:
-        return None
 
 
 def parse(argv: list[str] | None = None, route: Route | None = None,

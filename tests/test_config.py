@@ -10,7 +10,7 @@ import pytest
 
 from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig, choose
 from dreamer_fast.config import parse as _parse
-from dreamer_fast.envs import preset_for
+from dreamer_fast.envs import preset_for, suite_of
 
 
 def parse(argv):
@@ -79,13 +79,17 @@ def test_env_picks_domain_and_model(monkeypatch):
 def test_control_preset_train_ratio_by_suite():
     # Gymnasium keeps the preset's 16; DMC under --preset control gets 64 and says so.
     assert parse(["--env", "CartPole-v1"]).train_ratio == 16
-    choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for)
+    choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for,
+                    suite_of)
     assert choice.train_ratio == 64 and choice.notes == (
         "train_ratio 64 (the control preset on DMC; --train-ratio to change)",)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control"], choice=choice)
     assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 64)
-    cfg = parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"])
+    cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"],
+                 choice=choose(["--env", "CartpoleBalance-v1", "--preset", "control"],
+                               preset_for, suite_of))
     assert cfg.train_ratio == 8  # a flag still wins
+    assert choose(["--env", "CartPole-v1"], preset_for, suite_of).train_ratio is None
     assert parse(["--env", "CartpoleBalance-v1"]).train_ratio == 1024  # dmc_proprio: unchanged
 
 
