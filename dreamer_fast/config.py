@@ -433,9 +433,9 @@ _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 CONTROL_DMC_RATIO = 64.0
 """train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
 official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU):
-DMC CartpoleBalance-v1 at 64 met 800 at ~32k steps (41 min) in one run and stood at 534 at 45
-min in a second (its final checkpoint evaluated at 805: the 10 training episodes a score
-averages are 10,000 agent steps, 12 minutes at this ratio); at 16 it reached 479 at 124k
+DMC CartpoleBalance-v1 at 64 met 800 at ~32k steps (41 min) in one run and stood at 534 and
+409 at 45 min in two others (final checkpoints evaluated at 805 and 708: the 10 training
+episodes a score averages are 10,000 agent steps, 12 minutes at this ratio); at 16 it reached 479 at 124k
 steps (45 min). DMC's continuous control wants more updates per step, and its updates, not
 its env steps, fill the wall clock; CartPole-v1 wants 16 (its window spans 5,000 agent
 steps, 1.7 minutes at ratio 16 and over 6 at 64). Action repeat 2 (the paper's DMC setting)
