@@ -438,8 +438,8 @@ DMC CartpoleBalance-v1 at 64 met 800 at ~32k steps (41 min) in one run and stood
 episodes a score averages are 10,000 agent steps, 12 minutes at this ratio); at 16 it
 reached 479 at 124k steps (45 min). DMC's continuous control wants more updates per step,
 and its updates, not its env steps, fill the wall clock; CartPole-v1 wants 16 (its window
-spans 5,000 agent steps, 1.7 minutes at ratio 16 and over 6 at 64). Action repeat 2 (the paper's DMC setting)
-with ratio 64 plateaued at 488 (eval 497) and is not used."""
+spans 5,000 agent steps, 1.7 minutes at ratio 16 and over 6 at 64). Action repeat 2 (the
+paper's DMC setting) with ratio 64 plateaued at 488 (eval 497) and is not used."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
