@@ -302,8 +302,10 @@ def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, b
 
 
 @triton.jit
-def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total, D, Dg,
-                         sg_r, sg_c, sd_r, sd_c, BLOCK: tl.constexpr):
+def _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c,
+                   BLOCK: tl.constexpr):
+    """This program's elements: (mask, row, j, gj, reset, candidate input, update, state),
+    the gates with the bias added and the two sigmoids applied, in float32."""
     mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
     g = gates_ptr + row * sg_r + gj * sg_c
     b = bias_ptr + gj
@@ -313,9 +315,15 @@ def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total
         b + Dg, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
         b + 2 * Dg, mask=mask, other=0.0).to(tl.float32)
-    r = tl.sigmoid(r)
-    u = tl.sigmoid(u - 1.0)
     h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    return mask, row, j, gj, tl.sigmoid(r), c, tl.sigmoid(u - 1.0), h
+
+
+@triton.jit
+def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total, D, Dg,
+                         sg_r, sg_c, sd_r, sd_c, BLOCK: tl.constexpr):
+    mask, row, j, gj, r, c, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
+                                                 sg_r, sg_c, sd_r, sd_c, BLOCK)
     out = u * _tanh(r * c) + (1.0 - u) * h
     tl.store(out_ptr + row * D + j, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(low_ptr + row * D + j, out.to(low_ptr.dtype.element_ty), mask=mask)
@@ -325,18 +333,8 @@ def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total
 def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, gates_ptr, bias_ptr, deter_ptr, dgates_ptr,
                          ddeter_ptr, total, D, Dg, so_r, so_c, sl_r, sl_c, sg_r, sg_c, sd_r,
                          sd_c, BLOCK: tl.constexpr):
-    mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
-    g = gates_ptr + row * sg_r + gj * sg_c
-    b = bias_ptr + gj
-    r = tl.load(g, mask=mask, other=0.0).to(tl.float32) + tl.load(b, mask=mask, other=0.0).to(
-        tl.float32)
-    c_in = tl.load(g + Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
-        b + Dg, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) + tl.load(
-        b + 2 * Dg, mask=mask, other=0.0).to(tl.float32)
-    r = tl.sigmoid(r)
-    u = tl.sigmoid(u - 1.0)
-    h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
+    mask, row, j, gj, r, c_in, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
+                                                 sg_r, sg_c, sd_r, sd_c, BLOCK)
     # Both outputs are the same state: their gradients add.
     dout = tl.load(dout_ptr + row * so_r + j * so_c, mask=mask, other=0.0).to(tl.float32)
     dout += tl.load(dlow_ptr + row * sl_r + j * sl_c, mask=mask, other=0.0).to(tl.float32)
