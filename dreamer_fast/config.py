@@ -430,21 +430,21 @@ _ATARI100K = EnvConfig(repeat=4, image_size=64, gray=False, sticky=0.0,
 _DMC = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 """Gymnasium envs: no action repeat, the env's own registered time limit."""
-CONTROL_DMC_RATIO = 64.0
+CONTROL_DMC_RATIO = 32.0
 """train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
-official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU):
-DMC CartpoleBalance-v1 at 64 met 800 at ~32k steps (41 min) in one run and stood at 534 and
-409 at 45 min in two others (final checkpoints evaluated at 805 and 708: the 10 training
-episodes a score averages are 10,000 agent steps, 12 minutes at this ratio); at 16 it
-reached 479 at 124k steps (45 min). DMC's continuous control wants more updates per step,
-and its updates, not its env steps, fill the wall clock; CartPole-v1 wants 16 (its window
-spans 5,000 agent steps, 1.7 minutes at ratio 16 and over 6 at 64). Action repeat 2 (the
-paper's DMC setting) with ratio 64 plateaued at 488 (eval 497) and is not used."""
+official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU,
+DMC CartpoleBalance-v1, target 800 in 45 min): at 32 it met 800 at 42.1 min (80.5k steps,
+run21); at 64 it met at 41.3 min (32k steps) in one run and stood at 534 and 409 at 45 min
+in two others (final checkpoints evaluated at 805 and 708: the 10 training episodes a score
+averages are 10,000 agent steps, 12 minutes at 64 and 5 at 32); at 16 it reached 479 at 124k
+steps (45 min). DMC's continuous control wants more updates per step than CartPole, whose
+window spans 5,000 agent steps (1.7 minutes at ratio 16). Action repeat 2 (the paper's DMC
+setting) with ratio 64 plateaued at 488 (eval 497) and is not used."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
 and ~28k steps in two of three seeds, Acrobot-v1 -100 at ~26k; DMC CartpoleBalance-v1 (ratio
-64 there: CONTROL_DMC_RATIO) 800 at ~32k in one of three runs."""
+32 there: CONTROL_DMC_RATIO) 800 at ~80k."""
 
 DOMAINS: dict[str, Config] = {
     "atari": Config(env="Pong-v5", num_envs=16, steps=51_000_000, train_ratio=32.0,

@@ -77,14 +77,14 @@ def test_env_picks_domain_and_model(monkeypatch):
 
 
 def test_control_preset_train_ratio_by_suite():
-    # Gymnasium keeps the preset's 16; DMC under --preset control gets 64 and says so.
+    # Gymnasium keeps the preset's 16; DMC under --preset control gets 32 and says so.
     assert parse(["--env", "CartPole-v1"]).train_ratio == 16
     choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for,
                     suite_of)
-    assert choice.train_ratio == 64 and choice.notes == (
-        "train_ratio 64 (the control preset on DMC; --train-ratio to change)",)
+    assert choice.train_ratio == 32 and choice.notes == (
+        "train_ratio 32 (the control preset on DMC; --train-ratio to change)",)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control"], choice=choice)
-    assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 64)
+    assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 32)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"],
                  choice=choose(["--env", "CartpoleBalance-v1", "--preset", "control"],
                                preset_for, suite_of))
