@@ -29,20 +29,26 @@ def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return torch.log(probs)
 
 
-def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
+def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Straight-through one-hot sample of unimix categoricals by inverse CDF.
 
     logits: (..., S, K); noise: (..., S) uniform in [0, 1) (from torch.rand, which a CUDA graph
     redraws on every replay). The class is the first k with cumsum(probs)_k > noise. Returns
     (..., S, K) in logits.dtype equal to the one-hot sample in value, with the gradient of the
     unimix probabilities (z = onehot + probs - sg(probs)).
+    keep (...) or (..., 1) of 0/1 (the next step's reset, as mask_rows takes it): returns
+    (z, z with the rows of keep 0 zeroed), the sample and the next step's carry.
     """
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
     index = (cdf <= noise[..., None].to(cdf.dtype)).sum(-1).clamp(max=logits.shape[-1] - 1)
     onehot = (index[..., None] == torch.arange(logits.shape[-1], device=index.device)
               ).to(probs.dtype)  # F.one_hot would sync on CPU
-    return (onehot + (probs - probs.detach())).to(logits.dtype)
+    z = (onehot + (probs - probs.detach())).to(logits.dtype)
+    if keep is None:
+        return z
+    return z, z * keep.reshape(*z.shape[:-2], 1, 1).to(z.dtype)
 
 
 def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
@@ -82,8 +88,9 @@ def _unimix(ptr, g, k, groups, K, s_g, s_k, unimix):
 # --------------------------------------------------------------------------- latent_sample
 
 @triton.jit
-def _sample_fwd_kernel(logits_ptr, noise_ptr, out_ptr, groups, K, s_g, s_k, s_n, unimix,
-                       BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, groups, S, K, s_g,
+                       s_k, s_n, s_keep, unimix, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                       KEEP: tl.constexpr):
     g1 = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g = g1.to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
@@ -92,22 +99,46 @@ def _sample_fwd_kernel(logits_ptr, noise_ptr, out_ptr, groups, K, s_g, s_k, s_n,
     cdf = tl.cumsum(pi, 1)
     below = (k < K) & (cdf <= noise.to(tl.float32)[:, None])
     index = tl.minimum(tl.sum(below.to(tl.int32), 1), K - 1)[:, None]
-    tl.store(out_ptr + g * K + k, (k == index).to(tl.float32).to(out_ptr.dtype.element_ty),
-             mask=(g < groups) & (k < K))
+    mask = (g < groups) & (k < K)
+    onehot = (k == index).to(tl.float32)
+    tl.store(out_ptr + g * K + k, onehot.to(out_ptr.dtype.element_ty), mask=mask)
+    if KEEP:  # the next step's carry: the rows (of S groups each) of keep 0 zeroed
+        keep = tl.load(keep_ptr + (g // S) * s_keep, mask=g < groups, other=0.0)
+        tl.store(masked_ptr + g * K + k, (onehot * keep.to(tl.float32)).to(
+            masked_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sample_bwd_kernel(dz_ptr, logits_ptr, dlogits_ptr, groups, K, s_g, s_k, sd_g, sd_k,
-                       unimix, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d/dlogits of sum(dz * pi) = s * (a - sum(s * a)) with a = (1 - unimix) * dz."""
+def _sample_bwd_kernel(dz_ptr, dm_ptr, keep_ptr, logits_ptr, dlogits_ptr, groups, S, K, s_g,
+                       s_k, sd_g, sd_k, sm_g, sm_k, s_keep, unimix, BLOCK_G: tl.constexpr,
+                       BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
+    """d/dlogits of sum(dz * pi) = s * (a - sum(s * a)) with a = (1 - unimix) * dz (with keep,
+    dz + keep * the masked copy's gradient)."""
     g = (tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
     mask = (g < groups) & (k < K)
     s, _ = _unimix(logits_ptr, g, k, groups, K, s_g, s_k, unimix)
     dz = tl.load(dz_ptr + g * sd_g + k * sd_k, mask=mask, other=0.0).to(tl.float32)
+    if KEEP:
+        keep = tl.load(keep_ptr + (g // S) * s_keep, mask=g < groups, other=0.0)
+        dz += keep.to(tl.float32) * tl.load(dm_ptr + g * sm_g + k * sm_k, mask=mask,
+                                            other=0.0).to(tl.float32)
     a = (1.0 - unimix) * dz
     d = s * (a - tl.sum(s * a, 1)[:, None])
     tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+def _sample_launch(logits, noise, keep, S, outs, unimix):
+    groups, K = logits.shape
+    if groups:
+        masked = keep is not None
+        block_g, block_k, num_warps = row_tiling(groups, K)
+        keep = keep if masked else noise
+        launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
+            logits, noise, keep, outs[0], outs[-1], groups, S, K, logits.stride(0),
+            logits.stride(1), noise.stride(0), keep.stride(0), unimix, BLOCK_G=block_g,
+            BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
+    return outs
 
 
 def _sample_fake(logits, unimix, noise):
@@ -116,14 +147,34 @@ def _sample_fake(logits, unimix, noise):
 
 @kernel_op("latent_sample", _sample_fake)
 def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _sample_launch(logits, noise, None, 1, (out,), unimix)[0]
+
+
+def _sample_keep_fake(logits, unimix, noise, keep, S):
+    return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
+
+
+@kernel_op("latent_sample_keep", _sample_keep_fake)
+def _sample_keep_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
+                     keep: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    outs = tuple(torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+                 for _ in range(2))
+    return _sample_launch(logits, noise, keep, S, outs, unimix)
+
+
+def _sample_bwd_launch(dz, dm, keep, S, logits, unimix):
     groups, K = logits.shape
-    out = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
+    dlogits = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
     if groups:
+        masked = keep is not None
+        dm, keep = (dm, keep) if masked else (dz, dz)
         block_g, block_k, num_warps = row_tiling(groups, K)
-        launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
-            logits, noise, out, groups, K, logits.stride(0), logits.stride(1), noise.stride(0),
-            unimix, BLOCK_G=block_g, BLOCK_K=block_k, num_warps=num_warps)
-    return out
+        launch(_sample_bwd_kernel)[(triton.cdiv(groups, block_g),)](
+            dz, dm, keep, logits, dlogits, groups, S, K, logits.stride(0), logits.stride(1),
+            dz.stride(0), dz.stride(1), dm.stride(0), dm.stride(1), keep.stride(0), unimix,
+            BLOCK_G=block_g, BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
+    return dlogits
 
 
 def _sample_bwd_fake(dz, logits, unimix):
@@ -132,14 +183,17 @@ def _sample_bwd_fake(dz, logits, unimix):
 
 @kernel_op("latent_sample_bwd", _sample_bwd_fake)
 def _sample_bwd(dz: torch.Tensor, logits: torch.Tensor, unimix: float) -> torch.Tensor:
-    groups, K = logits.shape
-    dlogits = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
-    if groups:
-        block_g, block_k, num_warps = row_tiling(groups, K)
-        launch(_sample_bwd_kernel)[(triton.cdiv(groups, block_g),)](
-            dz, logits, dlogits, groups, K, logits.stride(0), logits.stride(1), dz.stride(0),
-            dz.stride(1), unimix, BLOCK_G=block_g, BLOCK_K=block_k, num_warps=num_warps)
-    return dlogits
+    return _sample_bwd_launch(dz, None, None, 1, logits, unimix)
+
+
+def _sample_keep_bwd_fake(dz, dm, keep, S, logits, unimix):
+    return logits.new_empty(logits.shape)
+
+
+@kernel_op("latent_sample_keep_bwd", _sample_keep_bwd_fake)
+def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, keep: torch.Tensor, S: int,
+                     logits: torch.Tensor, unimix: float) -> torch.Tensor:
+    return _sample_bwd_launch(dz, dm, keep, S, logits, unimix)
 
 
 def _sample_setup(ctx, inputs, output):
@@ -153,10 +207,24 @@ def _sample_backward(ctx, dz):
     return _sample_bwd(dz, logits, ctx.unimix), None, None
 
 
+def _sample_keep_setup(ctx, inputs, output):
+    logits, unimix, _, keep, S = inputs
+    ctx.save_for_backward(logits, keep)
+    ctx.unimix, ctx.S = unimix, S
+
+
+def _sample_keep_backward(ctx, dz, dm):
+    logits, keep = ctx.saved_tensors
+    dz, dm = (torch.zeros_like(logits) if g is None else g for g in (dz, dm))
+    return _sample_keep_bwd(dz, dm, keep, ctx.S, logits, ctx.unimix), None, None, None, None
+
+
 _sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
+_sample_keep_fwd.register_autograd(_sample_keep_backward, setup_context=_sample_keep_setup)
 
 
-def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
+def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
+                  keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Straight-through one-hot sample of unimix categoricals by inverse CDF. Triton.
 
     logits: (..., S, K) float32/bfloat16, any strides; noise: (..., S) uniform in [0, 1), a
@@ -164,14 +232,20 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> t
     k with cumsum(probs)_k > noise, probs = (1 - unimix) * softmax(logits) + unimix / K.
     Returns (..., S, K) in logits.dtype, the one-hot sample in value (exact in any float
     dtype: a bfloat16 one-hot feeds the next matmul without a cast); backward gives logits the
-    gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype.
+    gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype. keep (...): also the
+    sample with the rows of keep 0 zeroed, from the same launch (latent_sample_ref).
     """
-    K = logits.shape[-1]
+    S, K = logits.shape[-2:]
     if noise.shape != logits.shape[:-1]:
         raise ValueError(f"latent_sample: logits {tuple(logits.shape)} need noise "
                          f"{tuple(logits.shape[:-1])}, got {tuple(noise.shape)}")
-    out = _sample_fwd(logits.reshape(-1, K), float(unimix), noise.reshape(-1))
-    return out.reshape(logits.shape)
+    flat = logits.reshape(-1, K), float(unimix), noise.reshape(-1)
+    if keep is None:
+        return _sample_fwd(*flat).reshape(logits.shape)
+    if keep.numel() != flat[0].shape[0] // S:
+        raise ValueError(f"latent_sample: keep {tuple(keep.shape)} needs one value per row of "
+                         f"logits {tuple(logits.shape)}")
+    return tuple(o.reshape(logits.shape) for o in _sample_keep_fwd(*flat, keep.reshape(-1), S))
 
 
 # --------------------------------------------------------------------------------- kl_free

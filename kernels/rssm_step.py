@@ -290,15 +290,20 @@ def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.T
 # ------------------------------------------------------------------------------ gru_cell
 
 def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """gru_update of gates + bias (the GRU layer's output before its bias), returning the new
     state in deter.dtype and in `dtype` (the matmul dtype the next layers read it in).
 
     gates: (..., 3D) float32/bfloat16; bias: (3D,); deter: (..., D). The bias is added in
-    float32.
+    float32. keep (..., 1) or (...,) of 0/1 (the next step's reset, as mask_rows takes it):
+    also returns both copies with the rows of keep 0 zeroed (the next step's carry), four
+    results in all.
     """
     h = gru_update_ref(_upcast(gates) + _upcast(bias), deter, blocks)
-    return h, h.to(dtype)
+    if keep is None:
+        return h, h.to(dtype)
+    k = keep.reshape(*h.shape[:-1], 1).to(h.dtype)
+    return h, h.to(dtype), h * k, (h * k).to(dtype)
 
 
 @triton.jit
@@ -320,24 +325,34 @@ def _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg, sg_r, sg_c, sd_
 
 
 @triton.jit
-def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, out_ptr, low_ptr, total, D, Dg,
-                         sg_r, sg_c, sd_r, sd_c, BLOCK: tl.constexpr):
+def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr, mout_ptr,
+                         mlow_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c, sk,
+                         BLOCK: tl.constexpr, KEEP: tl.constexpr):
     mask, row, j, gj, r, c, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
                                                  sg_r, sg_c, sd_r, sd_c, BLOCK)
     out = u * _tanh(r * c) + (1.0 - u) * h
     tl.store(out_ptr + row * D + j, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(low_ptr + row * D + j, out.to(low_ptr.dtype.element_ty), mask=mask)
+    if KEEP:  # the next step's carry: rows of keep 0 zeroed
+        out = out * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
+        tl.store(mout_ptr + row * D + j, out.to(mout_ptr.dtype.element_ty), mask=mask)
+        tl.store(mlow_ptr + row * D + j, out.to(mlow_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, gates_ptr, bias_ptr, deter_ptr, dgates_ptr,
-                         ddeter_ptr, total, D, Dg, so_r, so_c, sl_r, sl_c, sg_r, sg_c, sd_r,
-                         sd_c, BLOCK: tl.constexpr):
+def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, keep_ptr, gates_ptr,
+                         bias_ptr, deter_ptr, dgates_ptr, ddeter_ptr, total, D, Dg, so_r, so_c,
+                         sl_r, sl_c, smo_r, smo_c, sml_r, sml_c, sk, sg_r, sg_c, sd_r, sd_c,
+                         BLOCK: tl.constexpr, KEEP: tl.constexpr):
     mask, row, j, gj, r, c_in, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
                                                  sg_r, sg_c, sd_r, sd_c, BLOCK)
-    # Both outputs are the same state: their gradients add.
+    # The outputs are copies of one state: their gradients add (the masked ones masked).
     dout = tl.load(dout_ptr + row * so_r + j * so_c, mask=mask, other=0.0).to(tl.float32)
     dout += tl.load(dlow_ptr + row * sl_r + j * sl_c, mask=mask, other=0.0).to(tl.float32)
+    if KEEP:
+        dm = tl.load(dmout_ptr + row * smo_r + j * smo_c, mask=mask, other=0.0).to(tl.float32)
+        dm += tl.load(dmlow_ptr + row * sml_r + j * sml_c, mask=mask, other=0.0).to(tl.float32)
+        dout += dm * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
     c = _tanh(r * c_in)
     dpre = dout * u * (1.0 - c * c)
     dg = dgates_ptr + row * 3 * D + gj
@@ -349,23 +364,63 @@ def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, gates_ptr, bias_ptr, deter_ptr, dga
              mask=mask)
 
 
+def _gru_cell_outputs(deter, dtype, n):
+    rows, D = deter.shape
+    return [torch.empty((rows, D), dtype=t, device=deter.device)
+            for t in (deter.dtype, dtype, deter.dtype, dtype)[:n]]
+
+
+def _gru_cell_launch(gates, bias, deter, keep, outs, blocks):
+    rows, D = deter.shape
+    total = rows * D
+    if total:
+        masked = keep is not None
+        mout, mlow = outs[2:] if masked else outs
+        keep = keep if masked else deter
+        launch(_gru_cell_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            gates, bias, deter, keep, outs[0], outs[1], mout, mlow, total, D, D // blocks,
+            gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
+            keep.stride(0), BLOCK=_GRU_BLOCK, KEEP=masked, num_warps=warps(_GRU_BLOCK))
+    return tuple(outs)
+
+
+def _gru_cell_bwd_launch(grads, keep, gates, bias, deter, blocks):
+    rows, D = deter.shape
+    dgates = torch.empty((rows, 3 * D), dtype=gates.dtype, device=gates.device)
+    ddeter = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
+    total = rows * D
+    if total:
+        masked = keep is not None
+        dout, dlow, dmout, dmlow = grads if masked else (*grads, *grads)
+        keep = keep if masked else deter
+        launch(_gru_cell_bwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
+            dout, dlow, dmout, dmlow, keep, gates, bias, deter, dgates, ddeter, total, D,
+            D // blocks, dout.stride(0), dout.stride(1), dlow.stride(0), dlow.stride(1),
+            dmout.stride(0), dmout.stride(1), dmlow.stride(0), dmlow.stride(1), keep.stride(0),
+            gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
+            BLOCK=_GRU_BLOCK, KEEP=masked, num_warps=warps(_GRU_BLOCK))
+    return dgates, ddeter
+
+
 def _gru_cell_fwd_fake(gates, bias, deter, blocks, dtype):
-    return deter.new_empty(deter.shape), deter.new_empty(deter.shape, dtype=dtype)
+    return tuple(_gru_cell_outputs(deter, dtype, 2))
 
 
 @kernel_op("gru_cell", _gru_cell_fwd_fake)
 def _gru_cell_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, D = deter.shape
-    out = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
-    low = torch.empty((rows, D), dtype=dtype, device=deter.device)
-    total = rows * D
-    if total:
-        launch(_gru_cell_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
-            gates, bias, deter, out, low, total, D, D // blocks, gates.stride(0),
-            gates.stride(1), deter.stride(0), deter.stride(1), BLOCK=_GRU_BLOCK,
-            num_warps=warps(_GRU_BLOCK))
-    return out, low
+    return _gru_cell_launch(gates, bias, deter, None, _gru_cell_outputs(deter, dtype, 2), blocks)
+
+
+def _gru_cell_keep_fake(gates, bias, deter, keep, blocks, dtype):
+    return tuple(_gru_cell_outputs(deter, dtype, 4))
+
+
+@kernel_op("gru_cell_keep", _gru_cell_keep_fake)
+def _gru_cell_keep_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
+                       keep: torch.Tensor, blocks: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gru_cell_launch(gates, bias, deter, keep, _gru_cell_outputs(deter, dtype, 4), blocks)
 
 
 def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
@@ -376,17 +431,19 @@ def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
 def _gru_cell_bwd(dout: torch.Tensor, dlow: torch.Tensor, gates: torch.Tensor,
                   bias: torch.Tensor, deter: torch.Tensor,
                   blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, D = deter.shape
-    dgates = torch.empty((rows, 3 * D), dtype=gates.dtype, device=gates.device)
-    ddeter = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
-    total = rows * D
-    if total:
-        launch(_gru_cell_bwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
-            dout, dlow, gates, bias, deter, dgates, ddeter, total, D, D // blocks,
-            dout.stride(0), dout.stride(1), dlow.stride(0), dlow.stride(1), gates.stride(0),
-            gates.stride(1), deter.stride(0), deter.stride(1), BLOCK=_GRU_BLOCK,
-            num_warps=warps(_GRU_BLOCK))
-    return dgates, ddeter
+    return _gru_cell_bwd_launch((dout, dlow), None, gates, bias, deter, blocks)
+
+
+def _gru_cell_keep_bwd_fake(dout, dlow, dmout, dmlow, keep, gates, bias, deter, blocks):
+    return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
+
+
+@kernel_op("gru_cell_keep_bwd", _gru_cell_keep_bwd_fake)
+def _gru_cell_keep_bwd(dout: torch.Tensor, dlow: torch.Tensor, dmout: torch.Tensor,
+                       dmlow: torch.Tensor, keep: torch.Tensor, gates: torch.Tensor,
+                       bias: torch.Tensor, deter: torch.Tensor,
+                       blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gru_cell_bwd_launch((dout, dlow, dmout, dmlow), keep, gates, bias, deter, blocks)
 
 
 def _gru_cell_setup(ctx, inputs, output):
@@ -395,37 +452,58 @@ def _gru_cell_setup(ctx, inputs, output):
     ctx.blocks = blocks
 
 
-def _gru_cell_backward(ctx, dout, dlow):
+def _gru_cell_keep_setup(ctx, inputs, output):
+    gates, bias, deter, keep, blocks, dtype = inputs
+    ctx.save_for_backward(gates, bias, deter, keep)
+    ctx.blocks = blocks
+
+
+def _bias_grad(ctx, dgates, bias):
+    if not ctx.needs_input_grad[1]:
+        return None
+    return dgates.reshape(-1, dgates.shape[-1]).sum(0).to(bias.dtype)
+
+
+def _gru_cell_backward(ctx, *grads):
     gates, bias, deter = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(deter)
-    if dlow is None:
-        dlow = torch.zeros_like(deter)
-    dgates, ddeter = _gru_cell_bwd(dout, dlow, gates, bias, deter, ctx.blocks)
-    dbias = None
-    if ctx.needs_input_grad[1]:
-        dbias = dgates.reshape(-1, dgates.shape[-1]).sum(0).to(bias.dtype)
-    return dgates, dbias, ddeter, None, None
+    grads = [torch.zeros_like(deter) if g is None else g for g in grads]
+    dgates, ddeter = _gru_cell_bwd(*grads, gates, bias, deter, ctx.blocks)
+    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None
+
+
+def _gru_cell_keep_backward(ctx, *grads):
+    gates, bias, deter, keep = ctx.saved_tensors
+    grads = [torch.zeros_like(deter) if g is None else g for g in grads]
+    dgates, ddeter = _gru_cell_keep_bwd(*grads, keep, gates, bias, deter, ctx.blocks)
+    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None, None
 
 
 _gru_cell_fwd.register_autograd(_gru_cell_backward, setup_context=_gru_cell_setup)
+_gru_cell_keep_fwd.register_autograd(_gru_cell_keep_backward, setup_context=_gru_cell_keep_setup)
 
 
 def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """gru_cell_ref in one Triton launch each way: the GRU layer's bias, the gate math, the
-    state update and the state's copy in the matmul dtype (the two outputs' gradients are
-    summed inside the backward kernel). gates (..., 3D) and deter (..., D) of any strides;
-    both outputs contiguous. A bias gradient, when asked for, costs one extra sum."""
+    state update and the state's copy in the matmul dtype (with keep, also both copies
+    masked for the next step); the outputs' gradients are summed inside the backward kernel.
+    gates (..., 3D) and deter (..., D) of any strides; the outputs contiguous. A bias
+    gradient, when asked for, costs one extra sum."""
     D = deter.shape[-1]
     if (gates.shape[-1] != 3 * D or D % blocks or gates.shape[:-1] != deter.shape[:-1]
             or bias.shape != (3 * D,)):
         raise ValueError(f"gru_cell: gates {tuple(gates.shape)}, bias {tuple(bias.shape)} and "
                          f"deter {tuple(deter.shape)} do not fit blocks={blocks} (need (..., "
                          "3D), (3D,), (..., D), D % blocks == 0)")
-    out, low = _gru_cell_fwd(gates.reshape(-1, 3 * D), bias.contiguous(), deter.reshape(-1, D),
-                             int(blocks), dtype)
-    return out.reshape(deter.shape), low.reshape(deter.shape)
+    args = gates.reshape(-1, 3 * D), bias.contiguous(), deter.reshape(-1, D)
+    if keep is None:
+        outs = _gru_cell_fwd(*args, int(blocks), dtype)
+    else:
+        if keep.numel() != args[2].shape[0]:
+            raise ValueError(f"gru_cell: keep {tuple(keep.shape)} needs one value per row of "
+                             f"deter {tuple(deter.shape)}")
+        outs = _gru_cell_keep_fwd(*args, keep.reshape(-1), int(blocks), dtype)
+    return tuple(o.reshape(deter.shape) for o in outs)
 
 
 # ------------------------------------------------------------------------------ mask_rows

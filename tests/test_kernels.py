@@ -149,6 +149,25 @@ def test_gru_cell(dtype):
         rssm_step.gru_cell(randn(2, 12), randn(12), randn(2, 4), 3, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gru_cell_with_the_next_steps_reset(dtype):
+    """gru_cell with keep (the observe scan on the GPU path): also both copies masked by the
+    next step's reset, from the same launch; the four outputs' gradients (the masked ones
+    masked) summed in one backward launch."""
+    D, blocks, N = 96, 4, 9
+    keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
+    inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
+              "deter": randn(D, N, seed=3).t()}
+    op = lambda g, b, h: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16, keep)
+    ref = lambda g, b, h: rssm_step.gru_cell_ref(g, b, h, blocks, torch.float64, keep.double())
+    check(op, ref, inputs, grads=("gates", "deter") + (("bias",) * (dtype == torch.float32)))
+    out, low, masked, masked_low = op(*inputs.values())
+    assert masked.dtype == out.dtype and masked_low.dtype == torch.bfloat16
+    assert torch.equal(masked, out * keep.to(out.dtype)) and not masked[1].any()
+    with pytest.raises(ValueError, match="keep"):
+        rssm_step.gru_cell(*inputs.values(), blocks, torch.bfloat16, keep[:-1])
+
+
 def test_gru_update_rejects_bad_shapes():
     with pytest.raises(ValueError, match="blocks=3"):
         rssm_step.gru_update(randn(2, 12), randn(2, 4), 3)
@@ -343,6 +362,24 @@ def test_latent_sample(shape, dtype, unimix):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_latent_sample_with_the_next_steps_reset(dtype):
+    """latent_sample with keep: also the sample with the rows of keep 0 zeroed (the next
+    step's carry), from the same launch; both outputs' gradients summed in one backward."""
+    N, S, K = 7, 5, 6
+    logits = randn(N, S, K, dtype=dtype, scale=2.0)
+    keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
+    noise = torch.rand(N, S, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    check(lambda a: categorical.latent_sample(a, 0.01, noise, keep),
+          lambda a: categorical.latent_sample_ref(a, 0.01, noise.double(), keep.double()),
+          {"logits": logits}, grads=("logits",))
+    z, masked = categorical.latent_sample(logits, 0.01, noise, keep)
+    assert torch.equal(z, categorical.latent_sample(logits, 0.01, noise))
+    assert torch.equal(masked, z * keep[..., None]) and not masked[1].any()
+    with pytest.raises(ValueError, match="keep"):
+        categorical.latent_sample(logits, 0.01, noise, keep[:-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", LATENT_SHAPES, ids=LATENT_IDS)
 def test_kl_free(shape, dtype):
     post = randn(*shape, dtype=dtype, scale=3.0)
@@ -388,9 +425,12 @@ def test_ops_trace_under_torch_compile():
         h2, h2_low = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16)
         act, act_in = ops.action_sample(x[:, :6].detach(), x[:, 6:12].detach(),
                                         deter[:, :6].detach(), 0.1, 1.0, torch.bfloat16)
-        h = h + h2 * h2_low + (act + act_in).sum()
+        keep = (noise[:, 0] > 0.3).float()
+        h3 = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16, keep)
+        h = h + h2 * h2_low + (act + act_in).sum() + h3[0] * h3[1] + h3[2] * h3[3]
         y = ops.rms_silu(x, scale)
-        z = ops.latent_sample(post, 0.01, noise)
+        z, z_next = ops.latent_sample(post, 0.01, noise, keep)
+        z = z + 2 * z_next
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
         loss = ops.twohot_loss(logits, target) + ops.twohot_mean(logits)
         return h.sum() + y.square().sum() + (z * prior).sum() + (dyn + 2 * rep).sum() + loss.sum()

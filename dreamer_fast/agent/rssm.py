@@ -237,8 +237,11 @@ class RSSM(nn.Module):
         noise = torch.rand(keep.shape[0], *stoch.shape[:-1], device=stoch.device)
         # unbind: the backward of all T slices is one stack, not T zero-filled selects.
         steps = zip(keep.unbind(0), x2.unbind(0), tokens.unbind(1), noise.unbind(0))
-        deters, stochs, logits = [], [], []
         deter_in = self.compute(deter)
+        if DEFER.active and deter_in is not deter:
+            return self._observe_deferred(deter, deter_in, stoch, keep.unbind(0), x2.unbind(0),
+                                          tokens.unbind(1), noise.unbind(0))
+        deters, stochs, logits = [], [], []
         for k, x2_t, token, noise_t in steps:
             if deter_in is deter:  # no autocast: one mask, the reference's autograd graph
                 masked = masked_in = deter * k
@@ -248,6 +251,31 @@ class RSSM(nn.Module):
             deter, deter_in = self.core_in(masked, masked_stoch, None, x2_t, masked_in)
             logit = self.post_logits(deter_in, token)
             stoch = self.sample(logit, noise_t)
+            deters.append(deter)
+            stochs.append(stoch)
+            logits.append(logit)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
+
+    def _observe_deferred(self, deter, deter_in, stoch, keep, x2, tokens, noise):
+        """_observe_hoisted's loop (its per-step inputs as sequences over time) inside a DEFER scope (the GPU path): each step's GRU cell
+        and latent sample also write the next step's carry, masked by its reset, so the
+        reset costs no launch of its own (only the initial carry is masked by mask_rows);
+        each op's backward sums the gradients of its copies. The same values."""
+        masked, masked_in, masked_stoch = self.ops.mask_rows(keep[0], deter, deter_in, stoch)
+        bias, dtype, T = self.dyngru.bias.detach(), compute_dtype(deter_in), len(keep)
+        deters, stochs, logits = [], [], []
+        for t in range(T):
+            k_next = keep[t + 1] if t + 1 < T else None
+            gates = self._gates(masked_in, masked_stoch, None, x2[t], bias=False)
+            outs = self.ops.gru_cell(gates, bias, masked, self.blocks, dtype, k_next)
+            deter, deter_in = outs[:2]
+            logit = self.post_logits(deter_in, tokens[t])
+            if k_next is None:
+                stoch = self.sample(logit, noise[t])
+            else:
+                stoch, masked_stoch = self.ops.latent_sample(logit, self.unimix, noise[t],
+                                                             k_next)
+                masked, masked_in = outs[2:]
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
