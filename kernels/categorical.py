@@ -110,19 +110,23 @@ def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, gro
 
 @triton.jit
 def _sample_bwd_kernel(dz_ptr, dm_ptr, keep_ptr, logits_ptr, dlogits_ptr, groups, S, K, s_g,
-                       s_k, sd_g, sd_k, sm_g, sm_k, s_keep, unimix, BLOCK_G: tl.constexpr,
-                       BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
+                       s_k, sd_r, sd_s, sd_k, sm_r, sm_s, sm_k, s_keep, unimix,
+                       BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
     """d/dlogits of sum(dz * pi) = s * (a - sum(s * a)) with a = (1 - unimix) * dz (with keep,
-    dz + keep * the masked copy's gradient)."""
+    dz + keep * the masked copy's gradient). Group g is group g % S of row g // S of the
+    gradients (strided by row, group and class)."""
     g = (tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
     mask = (g < groups) & (k < K)
+    row = g // S
+    grp = g - row * S
     s, _ = _unimix(logits_ptr, g, k, groups, K, s_g, s_k, unimix)
-    dz = tl.load(dz_ptr + g * sd_g + k * sd_k, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dz_ptr + row * sd_r + grp * sd_s + k * sd_k, mask=mask,
+                 other=0.0).to(tl.float32)
     if KEEP:
-        keep = tl.load(keep_ptr + (g // S) * s_keep, mask=g < groups, other=0.0)
-        dz += keep.to(tl.float32) * tl.load(dm_ptr + g * sm_g + k * sm_k, mask=mask,
-                                            other=0.0).to(tl.float32)
+        keep = tl.load(keep_ptr + row * s_keep, mask=g < groups, other=0.0)
+        dz += keep.to(tl.float32) * tl.load(dm_ptr + row * sm_r + grp * sm_s + k * sm_k,
+                                            mask=mask, other=0.0).to(tl.float32)
     a = (1.0 - unimix) * dz
     d = s * (a - tl.sum(s * a, 1)[:, None])
     tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
@@ -151,29 +155,36 @@ def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> tor
     return _sample_launch(logits, noise, None, 1, (out,), unimix)[0]
 
 
-def _sample_keep_fake(logits, unimix, noise, keep, S):
+def _sample_keep_fake(logits, unimix, noise, keep):
     return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
 
 
 @kernel_op("latent_sample_keep", _sample_keep_fake)
 def _sample_keep_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
-                     keep: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    outs = tuple(torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, S, K) (3-d, so that the gradients reach the backward kernel with their own
+    strides, never copied), noise (N * S,), keep (N,)."""
+    N, S, K = logits.shape
+    outs = tuple(torch.empty((N, S, K), dtype=logits.dtype, device=logits.device)
                  for _ in range(2))
-    return _sample_launch(logits, noise, keep, S, outs, unimix)
+    _sample_launch(logits.reshape(N * S, K), noise, keep, S, [o.view(N * S, K) for o in outs],
+                   unimix)
+    return outs
 
 
-def _sample_bwd_launch(dz, dm, keep, S, logits, unimix):
+def _sample_bwd_launch(dz, dm, keep, logits, unimix):
+    """dz, dm: (N, S, K) of any strides; logits (N * S, K)."""
     groups, K = logits.shape
+    S = dz.shape[1]
     dlogits = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
     if groups:
         masked = keep is not None
-        dm, keep = (dm, keep) if masked else (dz, dz)
+        dm, keep = (dm, keep) if masked else (dz, logits)  # placeholders: not read
         block_g, block_k, num_warps = row_tiling(groups, K)
         launch(_sample_bwd_kernel)[(triton.cdiv(groups, block_g),)](
             dz, dm, keep, logits, dlogits, groups, S, K, logits.stride(0), logits.stride(1),
-            dz.stride(0), dz.stride(1), dm.stride(0), dm.stride(1), keep.stride(0), unimix,
-            BLOCK_G=block_g, BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
+            *dz.stride(), *dm.stride(), keep.stride(0), unimix, BLOCK_G=block_g,
+            BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
     return dlogits
 
 
@@ -183,17 +194,18 @@ def _sample_bwd_fake(dz, logits, unimix):
 
 @kernel_op("latent_sample_bwd", _sample_bwd_fake)
 def _sample_bwd(dz: torch.Tensor, logits: torch.Tensor, unimix: float) -> torch.Tensor:
-    return _sample_bwd_launch(dz, None, None, 1, logits, unimix)
+    return _sample_bwd_launch(dz[:, None], None, None, logits, unimix)
 
 
-def _sample_keep_bwd_fake(dz, dm, keep, S, logits, unimix):
+def _sample_keep_bwd_fake(dz, dm, keep, logits, unimix):
     return logits.new_empty(logits.shape)
 
 
 @kernel_op("latent_sample_keep_bwd", _sample_keep_bwd_fake)
-def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, keep: torch.Tensor, S: int,
+def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, keep: torch.Tensor,
                      logits: torch.Tensor, unimix: float) -> torch.Tensor:
-    return _sample_bwd_launch(dz, dm, keep, S, logits, unimix)
+    N, S, K = logits.shape
+    return _sample_bwd_launch(dz, dm, keep, logits.reshape(N * S, K), unimix).view(N, S, K)
 
 
 def _sample_setup(ctx, inputs, output):
@@ -208,15 +220,15 @@ def _sample_backward(ctx, dz):
 
 
 def _sample_keep_setup(ctx, inputs, output):
-    logits, unimix, _, keep, S = inputs
+    logits, unimix, _, keep = inputs
     ctx.save_for_backward(logits, keep)
-    ctx.unimix, ctx.S = unimix, S
+    ctx.unimix = unimix
 
 
 def _sample_keep_backward(ctx, dz, dm):
     logits, keep = ctx.saved_tensors
     dz, dm = (torch.zeros_like(logits) if g is None else g for g in (dz, dm))
-    return _sample_keep_bwd(dz, dm, keep, ctx.S, logits, ctx.unimix), None, None, None, None
+    return _sample_keep_bwd(dz, dm, keep, logits, ctx.unimix), None, None, None
 
 
 _sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
@@ -245,7 +257,8 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     if keep.numel() != flat[0].shape[0] // S:
         raise ValueError(f"latent_sample: keep {tuple(keep.shape)} needs one value per row of "
                          f"logits {tuple(logits.shape)}")
-    return tuple(o.reshape(logits.shape) for o in _sample_keep_fwd(*flat, keep.reshape(-1), S))
+    outs = _sample_keep_fwd(logits.reshape(-1, S, K), flat[1], flat[2], keep.reshape(-1))
+    return tuple(o.reshape(logits.shape) for o in outs)
 
 
 # --------------------------------------------------------------------------------- kl_free
