@@ -257,10 +257,11 @@ class RSSM(nn.Module):
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
 
     def _observe_deferred(self, deter, deter_in, stoch, keep, x2, tokens, noise):
-        """_observe_hoisted's loop (its per-step inputs as sequences over time) inside a DEFER scope (the GPU path): each step's GRU cell
-        and latent sample also write the next step's carry, masked by its reset, so the
-        reset costs no launch of its own (only the initial carry is masked by mask_rows);
-        each op's backward sums the gradients of its copies. The same values."""
+        """_observe_hoisted's loop inside a DEFER scope (the GPU path; the per-step inputs as
+        sequences over time): each step's GRU cell and latent sample also write the next
+        step's carry, masked by its reset, so the reset costs no launch of its own (only the
+        initial carry goes through mask_rows); each op's backward sums the gradients of its
+        copies. The same values."""
         masked, masked_in, masked_stoch = self.ops.mask_rows(keep[0], deter, deter_in, stoch)
         bias, dtype, T = self.dyngru.bias.detach(), compute_dtype(deter_in), len(keep)
         deters, stochs, logits = [], [], []
