@@ -156,6 +156,182 @@ def rms_silu(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.T
     return _rms_silu_fwd(x.reshape(-1, C), scale, float(eps)).reshape(x.shape)
 
 
+# --------------------------------------------------------------------------- rms_silu_cat
+
+def rms_silu_cat_ref(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
+                     sb: torch.Tensor, sc: torch.Tensor | None,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """cat([rms_silu(a, sa), rms_silu(b, sb), rms_silu(c, sc) or c itself if sc is None], -1).
+
+    The RSSM core's input (the official `_core`: x0, x1, x2 each Linear -> Norm -> act, then
+    concatenated); sc None passes an already normalised c through (the observe scan computes
+    the action part once for all steps). a, b, c: (..., Ci) of one dtype; returns that dtype.
+    """
+    c = c if sc is None else rms_silu_ref(c, sc, eps)
+    return torch.cat([rms_silu_ref(a, sa, eps), rms_silu_ref(b, sb, eps), c], -1)
+
+
+@triton.jit
+def _rms_cat_fwd_part(x_ptr, s_ptr, y_ptr, rows, C, sx_r, sx_c, sy_r, off, eps,
+                      NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    mask = (r < rows) & (c < C)
+    r = r.to(tl.int64)
+    x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0)
+    if NORM:
+        x = x.to(tl.float32)
+        scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
+        x = x * rstd * scale
+        x = x * tl.sigmoid(x)
+    tl.store(y_ptr + r * sy_r + off + c, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_silu_cat_fwd_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, y_ptr, rows,
+                             Ca, Cb, Cc, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, eps,
+                             NORM_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """Program (i, part): row tile i of part 0 (a), 1 (b) or 2 (c) of the output."""
+    part = tl.program_id(1)
+    C = Ca + Cb + Cc
+    if part == 0:
+        _rms_cat_fwd_part(a_ptr, sa_ptr, y_ptr, rows, Ca, sa_r, sa_c, C, 0, eps, True,
+                          BLOCK_R, BLOCK_C)
+    elif part == 1:
+        _rms_cat_fwd_part(b_ptr, sb_ptr, y_ptr, rows, Cb, sb_r, sb_c, C, Ca, eps, True,
+                          BLOCK_R, BLOCK_C)
+    else:
+        _rms_cat_fwd_part(c_ptr, sc_ptr, y_ptr, rows, Cc, sc_r, sc_c, C, Ca + Cb, eps, NORM_C,
+                          BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _rms_cat_bwd_part(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_r, sdy_c,
+                      sx_r, sx_c, off, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """_rms_silu_bwd_kernel on one part: dy's columns off.., dscale's partial row at off."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)[None, :]
+    scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(tiles):
+        r = (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        mask = (r < rows) & (c < C)
+        r = r.to(tl.int64)
+        x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r * sdy_r + (off + c) * sdy_c, mask=mask,
+                     other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
+        n = x * rstd
+        a = n * scale
+        sig = tl.sigmoid(a)
+        da = dy * sig * (1.0 + a * (1.0 - sig))
+        dscale += tl.sum(da * n, 0)
+        dn = da * scale
+        dx = rstd * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
+        tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    cc = tl.arange(0, BLOCK_C)
+    tl.store(ds_ptr + off + cc, dscale, mask=cc < C)
+
+
+@triton.jit
+def _rms_silu_cat_bwd_kernel(dy_ptr, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, da_ptr,
+                             db_ptr, dc_ptr, partial_ptr, rows, Ca, Cb, Cc, tiles,
+                             sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (i, part): rows tiles i*tiles.. of part 0, 1 or 2 (2 only when c was
+    normalised: the grid then has 3 parts); each writes its partial dscale row."""
+    pid, part = tl.program_id(0), tl.program_id(1)
+    ds_ptr = partial_ptr + pid * (Ca + Cb + Cc)
+    if part == 0:
+        _rms_cat_bwd_part(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, sdy_r,
+                          sdy_c, sa_r, sa_c, 0, eps, BLOCK_R, BLOCK_C)
+    elif part == 1:
+        _rms_cat_bwd_part(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, sdy_r,
+                          sdy_c, sb_r, sb_c, Ca, eps, BLOCK_R, BLOCK_C)
+    else:
+        _rms_cat_bwd_part(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, sdy_r,
+                          sdy_c, sc_r, sc_c, Ca + Cb, eps, BLOCK_R, BLOCK_C)
+
+
+def _rms_silu_cat_fake(a, b, c, sa, sb, sc, eps):
+    return a.new_empty((a.shape[0], a.shape[1] + b.shape[1] + c.shape[1]))
+
+
+@kernel_op("rms_silu_cat", _rms_silu_cat_fake)
+def _rms_silu_cat_fwd(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
+                      sb: torch.Tensor, sc: torch.Tensor | None, eps: float) -> torch.Tensor:
+    rows, (Ca, Cb, Cc) = a.shape[0], (a.shape[1], b.shape[1], c.shape[1])
+    y = torch.empty((rows, Ca + Cb + Cc), dtype=a.dtype, device=a.device)
+    if rows:
+        block_r, block_c, num_warps = row_tiling(rows, max(Ca, Cb, Cc))
+        launch(_rms_silu_cat_fwd_kernel)[(triton.cdiv(rows, block_r), 3)](
+            a, b, c, sa, sb, sa if sc is None else sc, y, rows, Ca, Cb, Cc, a.stride(0),
+            a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), eps,
+            NORM_C=sc is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return y
+
+
+def _rms_silu_cat_bwd_fake(dy, a, b, c, sa, sb, sc, eps):
+    return (a.new_empty(a.shape), b.new_empty(b.shape), c.new_empty(c.shape),
+            sa.new_empty((a.shape[1] + b.shape[1] + c.shape[1],)))
+
+
+@kernel_op("rms_silu_cat_bwd", _rms_silu_cat_bwd_fake)
+def _rms_silu_cat_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                      sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db, dc, dscales): dc and dscales' c part are only written when sc is given;
+    dscales is (sa | sb | sc)'s gradient in one float32 row."""
+    rows, (Ca, Cb, Cc) = a.shape[0], (a.shape[1], b.shape[1], c.shape[1])
+    da, db = torch.empty_like(a, memory_format=torch.contiguous_format), \
+        torch.empty_like(b, memory_format=torch.contiguous_format)
+    dc = torch.empty((rows, Cc) if sc is not None else (0, Cc), dtype=c.dtype, device=c.device)
+    block_r, block_c, num_warps = row_tiling(rows, max(Ca, Cb, Cc))
+    programs = max(1, min(triton.cdiv(rows, block_r), max_programs(a.device)))
+    tiles = triton.cdiv(triton.cdiv(rows, block_r), programs)
+    partial = torch.empty((programs, Ca + Cb + Cc), dtype=torch.float32, device=a.device)
+    launch(_rms_silu_cat_bwd_kernel)[(programs, 2 if sc is None else 3)](
+        dy, a, b, c, sa, sb, sa if sc is None else sc, da, db, dc, partial, rows, Ca, Cb, Cc,
+        tiles, dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), c.stride(0), c.stride(1), eps, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=num_warps)
+    dscales = partial.sum(0) if programs > 1 else partial.view(-1)
+    return da, db, dc, dscales
+
+
+def _rms_silu_cat_setup(ctx, inputs, output):
+    a, b, c, sa, sb, sc, eps = inputs
+    ctx.save_for_backward(a, b, c, sa, sb, sc)
+    ctx.eps, ctx.norm_c = eps, sc is not None
+
+
+def _rms_silu_cat_backward(ctx, dy):
+    a, b, c, sa, sb, sc = ctx.saved_tensors
+    da, db, dc, ds = _rms_silu_cat_bwd(dy, a, b, c, sa, sb, sc, ctx.eps)
+    Ca, Cb = a.shape[1], b.shape[1]
+    if not ctx.norm_c:  # c passed through: its gradient is dy's columns (a view)
+        dc = dy[:, Ca + Cb:]
+    dsc = ds[Ca + Cb:].to(sc.dtype) if ctx.norm_c else None
+    return (da, db, dc, ds[:Ca].to(sa.dtype), ds[Ca:Ca + Cb].to(sb.dtype), dsc, None)
+
+
+_rms_silu_cat_fwd.register_autograd(_rms_silu_cat_backward, setup_context=_rms_silu_cat_setup)
+
+
+def rms_silu_cat(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
+                 sb: torch.Tensor, sc: torch.Tensor | None,
+                 eps: float = 1e-4) -> torch.Tensor:
+    """rms_silu_cat_ref in one Triton launch each way (instead of up to 3 norms, a
+    concatenation and, backward, up to 3 norm backwards). a, b, c: (..., Ci), any strides;
+    returns a.dtype, contiguous."""
+    lead = a.shape[:-1]
+    flat = [x.reshape(-1, x.shape[-1]) for x in (a, b, c)]
+    y = _rms_silu_cat_fwd(*flat, sa, sb, sc, float(eps))
+    return y.reshape(*lead, y.shape[-1])
+
+
 # ----------------------------------------------------------------------------- gru_update
 
 @triton.jit

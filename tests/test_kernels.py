@@ -94,6 +94,24 @@ def test_rms_silu(op, shape, strided, dtype):
           {"x": x, "scale": scale}, grads=("x", "scale"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_c", [True, False], ids=["three-norms", "tail"])
+def test_rms_silu_cat(norm_c, dtype):
+    """The RSSM core's input in one op: two (or three) norms and the concatenation, with a
+    strided part (b) and parts of different widths, against the reference."""
+    a, b = randn(16, 40, dtype=dtype, scale=2.0), randn(48, 16, dtype=dtype, seed=3).t()
+    c = randn(16, 24, dtype=dtype, seed=4)
+    sa, sb, sc = (randn(n, scale=0.5, seed=5 + n) + 1.0 for n in (40, 48, 24))
+    inputs = {"a": a, "b": b, "c": c, "sa": sa, "sb": sb}
+    if norm_c:
+        inputs["sc"] = sc
+
+    def run(op):
+        return lambda *xs: op(*xs[:5], xs[5] if norm_c else None, 1e-4)
+    check(run(rssm_step.rms_silu_cat), run(rssm_step.rms_silu_cat_ref), inputs,
+          grads=tuple(inputs))
+
+
 def test_get_ops_impls():
     assert get_ops("fused").rms_silu is fused.rms_silu_fused
     assert get_ops("fused").twohot_loss is fused.twohot_loss_fused
@@ -429,6 +447,10 @@ def test_ops_trace_under_torch_compile():
         h3 = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16, keep)
         h = h + h2 * h2_low + (act + act_in).sum() + h3[0] * h3[1] + h3[2] * h3[3]
         y = ops.rms_silu(x, scale)
+        y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
+                                 scale[100:300], scale[300:])
+        y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
+                                 scale[100:300], None)
         z, z_next = ops.latent_sample(post, 0.01, noise, keep)
         z = z + 2 * z_next
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)

@@ -342,6 +342,43 @@ class NormAct(nn.Module):
         return torch.autograd.grad(y, scale, gs.to(y.dtype))
 
 
+class _StashGrads(torch.autograd.Function):
+    """Identity on y = cat([norm_i(x_i)..., tail]) whose backward stashes (x_i, dy's columns of
+    part i) for each norm's DEFER.flush."""
+
+    @staticmethod
+    def forward(ctx, y, norms, *xs):
+        ctx.save_for_backward(*xs)
+        ctx.norms = norms
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = 0
+        for norm, x in zip(ctx.norms, ctx.saved_tensors):
+            DEFER.stash(norm, x, grad[..., start:start + x.shape[-1]])
+            start += x.shape[-1]
+        return (grad, None) + (None,) * len(ctx.norms)
+
+
+def norm_cat(norms: list[NormAct], xs: list[torch.Tensor],
+             tail: torch.Tensor | None = None) -> torch.Tensor:
+    """cat([norm(x) for norm, x in zip(norms, xs)] + [tail], -1): two norms and a tail
+    already normalised, or three norms. Inside a DEFER scope one op (`ops.rms_silu_cat`)
+    with the scales' gradients deferred like NormAct's; elsewhere the norms and a cat."""
+    if not DEFER.active:
+        return torch.cat([norm(x) for norm, x in zip(norms, xs)] +
+                         ([] if tail is None else [tail]), -1)
+    if len(norms) + (tail is not None) != 3 or len({n.eps for n in norms}) != 1:
+        raise ValueError("norm_cat takes two norms and a tail, or three norms, of one eps")
+    third = (xs[2], norms[2].scale) if tail is None else (tail, None)
+    grad = torch.is_grad_enabled() and norms[0].scale.requires_grad
+    scales = [n.scale.detach() if grad else n.scale for n in norms[:2]]
+    third_scale = None if third[1] is None else (third[1].detach() if grad else third[1])
+    y = norms[0].ops.rms_silu_cat(xs[0], xs[1], third[0], *scales, third_scale, norms[0].eps)
+    return _StashGrads.apply(y, norms, *xs) if grad else y
+
+
 class NormAct2d(NormAct):
     """NormAct over the channels of an NCHW map."""
 

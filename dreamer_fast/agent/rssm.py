@@ -13,7 +13,8 @@ from torch import nn
 
 from dreamer_fast.agent.dists import symexp, symlog
 from dreamer_fast.agent.nets import (DEFER, MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
-                                     StridedConv, StridedConvT, compute_dtype, upsample2)
+                                     StridedConv, StridedConvT, compute_dtype, norm_cat,
+                                     upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last
@@ -156,25 +157,35 @@ class RSSM(nn.Module):
         deter_in = deter if deter_in is None else deter_in
         return self.ops.gru_update(self._gates(deter_in, stoch, action, x2), deter, self.blocks)
 
-    def core_in(self, deter, stoch, action, x2, deter_in):
+    def core_in(self, deter, stoch, action, x2, deter_in, action_in=None):
         """core() and the new state in the matmul dtype (`compute`). Inside a DEFER scope (the
         GPU path) the GRU layer's bias, the gate math, the update and the cast are one op
-        (ops.gru_cell, which also sums the two results' gradients)."""
+        (ops.gru_cell, which also sums the two results' gradients). action_in: the action
+        already through action_input (instead of action or x2; DEFER scope only)."""
         if not DEFER.active:
             deter = self.core(deter, stoch, action, x2, deter_in)
             return deter, self.compute(deter)
-        gates = self._gates(deter_in, stoch, action, x2, bias=False)
+        gates = self._gates(deter_in, stoch, action, x2, bias=False, action_in=action_in)
         return self.ops.gru_cell(gates, self.dyngru.bias.detach(), deter, self.blocks,
                                  compute_dtype(deter_in))
 
-    def _gates(self, deter_in, stoch, action, x2, bias=True):
+    def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None):
         """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope)."""
-        x0 = self.dynin0(deter_in)
-        x1 = self.dynin1(stoch.reshape(*stoch.shape[:-2], -1))
-        if x2 is None:
-            x2 = self.dynin2(self.action_input(action))
+        stoch = stoch.reshape(*stoch.shape[:-2], -1)
+        norms = [self.dynin0[1], self.dynin1[1]]
+        if DEFER.active:  # the two or three norms and the concatenation in one op
+            xs = [self.dynin0[0](deter_in), self.dynin1[0](stoch)]
+            if x2 is None:
+                xs.append(self.dynin2[0](self.action_input(action) if action_in is None
+                                         else action_in))
+                norms.append(self.dynin2[1])
+            shared = norm_cat(norms, xs, x2)
+        else:
+            x0, x1 = self.dynin0(deter_in), self.dynin1(stoch)
+            if x2 is None:
+                x2 = self.dynin2(self.action_input(action))
+            shared = torch.cat([x0, x1, x2], -1)
         # Block g sees [h_g, x0, x1, x2]; forward_shared computes that without G copies.
-        shared = torch.cat([x0, x1, x2], -1)
         if len(self.dynhid):
             x = self.dynhid[1:](self.dynhid[0].forward_shared(deter_in, shared))
             return self.dyngru.forward_shared(x, None, bias)
@@ -293,7 +304,11 @@ class RSSM(nn.Module):
         dtype) and deter already in the matmul dtype; returns the next deter, stoch and deter
         in the matmul dtype (for the next step and the policy). The same values as
         img_step."""
-        deter, deter_in = self.core_in(deter, stoch, None, self.dynin2(action_in), deter_in)
+        if DEFER.active:  # dynin2's norm joins the other two in one op (norm_cat)
+            deter, deter_in = self.core_in(deter, stoch, None, None, deter_in, action_in)
+        else:
+            deter, deter_in = self.core_in(deter, stoch, None, self.dynin2(action_in),
+                                           deter_in)
         return deter, self.sample(self.prior_logits(deter_in), noise), deter_in
 
 
