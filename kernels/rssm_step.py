@@ -472,14 +472,16 @@ def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, b
 
     gates: (..., 3D) float32/bfloat16; bias: (3D,); deter: (..., D). The bias is added in
     float32. keep (..., 1) or (...,) of 0/1 (the next step's reset, as mask_rows takes it):
-    also returns both copies with the rows of keep 0 zeroed (the next step's carry), four
-    results in all.
+    also returns the copies with the rows of keep 0 zeroed (the next step's carry): in
+    deter.dtype and twice in `dtype` (one for each layer that reads it: the input embedding
+    dynin0 and the GRU's own block rows, so that their gradients meet in the backward kernel,
+    not in an addition), five results in all.
     """
     h = gru_update_ref(_upcast(gates) + _upcast(bias), deter, blocks)
     if keep is None:
         return h, h.to(dtype)
     k = keep.reshape(*h.shape[:-1], 1).to(h.dtype)
-    return h, h.to(dtype), h * k, (h * k).to(dtype)
+    return h, h.to(dtype), h * k, (h * k).to(dtype), (h * k).to(dtype)
 
 
 @triton.jit
@@ -502,7 +504,7 @@ def _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg, sg_r, sg_c, sd_
 
 @triton.jit
 def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr, mout_ptr,
-                         mlow_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c, sk,
+                         mlow_ptr, mlow2_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c, sk,
                          BLOCK: tl.constexpr, KEEP: tl.constexpr):
     mask, row, j, gj, r, c, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
                                                  sg_r, sg_c, sd_r, sd_c, BLOCK)
@@ -513,12 +515,14 @@ def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_
         out = out * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
         tl.store(mout_ptr + row * D + j, out.to(mout_ptr.dtype.element_ty), mask=mask)
         tl.store(mlow_ptr + row * D + j, out.to(mlow_ptr.dtype.element_ty), mask=mask)
+        tl.store(mlow2_ptr + row * D + j, out.to(mlow2_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, keep_ptr, gates_ptr,
-                         bias_ptr, deter_ptr, dgates_ptr, ddeter_ptr, total, D, Dg, so_r, so_c,
-                         sl_r, sl_c, smo_r, smo_c, sml_r, sml_c, sk, sg_r, sg_c, sd_r, sd_c,
+def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, dmlow2_ptr, keep_ptr,
+                         gates_ptr, bias_ptr, deter_ptr, dgates_ptr, ddeter_ptr, total, D, Dg,
+                         so_r, so_c, sl_r, sl_c, smo_r, smo_c, sml_r, sml_c, sm2_r, sm2_c, sk,
+                         sg_r, sg_c, sd_r, sd_c,
                          BLOCK: tl.constexpr, KEEP: tl.constexpr):
     mask, row, j, gj, r, c_in, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
                                                  sg_r, sg_c, sd_r, sd_c, BLOCK)
@@ -528,6 +532,8 @@ def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, keep_ptr, gat
     if KEEP:
         dm = tl.load(dmout_ptr + row * smo_r + j * smo_c, mask=mask, other=0.0).to(tl.float32)
         dm += tl.load(dmlow_ptr + row * sml_r + j * sml_c, mask=mask, other=0.0).to(tl.float32)
+        dm += tl.load(dmlow2_ptr + row * sm2_r + j * sm2_c, mask=mask,
+                      other=0.0).to(tl.float32)
         dout += dm * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
     c = _tanh(r * c_in)
     dpre = dout * u * (1.0 - c * c)
@@ -543,7 +549,7 @@ def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, keep_ptr, gat
 def _gru_cell_outputs(deter, dtype, n):
     rows, D = deter.shape
     return [torch.empty((rows, D), dtype=t, device=deter.device)
-            for t in (deter.dtype, dtype, deter.dtype, dtype)[:n]]
+            for t in (deter.dtype, dtype, deter.dtype, dtype, dtype)[:n]]
 
 
 def _gru_cell_launch(gates, bias, deter, keep, outs, blocks):
@@ -551,10 +557,11 @@ def _gru_cell_launch(gates, bias, deter, keep, outs, blocks):
     total = rows * D
     if total:
         masked = keep is not None
-        mout, mlow = outs[2:] if masked else outs
+        mout, mlow, mlow2 = outs[2:] if masked else (*outs, outs[1])
         keep = keep if masked else deter
         launch(_gru_cell_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
-            gates, bias, deter, keep, outs[0], outs[1], mout, mlow, total, D, D // blocks,
+            gates, bias, deter, keep, outs[0], outs[1], mout, mlow, mlow2, total, D,
+            D // blocks,
             gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
             keep.stride(0), BLOCK=_GRU_BLOCK, KEEP=masked, num_warps=warps(_GRU_BLOCK))
     return tuple(outs)
@@ -567,12 +574,13 @@ def _gru_cell_bwd_launch(grads, keep, gates, bias, deter, blocks):
     total = rows * D
     if total:
         masked = keep is not None
-        dout, dlow, dmout, dmlow = grads if masked else (*grads, *grads)
+        dout, dlow, dmout, dmlow, dmlow2 = grads if masked else (*grads, *grads, grads[1])
         keep = keep if masked else deter
         launch(_gru_cell_bwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
-            dout, dlow, dmout, dmlow, keep, gates, bias, deter, dgates, ddeter, total, D,
-            D // blocks, dout.stride(0), dout.stride(1), dlow.stride(0), dlow.stride(1),
-            dmout.stride(0), dmout.stride(1), dmlow.stride(0), dmlow.stride(1), keep.stride(0),
+            dout, dlow, dmout, dmlow, dmlow2, keep, gates, bias, deter, dgates, ddeter, total,
+            D, D // blocks, dout.stride(0), dout.stride(1), dlow.stride(0), dlow.stride(1),
+            dmout.stride(0), dmout.stride(1), dmlow.stride(0), dmlow.stride(1),
+            dmlow2.stride(0), dmlow2.stride(1), keep.stride(0),
             gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
             BLOCK=_GRU_BLOCK, KEEP=masked, num_warps=warps(_GRU_BLOCK))
     return dgates, ddeter
@@ -589,14 +597,15 @@ def _gru_cell_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, 
 
 
 def _gru_cell_keep_fake(gates, bias, deter, keep, blocks, dtype):
-    return tuple(_gru_cell_outputs(deter, dtype, 4))
+    return tuple(_gru_cell_outputs(deter, dtype, 5))
 
 
 @kernel_op("gru_cell_keep", _gru_cell_keep_fake)
 def _gru_cell_keep_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
                        keep: torch.Tensor, blocks: int, dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gru_cell_launch(gates, bias, deter, keep, _gru_cell_outputs(deter, dtype, 4), blocks)
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    return _gru_cell_launch(gates, bias, deter, keep, _gru_cell_outputs(deter, dtype, 5), blocks)
 
 
 def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
@@ -610,16 +619,18 @@ def _gru_cell_bwd(dout: torch.Tensor, dlow: torch.Tensor, gates: torch.Tensor,
     return _gru_cell_bwd_launch((dout, dlow), None, gates, bias, deter, blocks)
 
 
-def _gru_cell_keep_bwd_fake(dout, dlow, dmout, dmlow, keep, gates, bias, deter, blocks):
+def _gru_cell_keep_bwd_fake(dout, dlow, dmout, dmlow, dmlow2, keep, gates, bias, deter,
+                            blocks):
     return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
 
 
 @kernel_op("gru_cell_keep_bwd", _gru_cell_keep_bwd_fake)
 def _gru_cell_keep_bwd(dout: torch.Tensor, dlow: torch.Tensor, dmout: torch.Tensor,
-                       dmlow: torch.Tensor, keep: torch.Tensor, gates: torch.Tensor,
-                       bias: torch.Tensor, deter: torch.Tensor,
+                       dmlow: torch.Tensor, dmlow2: torch.Tensor, keep: torch.Tensor,
+                       gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
                        blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gru_cell_bwd_launch((dout, dlow, dmout, dmlow), keep, gates, bias, deter, blocks)
+    return _gru_cell_bwd_launch((dout, dlow, dmout, dmlow, dmlow2), keep, gates, bias, deter,
+                                blocks)
 
 
 def _gru_cell_setup(ctx, inputs, output):
@@ -661,8 +672,8 @@ _gru_cell_keep_fwd.register_autograd(_gru_cell_keep_backward, setup_context=_gru
 def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
              dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """gru_cell_ref in one Triton launch each way: the GRU layer's bias, the gate math, the
-    state update and the state's copy in the matmul dtype (with keep, also both copies
-    masked for the next step); the outputs' gradients are summed inside the backward kernel.
+    state update and the state's copy in the matmul dtype (with keep, also the copies
+    masked for the next step, the matmul-dtype one twice); the outputs' gradients are summed inside the backward kernel.
     gates (..., 3D) and deter (..., D) of any strides; the outputs contiguous. A bias
     gradient, when asked for, costs one extra sum."""
     D = deter.shape[-1]

@@ -169,9 +169,9 @@ def test_gru_cell(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gru_cell_with_the_next_steps_reset(dtype):
-    """gru_cell with keep (the observe scan on the GPU path): also both copies masked by the
-    next step's reset, from the same launch; the four outputs' gradients (the masked ones
-    masked) summed in one backward launch."""
+    """gru_cell with keep (the observe scan on the GPU path): also the copies masked by the
+    next step's reset (the matmul-dtype one twice, one per reader), from the same launch; the
+    five outputs' gradients (the masked ones masked) summed in one backward launch."""
     D, blocks, N = 96, 4, 9
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
     inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
@@ -179,8 +179,9 @@ def test_gru_cell_with_the_next_steps_reset(dtype):
     op = lambda g, b, h: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16, keep)
     ref = lambda g, b, h: rssm_step.gru_cell_ref(g, b, h, blocks, torch.float64, keep.double())
     check(op, ref, inputs, grads=("gates", "deter") + (("bias",) * (dtype == torch.float32)))
-    out, low, masked, masked_low = op(*inputs.values())
-    assert masked.dtype == out.dtype and masked_low.dtype == torch.bfloat16
+    out, low, masked, masked_low, masked_low2 = op(*inputs.values())
+    assert masked.dtype == out.dtype and masked_low.dtype == masked_low2.dtype == torch.bfloat16
+    assert torch.equal(masked_low, masked_low2) and masked_low2 is not masked_low
     assert torch.equal(masked, out * keep.to(out.dtype)) and not masked[1].any()
     with pytest.raises(ValueError, match="keep"):
         rssm_step.gru_cell(*inputs.values(), blocks, torch.bfloat16, keep[:-1])
@@ -445,7 +446,7 @@ def test_ops_trace_under_torch_compile():
                                         deter[:, :6].detach(), 0.1, 1.0, torch.bfloat16)
         keep = (noise[:, 0] > 0.3).float()
         h3 = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16, keep)
-        h = h + h2 * h2_low + (act + act_in).sum() + h3[0] * h3[1] + h3[2] * h3[3]
+        h = h + h2 * h2_low + (act + act_in).sum() + h3[0] * h3[1] + h3[2] * h3[3] + 3 * h3[4]
         y = ops.rms_silu(x, scale)
         y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
                                  scale[100:300], scale[300:])

@@ -169,12 +169,14 @@ class RSSM(nn.Module):
         return self.ops.gru_cell(gates, self.dyngru.bias.detach(), deter, self.blocks,
                                  compute_dtype(deter_in))
 
-    def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None):
-        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope)."""
+    def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None, deter_in0=None):
+        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope).
+        deter_in0: dynin0's own copy of deter_in (DEFER scope only; gru_cell's fifth output)."""
         stoch = stoch.reshape(*stoch.shape[:-2], -1)
         norms = [self.dynin0[1], self.dynin1[1]]
         if DEFER.active:  # the two or three norms and the concatenation in one op
-            xs = [self.dynin0[0](deter_in), self.dynin1[0](stoch)]
+            deter_in0 = deter_in if deter_in0 is None else deter_in0
+            xs = [self.dynin0[0](deter_in0), self.dynin1[0](stoch)]
             if x2 is None:
                 xs.append(self.dynin2[0](self.action_input(action) if action_in is None
                                          else action_in))
@@ -274,11 +276,13 @@ class RSSM(nn.Module):
         initial carry goes through mask_rows); each op's backward sums the gradients of its
         copies. The same values."""
         masked, masked_in, masked_stoch = self.ops.mask_rows(keep[0], deter, deter_in, stoch)
+        masked_in0 = masked_in  # dynin0's copy (gru_cell's fifth output after step 0)
         bias, dtype, T = self.dyngru.bias.detach(), compute_dtype(deter_in), len(keep)
         deters, stochs, logits = [], [], []
         for t in range(T):
             k_next = keep[t + 1] if t + 1 < T else None
-            gates = self._gates(masked_in, masked_stoch, None, x2[t], bias=False)
+            gates = self._gates(masked_in, masked_stoch, None, x2[t], bias=False,
+                                deter_in0=masked_in0)
             outs = self.ops.gru_cell(gates, bias, masked, self.blocks, dtype, k_next)
             deter, deter_in = outs[:2]
             logit = self.post_logits(deter_in, tokens[t])
@@ -287,7 +291,7 @@ class RSSM(nn.Module):
             else:
                 stoch, masked_stoch = self.ops.latent_sample(logit, self.unimix, noise[t],
                                                              k_next)
-                masked, masked_in = outs[2:]
+                masked, masked_in, masked_in0 = outs[2:]
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
