@@ -38,7 +38,9 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     (..., S, K) in logits.dtype equal to the one-hot sample in value, with the gradient of the
     unimix probabilities (z = onehot + probs - sg(probs)).
     keep (...) or (..., 1) of 0/1 (the next step's reset, as mask_rows takes it): returns
-    (z, z with the rows of keep 0 zeroed), the sample and the next step's carry.
+    (z, z with the rows of keep 0 zeroed, logits), the sample, the next step's carry and the
+    logits passed through (for the losses: so that the two readers' gradients of the logits
+    meet in the sample's backward, not in an addition).
     """
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
@@ -48,7 +50,7 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     z = (onehot + (probs - probs.detach())).to(logits.dtype)
     if keep is None:
         return z
-    return z, z * keep.reshape(*z.shape[:-2], 1, 1).to(z.dtype)
+    return z, z * keep.reshape(*z.shape[:-2], 1, 1).to(z.dtype), logits
 
 
 def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
@@ -88,9 +90,9 @@ def _unimix(ptr, g, k, groups, K, s_g, s_k, unimix):
 # --------------------------------------------------------------------------- latent_sample
 
 @triton.jit
-def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, groups, S, K, s_g,
-                       s_k, s_n, s_keep, unimix, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                       KEEP: tl.constexpr):
+def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, copy_ptr, groups,
+                       S, K, s_g, s_k, s_n, s_keep, unimix, BLOCK_G: tl.constexpr,
+                       BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
     g1 = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g = g1.to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
@@ -106,15 +108,18 @@ def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, gro
         keep = tl.load(keep_ptr + (g // S) * s_keep, mask=g < groups, other=0.0)
         tl.store(masked_ptr + g * K + k, (onehot * keep.to(tl.float32)).to(
             masked_ptr.dtype.element_ty), mask=mask)
+        tl.store(copy_ptr + g * K + k, tl.load(logits_ptr + g * s_g + k * s_k, mask=mask),
+                 mask=mask)
 
 
 @triton.jit
-def _sample_bwd_kernel(dz_ptr, dm_ptr, keep_ptr, logits_ptr, dlogits_ptr, groups, S, K, s_g,
-                       s_k, sd_r, sd_s, sd_k, sm_r, sm_s, sm_k, s_keep, unimix,
-                       BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
+def _sample_bwd_kernel(dz_ptr, dm_ptr, dc_ptr, keep_ptr, logits_ptr, dlogits_ptr, groups, S,
+                       K, s_g, s_k, sd_r, sd_s, sd_k, sm_r, sm_s, sm_k, sc_r, sc_s, sc_k,
+                       s_keep, unimix, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                       KEEP: tl.constexpr):
     """d/dlogits of sum(dz * pi) = s * (a - sum(s * a)) with a = (1 - unimix) * dz (with keep,
-    dz + keep * the masked copy's gradient). Group g is group g % S of row g // S of the
-    gradients (strided by row, group and class)."""
+    dz + keep * the masked copy's gradient, and the logits copy's gradient added). Group g is
+    group g % S of row g // S of the gradients (strided by row, group and class)."""
     g = (tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
     mask = (g < groups) & (k < K)
@@ -129,6 +134,9 @@ def _sample_bwd_kernel(dz_ptr, dm_ptr, keep_ptr, logits_ptr, dlogits_ptr, groups
                                             mask=mask, other=0.0).to(tl.float32)
     a = (1.0 - unimix) * dz
     d = s * (a - tl.sum(s * a, 1)[:, None])
+    if KEEP:
+        d += tl.load(dc_ptr + row * sc_r + grp * sc_s + k * sc_k, mask=mask,
+                     other=0.0).to(tl.float32)
     tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -139,7 +147,8 @@ def _sample_launch(logits, noise, keep, S, outs, unimix):
         block_g, block_k, num_warps = row_tiling(groups, K)
         keep = keep if masked else noise
         launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
-            logits, noise, keep, outs[0], outs[-1], groups, S, K, logits.stride(0),
+            logits, noise, keep, outs[0], outs[1 if masked else 0], outs[-1], groups, S, K,
+            logits.stride(0),
             logits.stride(1), noise.stride(0), keep.stride(0), unimix, BLOCK_G=block_g,
             BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
     return outs
@@ -156,34 +165,35 @@ def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> tor
 
 
 def _sample_keep_fake(logits, unimix, noise, keep):
-    return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
+    return tuple(logits.new_empty(logits.shape) for _ in range(3))
 
 
 @kernel_op("latent_sample_keep", _sample_keep_fake)
 def _sample_keep_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
-                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, S, K) (3-d, so that the gradients reach the backward kernel with their own
     strides, never copied), noise (N * S,), keep (N,)."""
     N, S, K = logits.shape
     outs = tuple(torch.empty((N, S, K), dtype=logits.dtype, device=logits.device)
-                 for _ in range(2))
+                 for _ in range(3))
     _sample_launch(logits.reshape(N * S, K), noise, keep, S, [o.view(N * S, K) for o in outs],
                    unimix)
     return outs
 
 
-def _sample_bwd_launch(dz, dm, keep, logits, unimix):
-    """dz, dm: (N, S, K) of any strides; logits (N * S, K)."""
+def _sample_bwd_launch(dz, dm, dc, keep, logits, unimix):
+    """dz, dm, dc: (N, S, K) of any strides; logits (N * S, K)."""
     groups, K = logits.shape
     S = dz.shape[1]
     dlogits = torch.empty((groups, K), dtype=logits.dtype, device=logits.device)
     if groups:
         masked = keep is not None
-        dm, keep = (dm, keep) if masked else (dz, logits)  # placeholders: not read
+        dm, dc, keep = (dm, dc, keep) if masked else (dz, dz, logits)  # placeholders: not read
         block_g, block_k, num_warps = row_tiling(groups, K)
         launch(_sample_bwd_kernel)[(triton.cdiv(groups, block_g),)](
-            dz, dm, keep, logits, dlogits, groups, S, K, logits.stride(0), logits.stride(1),
-            *dz.stride(), *dm.stride(), keep.stride(0), unimix, BLOCK_G=block_g,
+            dz, dm, dc, keep, logits, dlogits, groups, S, K, logits.stride(0),
+            logits.stride(1), *dz.stride(), *dm.stride(), *dc.stride(), keep.stride(0),
+            unimix, BLOCK_G=block_g,
             BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
     return dlogits
 
@@ -194,18 +204,18 @@ def _sample_bwd_fake(dz, logits, unimix):
 
 @kernel_op("latent_sample_bwd", _sample_bwd_fake)
 def _sample_bwd(dz: torch.Tensor, logits: torch.Tensor, unimix: float) -> torch.Tensor:
-    return _sample_bwd_launch(dz[:, None], None, None, logits, unimix)
+    return _sample_bwd_launch(dz[:, None], None, None, None, logits, unimix)
 
 
-def _sample_keep_bwd_fake(dz, dm, keep, logits, unimix):
+def _sample_keep_bwd_fake(dz, dm, dc, keep, logits, unimix):
     return logits.new_empty(logits.shape)
 
 
 @kernel_op("latent_sample_keep_bwd", _sample_keep_bwd_fake)
-def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, keep: torch.Tensor,
+def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, keep: torch.Tensor,
                      logits: torch.Tensor, unimix: float) -> torch.Tensor:
     N, S, K = logits.shape
-    return _sample_bwd_launch(dz, dm, keep, logits.reshape(N * S, K), unimix).view(N, S, K)
+    return _sample_bwd_launch(dz, dm, dc, keep, logits.reshape(N * S, K), unimix).view(N, S, K)
 
 
 def _sample_setup(ctx, inputs, output):
@@ -225,10 +235,10 @@ def _sample_keep_setup(ctx, inputs, output):
     ctx.unimix = unimix
 
 
-def _sample_keep_backward(ctx, dz, dm):
+def _sample_keep_backward(ctx, dz, dm, dc):
     logits, keep = ctx.saved_tensors
-    dz, dm = (torch.zeros_like(logits) if g is None else g for g in (dz, dm))
-    return _sample_keep_bwd(dz, dm, keep, logits, ctx.unimix), None, None, None
+    dz, dm, dc = (torch.zeros_like(logits) if g is None else g for g in (dz, dm, dc))
+    return _sample_keep_bwd(dz, dm, dc, keep, logits, ctx.unimix), None, None, None
 
 
 _sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
@@ -245,7 +255,8 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     Returns (..., S, K) in logits.dtype, the one-hot sample in value (exact in any float
     dtype: a bfloat16 one-hot feeds the next matmul without a cast); backward gives logits the
     gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype. keep (...): also the
-    sample with the rows of keep 0 zeroed, from the same launch (latent_sample_ref).
+    sample with the rows of keep 0 zeroed and a copy of the logits, from the same launch,
+    whose gradients the backward kernel adds (latent_sample_ref).
     """
     S, K = logits.shape[-2:]
     if noise.shape != logits.shape[:-1]:

@@ -383,7 +383,8 @@ def test_latent_sample(shape, dtype, unimix):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_latent_sample_with_the_next_steps_reset(dtype):
     """latent_sample with keep: also the sample with the rows of keep 0 zeroed (the next
-    step's carry), from the same launch; both outputs' gradients summed in one backward."""
+    step's carry) and the logits passed through, from the same launch; the three outputs'
+    gradients summed in one backward."""
     N, S, K = 7, 5, 6
     logits = randn(N, S, K, dtype=dtype, scale=2.0)
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
@@ -391,8 +392,9 @@ def test_latent_sample_with_the_next_steps_reset(dtype):
     check(lambda a: categorical.latent_sample(a, 0.01, noise, keep),
           lambda a: categorical.latent_sample_ref(a, 0.01, noise.double(), keep.double()),
           {"logits": logits}, grads=("logits",))
-    z, masked = categorical.latent_sample(logits, 0.01, noise, keep)
+    z, masked, copy = categorical.latent_sample(logits, 0.01, noise, keep)
     assert torch.equal(z, categorical.latent_sample(logits, 0.01, noise))
+    assert torch.equal(copy, logits) and copy.data_ptr() != logits.data_ptr()
     assert torch.equal(masked, z * keep[..., None]) and not masked[1].any()
     with pytest.raises(ValueError, match="keep"):
         categorical.latent_sample(logits, 0.01, noise, keep[:-1])
@@ -452,8 +454,8 @@ def test_ops_trace_under_torch_compile():
                                  scale[100:300], scale[300:])
         y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
                                  scale[100:300], None)
-        z, z_next = ops.latent_sample(post, 0.01, noise, keep)
-        z = z + 2 * z_next
+        z, z_next, post_copy = ops.latent_sample(post, 0.01, noise, keep)
+        z = z + 2 * z_next + post_copy.square()
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
         loss = ops.twohot_loss(logits, target) + ops.twohot_mean(logits)
         return h.sum() + y.square().sum() + (z * prior).sum() + (dyn + 2 * rep).sum() + loss.sum()

@@ -273,8 +273,8 @@ class RSSM(nn.Module):
         """_observe_hoisted's loop inside a DEFER scope (the GPU path; the per-step inputs as
         sequences over time): each step's GRU cell and latent sample also write the next
         step's carry, masked by its reset, so the reset costs no launch of its own (only the
-        initial carry goes through mask_rows); each op's backward sums the gradients of its
-        copies. The same values."""
+        initial carry goes through mask_rows), and the sample passes the logits through to
+        the losses; each op's backward sums the gradients of its copies. The same values."""
         masked, masked_in, masked_stoch = self.ops.mask_rows(keep[0], deter, deter_in, stoch)
         masked_in0 = masked_in  # dynin0's copy (gru_cell's fifth output after step 0)
         bias, dtype, T = self.dyngru.bias.detach(), compute_dtype(deter_in), len(keep)
@@ -289,8 +289,8 @@ class RSSM(nn.Module):
             if k_next is None:
                 stoch = self.sample(logit, noise[t])
             else:
-                stoch, masked_stoch = self.ops.latent_sample(logit, self.unimix, noise[t],
-                                                             k_next)
+                stoch, masked_stoch, logit = self.ops.latent_sample(logit, self.unimix,
+                                                                    noise[t], k_next)
                 masked, masked_in, masked_in0 = outs[2:]
             deters.append(deter)
             stochs.append(stoch)
