@@ -149,10 +149,10 @@ class Linear(nn.Linear):
         return self.weight, self.bias
 
     def deferred_grads(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dW, db) over every stashed (x, dy): one GEMM and one sum."""
+        """(dW, db) over every stashed (x, dy): one GEMM and one sum (in the bias's dtype)."""
         gs = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in items])
         xs = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in items]).to(gs.dtype)
-        return gs.t() @ xs, gs.sum(0)
+        return gs.t() @ xs, gs.sum(0, dtype=self.bias.dtype)
 
 
 class BlockLinear(nn.Module):
@@ -199,7 +199,7 @@ class BlockLinear(nn.Module):
             shared = torch.cat([s.reshape(-1, s.shape[-1]) for _, s, _ in items]).to(gs.dtype)
             dws = (shared.t() @ gs).reshape(shared.shape[-1], G, -1).transpose(0, 1)
             dw = torch.cat([dw, dws], 1)
-        return dw, gs.sum(0)
+        return dw, gs.sum(0, dtype=self.bias.dtype)
 
     def forward_shared(self, own: torch.Tensor, shared: torch.Tensor | None,
                        bias: bool = True) -> torch.Tensor:
