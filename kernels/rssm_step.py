@@ -466,7 +466,8 @@ def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.T
 # ------------------------------------------------------------------------------ gru_cell
 
 def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
-                 dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                 dtype: torch.dtype, keep: torch.Tensor | None = None,
+                 tail: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """gru_update of gates + bias (the GRU layer's output before its bias), returning the new
     state in deter.dtype and in `dtype` (the matmul dtype the next layers read it in).
 
@@ -475,13 +476,16 @@ def gru_cell_ref(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, b
     also returns the copies with the rows of keep 0 zeroed (the next step's carry): in
     deter.dtype and twice in `dtype` (one for each layer that reads it: the input embedding
     dynin0 and the GRU's own block rows, so that their gradients meet in the backward kernel,
-    not in an addition), five results in all.
+    not in an addition), five results in all. tail (..., E): the second result is
+    cat([the state in `dtype`, tail in `dtype`], -1) (the posterior's input [h, tokens], so
+    that it needs no concatenation of its own).
     """
     h = gru_update_ref(_upcast(gates) + _upcast(bias), deter, blocks)
+    low = h.to(dtype) if tail is None else torch.cat([h.to(dtype), tail.to(dtype)], -1)
     if keep is None:
-        return h, h.to(dtype)
+        return h, low
     k = keep.reshape(*h.shape[:-1], 1).to(h.dtype)
-    return h, h.to(dtype), h * k, (h * k).to(dtype), (h * k).to(dtype)
+    return h, low, h * k, (h * k).to(dtype), (h * k).to(dtype)
 
 
 @triton.jit
@@ -503,14 +507,41 @@ def _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg, sg_r, sg_c, sd_
 
 
 @triton.jit
-def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr, mout_ptr,
-                         mlow_ptr, mlow2_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c, sk,
-                         BLOCK: tl.constexpr, KEEP: tl.constexpr):
+def _gru_cell_fwd_kernel(gates_ptr, bias_ptr, deter_ptr, keep_ptr, tail_ptr, out_ptr, low_ptr,
+                         mout_ptr, mlow_ptr, mlow2_ptr, total, D, Dg, E, sg_r, sg_c, sd_r, sd_c,
+                         sk, st_r, st_c, BLOCK: tl.constexpr, KEEP: tl.constexpr,
+                         TAIL: tl.constexpr):
+    """Programs 0..cdiv(total, BLOCK)-1: the cell; with TAIL, the ones after copy tail into
+    low's columns D.. (low's rows are D + E long)."""
+    main = tl.cdiv(total, BLOCK)
+    if TAIL:
+        if tl.program_id(0) >= main:
+            rows = total // D
+            idx = (tl.program_id(0) - main).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            row = idx // E
+            e = idx - row * E
+            m = idx < rows * E
+            v = tl.load(tail_ptr + row * st_r + e * st_c, mask=m, other=0.0)
+            tl.store(low_ptr + row * (D + E) + D + e, v.to(low_ptr.dtype.element_ty), mask=m)
+        else:
+            _gru_cell_fwd_main(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr,
+                               mout_ptr, mlow_ptr, mlow2_ptr, total, D, Dg, D + E, sg_r, sg_c,
+                               sd_r, sd_c, sk, BLOCK, KEEP)
+    else:
+        _gru_cell_fwd_main(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr, mout_ptr,
+                           mlow_ptr, mlow2_ptr, total, D, Dg, D, sg_r, sg_c, sd_r, sd_c, sk,
+                           BLOCK, KEEP)
+
+
+@triton.jit
+def _gru_cell_fwd_main(gates_ptr, bias_ptr, deter_ptr, keep_ptr, out_ptr, low_ptr, mout_ptr,
+                       mlow_ptr, mlow2_ptr, total, D, Dg, sl_r, sg_r, sg_c, sd_r, sd_c, sk,
+                       BLOCK: tl.constexpr, KEEP: tl.constexpr):
     mask, row, j, gj, r, c, u, h = _gru_cell_load(gates_ptr, bias_ptr, deter_ptr, total, D, Dg,
                                                  sg_r, sg_c, sd_r, sd_c, BLOCK)
     out = u * _tanh(r * c) + (1.0 - u) * h
     tl.store(out_ptr + row * D + j, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(low_ptr + row * D + j, out.to(low_ptr.dtype.element_ty), mask=mask)
+    tl.store(low_ptr + row * sl_r + j, out.to(low_ptr.dtype.element_ty), mask=mask)
     if KEEP:  # the next step's carry: rows of keep 0 zeroed
         out = out * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
         tl.store(mout_ptr + row * D + j, out.to(mout_ptr.dtype.element_ty), mask=mask)
@@ -546,24 +577,27 @@ def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, dmlow2_ptr, k
              mask=mask)
 
 
-def _gru_cell_outputs(deter, dtype, n):
+def _gru_cell_outputs(deter, dtype, n, tail=None):
     rows, D = deter.shape
-    return [torch.empty((rows, D), dtype=t, device=deter.device)
-            for t in (deter.dtype, dtype, deter.dtype, dtype, dtype)[:n]]
+    E = 0 if tail is None else tail.shape[1]
+    return [torch.empty((rows, D + E * (i == 1)), dtype=t, device=deter.device)
+            for i, t in enumerate((deter.dtype, dtype, deter.dtype, dtype, dtype)[:n])]
 
 
-def _gru_cell_launch(gates, bias, deter, keep, outs, blocks):
+def _gru_cell_launch(gates, bias, deter, keep, tail, outs, blocks):
     rows, D = deter.shape
     total = rows * D
     if total:
-        masked = keep is not None
+        masked, E = keep is not None, 0 if tail is None else tail.shape[1]
         mout, mlow, mlow2 = outs[2:] if masked else (*outs, outs[1])
         keep = keep if masked else deter
-        launch(_gru_cell_fwd_kernel)[(triton.cdiv(total, _GRU_BLOCK),)](
-            gates, bias, deter, keep, outs[0], outs[1], mout, mlow, mlow2, total, D,
-            D // blocks,
-            gates.stride(0), gates.stride(1), deter.stride(0), deter.stride(1),
-            keep.stride(0), BLOCK=_GRU_BLOCK, KEEP=masked, num_warps=warps(_GRU_BLOCK))
+        tail_ = deter if tail is None else tail  # a placeholder when there is no tail
+        grid = triton.cdiv(total, _GRU_BLOCK) + triton.cdiv(rows * E, _GRU_BLOCK)
+        launch(_gru_cell_fwd_kernel)[(grid,)](
+            gates, bias, deter, keep, tail_, outs[0], outs[1], mout, mlow, mlow2, total, D,
+            D // blocks, max(E, 1), gates.stride(0), gates.stride(1), deter.stride(0),
+            deter.stride(1), keep.stride(0), tail_.stride(0), tail_.stride(1),
+            BLOCK=_GRU_BLOCK, KEEP=masked, TAIL=tail is not None, num_warps=warps(_GRU_BLOCK))
     return tuple(outs)
 
 
@@ -586,26 +620,30 @@ def _gru_cell_bwd_launch(grads, keep, gates, bias, deter, blocks):
     return dgates, ddeter
 
 
-def _gru_cell_fwd_fake(gates, bias, deter, blocks, dtype):
-    return tuple(_gru_cell_outputs(deter, dtype, 2))
+def _gru_cell_fwd_fake(gates, bias, deter, blocks, dtype, tail):
+    return tuple(_gru_cell_outputs(deter, dtype, 2, tail))
 
 
 @kernel_op("gru_cell", _gru_cell_fwd_fake)
 def _gru_cell_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gru_cell_launch(gates, bias, deter, None, _gru_cell_outputs(deter, dtype, 2), blocks)
+                  dtype: torch.dtype, tail: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gru_cell_launch(gates, bias, deter, None, tail,
+                            _gru_cell_outputs(deter, dtype, 2, tail), blocks)
 
 
-def _gru_cell_keep_fake(gates, bias, deter, keep, blocks, dtype):
-    return tuple(_gru_cell_outputs(deter, dtype, 5))
+def _gru_cell_keep_fake(gates, bias, deter, keep, blocks, dtype, tail):
+    return tuple(_gru_cell_outputs(deter, dtype, 5, tail))
 
 
 @kernel_op("gru_cell_keep", _gru_cell_keep_fake)
 def _gru_cell_keep_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
-                       keep: torch.Tensor, blocks: int, dtype: torch.dtype
+                       keep: torch.Tensor, blocks: int, dtype: torch.dtype,
+                       tail: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor]:
-    return _gru_cell_launch(gates, bias, deter, keep, _gru_cell_outputs(deter, dtype, 5), blocks)
+    return _gru_cell_launch(gates, bias, deter, keep, tail,
+                            _gru_cell_outputs(deter, dtype, 5, tail), blocks)
 
 
 def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
@@ -634,15 +672,15 @@ def _gru_cell_keep_bwd(dout: torch.Tensor, dlow: torch.Tensor, dmout: torch.Tens
 
 
 def _gru_cell_setup(ctx, inputs, output):
-    gates, bias, deter, blocks, dtype = inputs
+    gates, bias, deter, blocks, dtype, tail = inputs
     ctx.save_for_backward(gates, bias, deter)
-    ctx.blocks = blocks
+    ctx.blocks, ctx.tail_dtype = blocks, None if tail is None else tail.dtype
 
 
 def _gru_cell_keep_setup(ctx, inputs, output):
-    gates, bias, deter, keep, blocks, dtype = inputs
+    gates, bias, deter, keep, blocks, dtype, tail = inputs
     ctx.save_for_backward(gates, bias, deter, keep)
-    ctx.blocks = blocks
+    ctx.blocks, ctx.tail_dtype = blocks, None if tail is None else tail.dtype
 
 
 def _bias_grad(ctx, dgates, bias):
@@ -651,18 +689,29 @@ def _bias_grad(ctx, dgates, bias):
     return dgates.reshape(-1, dgates.shape[-1]).sum(0).to(bias.dtype)
 
 
+def _split_tail(ctx, grads, deter):
+    """Zeros for the outputs without a gradient; the second output's gradient split into the
+    state's columns (a view the kernel reads with its strides) and the tail's."""
+    grads = list(grads)
+    dtail = None
+    if ctx.tail_dtype is not None and grads[1] is not None:
+        D = deter.shape[1]
+        grads[1], dtail = grads[1][:, :D], grads[1][:, D:].to(ctx.tail_dtype)
+    return [torch.zeros_like(deter) if g is None else g for g in grads], dtail
+
+
 def _gru_cell_backward(ctx, *grads):
     gates, bias, deter = ctx.saved_tensors
-    grads = [torch.zeros_like(deter) if g is None else g for g in grads]
+    grads, dtail = _split_tail(ctx, grads, deter)
     dgates, ddeter = _gru_cell_bwd(*grads, gates, bias, deter, ctx.blocks)
-    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None
+    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None, dtail
 
 
 def _gru_cell_keep_backward(ctx, *grads):
     gates, bias, deter, keep = ctx.saved_tensors
-    grads = [torch.zeros_like(deter) if g is None else g for g in grads]
+    grads, dtail = _split_tail(ctx, grads, deter)
     dgates, ddeter = _gru_cell_keep_bwd(*grads, keep, gates, bias, deter, ctx.blocks)
-    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None, None
+    return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None, None, dtail
 
 
 _gru_cell_fwd.register_autograd(_gru_cell_backward, setup_context=_gru_cell_setup)
@@ -670,10 +719,12 @@ _gru_cell_keep_fwd.register_autograd(_gru_cell_keep_backward, setup_context=_gru
 
 
 def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
-             dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+             dtype: torch.dtype, keep: torch.Tensor | None = None,
+             tail: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """gru_cell_ref in one Triton launch each way: the GRU layer's bias, the gate math, the
     state update and the state's copy in the matmul dtype (with keep, also the copies
-    masked for the next step, the matmul-dtype one twice); the outputs' gradients are summed inside the backward kernel.
+    masked for the next step, the matmul-dtype one twice; with tail, the matmul-dtype copy
+    extended by tail's columns: the posterior's input); the outputs' gradients are summed inside the backward kernel.
     gates (..., 3D) and deter (..., D) of any strides; the outputs contiguous. A bias
     gradient, when asked for, costs one extra sum."""
     D = deter.shape[-1]
@@ -683,14 +734,19 @@ def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, block
                          f"deter {tuple(deter.shape)} do not fit blocks={blocks} (need (..., "
                          "3D), (3D,), (..., D), D % blocks == 0)")
     args = gates.reshape(-1, 3 * D), bias.contiguous(), deter.reshape(-1, D)
+    if tail is not None:
+        if tail.shape[:-1] != deter.shape[:-1]:
+            raise ValueError(f"gru_cell: tail {tuple(tail.shape)} needs the rows of deter "
+                             f"{tuple(deter.shape)}")
+        tail = tail.reshape(-1, tail.shape[-1])
     if keep is None:
-        outs = _gru_cell_fwd(*args, int(blocks), dtype)
+        outs = _gru_cell_fwd(*args, int(blocks), dtype, tail)
     else:
         if keep.numel() != args[2].shape[0]:
             raise ValueError(f"gru_cell: keep {tuple(keep.shape)} needs one value per row of "
                              f"deter {tuple(deter.shape)}")
-        outs = _gru_cell_keep_fwd(*args, keep.reshape(-1), int(blocks), dtype)
-    return tuple(o.reshape(deter.shape) for o in outs)
+        outs = _gru_cell_keep_fwd(*args, keep.reshape(-1), int(blocks), dtype, tail)
+    return tuple(o.reshape(*deter.shape[:-1], o.shape[-1]) for o in outs)
 
 
 # ------------------------------------------------------------------------------ mask_rows

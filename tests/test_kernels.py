@@ -187,6 +187,33 @@ def test_gru_cell_with_the_next_steps_reset(dtype):
         rssm_step.gru_cell(*inputs.values(), blocks, torch.bfloat16, keep[:-1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_keep", [False, True], ids=["no-keep", "keep"])
+def test_gru_cell_with_a_tail(with_keep, dtype):
+    """gru_cell with tail (the observe scan's posterior input): the matmul-dtype copy is
+    [state, tail]; tail a strided slice (one step of (N, T, E) tokens), its gradient the
+    copy's last columns, the state's the rest (summed with the others in the kernel)."""
+    D, blocks, N, E = 96, 4, 9, 40
+    keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None] if with_keep else None
+    inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
+              "deter": randn(D, N, seed=3).t(),
+              "tail": randn(N, 3, E, dtype=dtype, seed=6)[:, 1]}
+    op = lambda g, b, h, x: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16, keep, x)
+    ref = lambda g, b, h, x: rssm_step.gru_cell_ref(
+        g, b, h, blocks, torch.float64, None if keep is None else keep.double(), x)
+    check(op, ref, inputs, grads=("gates", "deter", "tail"))
+    outs = op(*inputs.values())
+    assert outs[1].shape == (N, D + E) and outs[1].dtype == torch.bfloat16
+    plain = rssm_step.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep)
+    assert all(torch.equal(a, b) for a, b in zip(outs[2:], plain[2:]))
+    assert torch.equal(outs[0], plain[0]) and torch.equal(outs[1][:, :D], plain[1])
+    if dtype == torch.bfloat16:  # copied as it is (a float32 tail is rounded: `check` above)
+        assert torch.equal(outs[1][:, D:], inputs["tail"])
+    with pytest.raises(ValueError, match="tail"):
+        rssm_step.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep,
+                           inputs["tail"][:-1])
+
+
 def test_gru_update_rejects_bad_shapes():
     with pytest.raises(ValueError, match="blocks=3"):
         rssm_step.gru_update(randn(2, 12), randn(2, 4), 3)
@@ -447,7 +474,8 @@ def test_ops_trace_under_torch_compile():
         act, act_in = ops.action_sample(x[:, :6].detach(), x[:, 6:12].detach(),
                                         deter[:, :6].detach(), 0.1, 1.0, torch.bfloat16)
         keep = (noise[:, 0] > 0.3).float()
-        h3 = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16, keep)
+        h3 = ops.gru_cell(gates, scale.repeat(3), deter, 4, torch.bfloat16, keep, x[:, :9])
+        h3 = (h3[0], h3[1][:, :500] * h3[1][:, 500:].sum(), *h3[2:])
         h = h + h2 * h2_low + (act + act_in).sum() + h3[0] * h3[1] + h3[2] * h3[3] + 3 * h3[4]
         y = ops.rms_silu(x, scale)
         y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],

@@ -283,9 +283,10 @@ class RSSM(nn.Module):
             k_next = keep[t + 1] if t + 1 < T else None
             gates = self._gates(masked_in, masked_stoch, None, x2[t], bias=False,
                                 deter_in0=masked_in0)
-            outs = self.ops.gru_cell(gates, bias, masked, self.blocks, dtype, k_next)
-            deter, deter_in = outs[:2]
-            logit = self.post_logits(deter_in, tokens[t])
+            # The cell also writes the posterior's input [h, tokens] (no concatenation).
+            outs = self.ops.gru_cell(gates, bias, masked, self.blocks, dtype, k_next, tokens[t])
+            deter, post_in = outs[:2]
+            logit = self.post(post_in).reshape(*post_in.shape[:-1], self.stoch, self.classes)
             if k_next is None:
                 stoch = self.sample(logit, noise[t])
             else:
