@@ -188,6 +188,7 @@ def _scale_rows(grad: torch.Tensor, dloss: torch.Tensor, dtype: torch.dtype) -> 
 def _twohot_loss_setup(ctx, inputs, output):
     logits, _, _, with_grad = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the non-differentiable one
     ctx.save_for_backward(output[1])
     ctx.with_grad, ctx.dtype = with_grad, logits.dtype
 
@@ -197,6 +198,8 @@ def _twohot_loss_backward(ctx, dloss, _):
         raise RuntimeError("twohot_loss ran without its gradient (grad mode off or logits "
                            "not requiring grad at forward) but a backward reached it")
     grad, = ctx.saved_tensors
+    if dloss is None:
+        return None, None, None, None
     return _scale_rows(grad, dloss, ctx.dtype), None, None, None
 
 
