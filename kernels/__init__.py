@@ -14,11 +14,13 @@ from kernels import categorical, fused, policy, returns, rssm_step, twohot
 
 IMPLS = ("ref", "triton", "fused")
 OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",
-       "lambda_return", "mask_rows", "action_sample", "gru_cell", "rms_silu_cat")
+       "lambda_return", "mask_rows", "action_sample", "gru_cell", "rms_silu_cat",
+       "rms_silu_add")
 _MODULES = {"rms_silu": rssm_step, "gru_update": rssm_step, "twohot_loss": twohot,
             "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical,
             "lambda_return": returns, "mask_rows": rssm_step, "action_sample": policy,
-            "gru_cell": rssm_step, "rms_silu_cat": rssm_step}
+            "gru_cell": rssm_step, "rms_silu_cat": rssm_step,
+            "rms_silu_add": rssm_step}
 
 
 def get_ops(impl: str) -> SimpleNamespace:

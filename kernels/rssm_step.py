@@ -332,6 +332,75 @@ def rms_silu_cat(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Te
     return y.reshape(*lead, y.shape[-1])
 
 
+# --------------------------------------------------------------------------- rms_silu_add
+
+def rms_silu_add_ref(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rms_silu(x + y, scale): a layer whose matmul was split in two (x and y, two parts of
+    its input each through its own columns of the weight), the sum in float32; returns
+    x.dtype."""
+    return rms_silu_ref(_upcast(x) + _upcast(y), scale, eps).to(x.dtype)
+
+
+@triton.jit
+def _rms_silu_add_kernel(x_ptr, y_ptr, scale_ptr, out_ptr, rows, C, sx_r, sx_c, sy_r, sy_c,
+                         eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    mask = (r < rows) & (c < C)
+    r = r.to(tl.int64)
+    x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(y_ptr + r * sy_r + c * sy_c, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    a = x * tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None] * scale
+    tl.store(out_ptr + r * C + c, (a * tl.sigmoid(a)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rms_silu_add_fake(x, y, scale, eps):
+    return x.new_empty(x.shape)
+
+
+@kernel_op("rms_silu_add", _rms_silu_add_fake)
+def _rms_silu_add_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    rows, C = x.shape
+    out = torch.empty((rows, C), dtype=x.dtype, device=x.device)
+    if rows:
+        block_r, block_c, num_warps = row_tiling(rows, C)
+        launch(_rms_silu_add_kernel)[(triton.cdiv(rows, block_r),)](
+            x, y, scale, out, rows, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1), eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+def _rms_silu_add_setup(ctx, inputs, output):
+    x, y, scale, eps = inputs
+    ctx.save_for_backward(x, y, scale)
+    ctx.eps = eps
+
+
+def _rms_silu_add_backward(ctx, dout):
+    """Recomputes the sum (one addition) and runs rms_silu's backward on it: the op serves
+    the imagination rollout, which runs without gradient; this keeps it differentiable."""
+    x, y, scale = ctx.saved_tensors
+    ds, dscale = _rms_silu_bwd(dout, x.float() + y.float(), scale, ctx.eps)
+    return ds.to(x.dtype), ds.to(y.dtype), dscale, None
+
+
+_rms_silu_add_fwd.register_autograd(_rms_silu_add_backward, setup_context=_rms_silu_add_setup)
+
+
+def rms_silu_add(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                 eps: float = 1e-4) -> torch.Tensor:
+    """rms_silu_add_ref in one Triton launch: the sum and the norm. x, y: (..., C) of any
+    strides (e.g. column slices of two matmuls' outputs); returns x.dtype, contiguous."""
+    if x.shape != y.shape:
+        raise ValueError(f"rms_silu_add: x {tuple(x.shape)} and y {tuple(y.shape)} differ")
+    C = x.shape[-1]
+    return _rms_silu_add_fwd(x.reshape(-1, C), y.reshape(-1, C), scale,
+                             float(eps)).reshape(x.shape)
+
+
 # ----------------------------------------------------------------------------- gru_update
 
 @triton.jit

@@ -112,6 +112,20 @@ def test_rms_silu_cat(norm_c, dtype):
           grads=tuple(inputs))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_silu_add(dtype):
+    """A norm over the sum of two column slices (a layer's matmul split in two), against the
+    reference; its backward too."""
+    x = randn(16, 70, dtype=dtype, scale=2.0)[:, 10:50]
+    y = randn(40, 16, dtype=dtype, seed=3).t()
+    check(lambda a, b, s: rssm_step.rms_silu_add(a, b, s, 1e-4),
+          lambda a, b, s: rssm_step.rms_silu_add_ref(a, b, s, 1e-4),
+          {"x": x, "y": y, "scale": randn(40, scale=0.5, seed=5) + 1.0},
+          grads=("x", "y", "scale"))
+    with pytest.raises(ValueError, match="differ"):
+        rssm_step.rms_silu_add(x, y[:, :3], torch.ones(40))
+
+
 def test_get_ops_impls():
     assert get_ops("fused").rms_silu is fused.rms_silu_fused
     assert get_ops("fused").twohot_loss is fused.twohot_loss_fused
@@ -482,6 +496,7 @@ def test_ops_trace_under_torch_compile():
                                  scale[100:300], scale[300:])
         y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
                                  scale[100:300], None)
+        y = y + ops.rms_silu_add(x, deter, scale)
         z, z_next, post_copy = ops.latent_sample(post, 0.01, noise, keep)
         z = z + 2 * z_next + post_copy.square()
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
@@ -576,6 +591,32 @@ def test_imagination_schedules_agree(discrete):
     for name, p in runs[True][0].named_parameters():
         err = (p - params[name]).abs().max().item()
         assert err <= 1e-5 * (1 + params[name].abs().max().item()), f"{name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
+def test_joined_rollout_equals_the_layered_one(discrete):
+    """The GPU path's rollout (the layers reading one state as one matmul, rms_silu_add,
+    rms_silu_cat) gives the layer-by-layer rollout's states and actions from the same noise."""
+    from dreamer_fast.agent.nets import DEFER
+
+    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
+    torch.manual_seed(0)
+    agent = Agent(obs, act, net, AgentConfig(imag_horizon=5, kernels="triton"), device=DEVICE)
+    with torch.no_grad():  # trained-like weights: non-zero biases, larger actor outputs
+        for p in agent.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    N = 12
+    deter = randn(N, net.deter, seed=3)
+    stoch = torch.nn.functional.one_hot(torch.randint(net.classes, (N, net.stoch)),
+                                        net.classes).float().to(DEVICE)
+    noise = agent.rollout_noise(N)
+    with torch.no_grad(), DEFER():
+        joined = agent._rollout_joined(deter, stoch, deter, noise)
+        layered = agent._rollout(deter, stoch, deter, noise)
+    for name, a, b in zip(("deters", "stochs", "actions"), joined, layered):
+        assert len(a) == len(b)
+        for t, (x, y) in enumerate(zip(a, b)):
+            assert_close(f"{name}[{t}]", x, y)
 
 
 @pytest.mark.parametrize("impl,discrete,precision", [

@@ -74,7 +74,12 @@ class Actor(nn.Module):
         bounded normal's sample and scaling in one op (`ops.action_sample`). Discrete: the
         latent sampler's one-launch inverse-CDF op: the same unimix categorical, as a one-hot
         in the logits' dtype."""
-        x = self.mlp(feat)
+        return self.sample_hidden(self.mlp(feat), noise)
+
+    @torch.no_grad()
+    def sample_hidden(self, x: torch.Tensor, noise: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample() from the MLP's output x."""
         dtype = compute_dtype(x)
         if self.discrete:
             action = self.ops.latent_sample(self.mean(x)[..., None, :], self.unimix,

@@ -187,7 +187,11 @@ class RSSM(nn.Module):
             if x2 is None:
                 x2 = self.dynin2(self.action_input(action))
             shared = torch.cat([x0, x1, x2], -1)
-        # Block g sees [h_g, x0, x1, x2]; forward_shared computes that without G copies.
+        return self.gates_of(deter_in, shared, bias)
+
+    def gates_of(self, deter_in, shared, bias=True):
+        """The block layers on the embedded inputs shared = [x0, x1, x2]: block g sees
+        [h_g, x0, x1, x2]; forward_shared computes that without G copies."""
         if len(self.dynhid):
             x = self.dynhid[1:](self.dynhid[0].forward_shared(deter_in, shared))
             return self.dyngru.forward_shared(x, None, bias)
