@@ -30,7 +30,8 @@ def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
 
 
 def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
-                      keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+                      keep: torch.Tensor | None = None, head: torch.Tensor | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Straight-through one-hot sample of unimix categoricals by inverse CDF.
 
     logits: (..., S, K); noise: (..., S) uniform in [0, 1) (from torch.rand, which a CUDA graph
@@ -40,7 +41,9 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     keep (...) or (..., 1) of 0/1 (the next step's reset, as mask_rows takes it): returns
     (z, z with the rows of keep 0 zeroed, logits), the sample, the next step's carry and the
     logits passed through (for the losses: so that the two readers' gradients of the logits
-    meet in the sample's backward, not in an addition).
+    meet in the sample's backward, not in an addition). head (..., D) (with keep): the
+    masked sample comes flat after head's columns, cat([head, masked.flatten(-2)], -1) in
+    head.dtype (the next step's input of the two embeddings that read h and z, one matmul).
     """
     probs = unimix_logprobs(logits, unimix).exp()
     cdf = probs.detach().cumsum(-1)
@@ -50,7 +53,10 @@ def latent_sample_ref(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     z = (onehot + (probs - probs.detach())).to(logits.dtype)
     if keep is None:
         return z
-    return z, z * keep.reshape(*z.shape[:-2], 1, 1).to(z.dtype), logits
+    masked = z * keep.reshape(*z.shape[:-2], 1, 1).to(z.dtype)
+    if head is not None:
+        masked = torch.cat([head, masked.flatten(-2).to(head.dtype)], -1)
+    return z, masked, logits
 
 
 def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
@@ -90,9 +96,38 @@ def _unimix(ptr, g, k, groups, K, s_g, s_k, unimix):
 # --------------------------------------------------------------------------- latent_sample
 
 @triton.jit
-def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, copy_ptr, groups,
-                       S, K, s_g, s_k, s_n, s_keep, unimix, BLOCK_G: tl.constexpr,
-                       BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
+def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, head_ptr, out_ptr, masked_ptr, copy_ptr,
+                       groups, S, K, D, s_g, s_k, s_n, s_keep, sh_r, sh_c, unimix,
+                       BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr,
+                       HEAD: tl.constexpr):
+    """Programs 0..cdiv(groups, BLOCK_G)-1 sample; with HEAD, the ones after copy head into
+    the masked output's first D columns (its rows are D + S * K long)."""
+    main = tl.cdiv(groups, BLOCK_G)
+    if HEAD:
+        if tl.program_id(0) >= main:
+            rows = groups // S
+            idx = ((tl.program_id(0) - main).to(tl.int64) * (BLOCK_G * BLOCK_K)
+                   + tl.arange(0, BLOCK_G * BLOCK_K))
+            row = idx // D
+            j = idx - row * D
+            m = idx < rows * D
+            v = tl.load(head_ptr + row * sh_r + j * sh_c, mask=m, other=0.0)
+            tl.store(masked_ptr + row * (D + S * K) + j, v.to(masked_ptr.dtype.element_ty),
+                     mask=m)
+        else:
+            _sample_fwd_main(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, copy_ptr,
+                             groups, S, K, D + S * K, D, s_g, s_k, s_n, s_keep, unimix, BLOCK_G,
+                             BLOCK_K, KEEP)
+    else:
+        _sample_fwd_main(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, copy_ptr,
+                         groups, S, K, S * K, 0, s_g, s_k, s_n, s_keep, unimix, BLOCK_G,
+                         BLOCK_K, KEEP)
+
+
+@triton.jit
+def _sample_fwd_main(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, copy_ptr, groups,
+                     S, K, sm_r, m_off, s_g, s_k, s_n, s_keep, unimix, BLOCK_G: tl.constexpr,
+                     BLOCK_K: tl.constexpr, KEEP: tl.constexpr):
     g1 = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g = g1.to(tl.int64)[:, None]
     k = tl.arange(0, BLOCK_K)[None, :]
@@ -106,8 +141,9 @@ def _sample_fwd_kernel(logits_ptr, noise_ptr, keep_ptr, out_ptr, masked_ptr, cop
     tl.store(out_ptr + g * K + k, onehot.to(out_ptr.dtype.element_ty), mask=mask)
     if KEEP:  # the next step's carry: the rows (of S groups each) of keep 0 zeroed
         keep = tl.load(keep_ptr + (g // S) * s_keep, mask=g < groups, other=0.0)
-        tl.store(masked_ptr + g * K + k, (onehot * keep.to(tl.float32)).to(
-            masked_ptr.dtype.element_ty), mask=mask)
+        row = g // S
+        tl.store(masked_ptr + row * sm_r + m_off + (g - row * S) * K + k,
+                 (onehot * keep.to(tl.float32)).to(masked_ptr.dtype.element_ty), mask=mask)
         tl.store(copy_ptr + g * K + k, tl.load(logits_ptr + g * s_g + k * s_k, mask=mask),
                  mask=mask)
 
@@ -140,17 +176,20 @@ def _sample_bwd_kernel(dz_ptr, dm_ptr, dc_ptr, keep_ptr, logits_ptr, dlogits_ptr
     tl.store(dlogits_ptr + g * K + k, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _sample_launch(logits, noise, keep, S, outs, unimix):
+def _sample_launch(logits, noise, keep, S, outs, unimix, head=None):
     groups, K = logits.shape
     if groups:
         masked = keep is not None
         block_g, block_k, num_warps = row_tiling(groups, K)
         keep = keep if masked else noise
-        launch(_sample_fwd_kernel)[(triton.cdiv(groups, block_g),)](
-            logits, noise, keep, outs[0], outs[1 if masked else 0], outs[-1], groups, S, K,
-            logits.stride(0),
-            logits.stride(1), noise.stride(0), keep.stride(0), unimix, BLOCK_G=block_g,
-            BLOCK_K=block_k, KEEP=masked, num_warps=num_warps)
+        D = 0 if head is None else head.shape[1]
+        grid = triton.cdiv(groups, block_g) + triton.cdiv((groups // S) * D, block_g * block_k)
+        head_ = logits if head is None else head  # a placeholder when there is no head
+        launch(_sample_fwd_kernel)[(grid,)](
+            logits, noise, keep, head_, outs[0], outs[1 if masked else 0], outs[-1], groups,
+            S, K, max(D, 1), logits.stride(0), logits.stride(1), noise.stride(0),
+            keep.stride(0), head_.stride(0), head_.stride(1), unimix, BLOCK_G=block_g,
+            BLOCK_K=block_k, KEEP=masked, HEAD=head is not None, num_warps=num_warps)
     return outs
 
 
@@ -164,20 +203,29 @@ def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> tor
     return _sample_launch(logits, noise, None, 1, (out,), unimix)[0]
 
 
-def _sample_keep_fake(logits, unimix, noise, keep):
-    return tuple(logits.new_empty(logits.shape) for _ in range(3))
+def _sample_keep_outputs(logits, head):
+    N, S, K = logits.shape
+    masked = (torch.empty((N, S, K), dtype=logits.dtype, device=logits.device) if head is None
+              else torch.empty((N, head.shape[1] + S * K), dtype=head.dtype,
+                               device=head.device))
+    return (torch.empty((N, S, K), dtype=logits.dtype, device=logits.device), masked,
+            torch.empty((N, S, K), dtype=logits.dtype, device=logits.device))
+
+
+def _sample_keep_fake(logits, unimix, noise, keep, head):
+    return _sample_keep_outputs(logits, head)
 
 
 @kernel_op("latent_sample_keep", _sample_keep_fake)
 def _sample_keep_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
-                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     keep: torch.Tensor, head: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, S, K) (3-d, so that the gradients reach the backward kernel with their own
-    strides, never copied), noise (N * S,), keep (N,)."""
+    strides, never copied), noise (N * S,), keep (N,), head (N, D) or None."""
     N, S, K = logits.shape
-    outs = tuple(torch.empty((N, S, K), dtype=logits.dtype, device=logits.device)
-                 for _ in range(3))
-    _sample_launch(logits.reshape(N * S, K), noise, keep, S, [o.view(N * S, K) for o in outs],
-                   unimix)
+    outs = _sample_keep_outputs(logits, head)
+    _sample_launch(logits.reshape(N * S, K), noise, keep, S,
+                   [outs[0].view(N * S, K), outs[1], outs[2].view(N * S, K)], unimix, head)
     return outs
 
 
@@ -230,15 +278,19 @@ def _sample_backward(ctx, dz):
 
 
 def _sample_keep_setup(ctx, inputs, output):
-    logits, unimix, _, keep = inputs
+    logits, unimix, _, keep, head = inputs
     ctx.save_for_backward(logits, keep)
-    ctx.unimix = unimix
+    ctx.unimix, ctx.head = unimix, None if head is None else (head.shape[1], head.dtype)
 
 
 def _sample_keep_backward(ctx, dz, dm, dc):
     logits, keep = ctx.saved_tensors
+    dhead = None
+    if ctx.head is not None and dm is not None:  # [head | masked]: split (views)
+        D, dtype = ctx.head
+        dhead, dm = dm[:, :D].to(dtype), dm[:, D:].view(logits.shape)
     dz, dm, dc = (torch.zeros_like(logits) if g is None else g for g in (dz, dm, dc))
-    return _sample_keep_bwd(dz, dm, dc, keep, logits, ctx.unimix), None, None, None
+    return _sample_keep_bwd(dz, dm, dc, keep, logits, ctx.unimix), None, None, None, dhead
 
 
 _sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
@@ -246,7 +298,8 @@ _sample_keep_fwd.register_autograd(_sample_keep_backward, setup_context=_sample_
 
 
 def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
-                  keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+                  keep: torch.Tensor | None = None, head: torch.Tensor | None = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Straight-through one-hot sample of unimix categoricals by inverse CDF. Triton.
 
     logits: (..., S, K) float32/bfloat16, any strides; noise: (..., S) uniform in [0, 1), a
@@ -256,7 +309,8 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     dtype: a bfloat16 one-hot feeds the next matmul without a cast); backward gives logits the
     gradient of probs (z = onehot + probs - sg(probs)), in logits.dtype. keep (...): also the
     sample with the rows of keep 0 zeroed and a copy of the logits, from the same launch,
-    whose gradients the backward kernel adds (latent_sample_ref).
+    whose gradients the backward kernel adds; head (..., D): the masked sample written flat
+    after a copy of head (latent_sample_ref).
     """
     S, K = logits.shape[-2:]
     if noise.shape != logits.shape[:-1]:
@@ -268,8 +322,14 @@ def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
     if keep.numel() != flat[0].shape[0] // S:
         raise ValueError(f"latent_sample: keep {tuple(keep.shape)} needs one value per row of "
                          f"logits {tuple(logits.shape)}")
-    outs = _sample_keep_fwd(logits.reshape(-1, S, K), flat[1], flat[2], keep.reshape(-1))
-    return tuple(o.reshape(logits.shape) for o in outs)
+    if head is not None:
+        if head.shape[:-1] != logits.shape[:-2]:
+            raise ValueError(f"latent_sample: head {tuple(head.shape)} needs the rows of "
+                             f"logits {tuple(logits.shape)}")
+        head = head.reshape(-1, head.shape[-1])
+    outs = _sample_keep_fwd(logits.reshape(-1, S, K), flat[1], flat[2], keep.reshape(-1),
+                            head)
+    return tuple(o.reshape(*logits.shape[:-2], *o.shape[1:]) for o in outs)
 
 
 # --------------------------------------------------------------------------------- kl_free

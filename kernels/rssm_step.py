@@ -158,15 +158,19 @@ def rms_silu(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.T
 
 # --------------------------------------------------------------------------- rms_silu_cat
 
-def rms_silu_cat_ref(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
-                     sb: torch.Tensor, sc: torch.Tensor | None,
+def rms_silu_cat_ref(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
+                     sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None,
                      eps: float = 1e-4) -> torch.Tensor:
     """cat([rms_silu(a, sa), rms_silu(b, sb), rms_silu(c, sc) or c itself if sc is None], -1).
 
     The RSSM core's input (the official `_core`: x0, x1, x2 each Linear -> Norm -> act, then
     concatenated); sc None passes an already normalised c through (the observe scan computes
     the action part once for all steps). a, b, c: (..., Ci) of one dtype; returns that dtype.
+    b None: a holds a and b side by side (len(sa) and len(sb) columns; one matmul's output),
+    and gets one gradient.
     """
+    if b is None:
+        a, b = a[..., :sa.shape[0]], a[..., sa.shape[0]:]
     c = c if sc is None else rms_silu_ref(c, sc, eps)
     return torch.cat([rms_silu_ref(a, sa, eps), rms_silu_ref(b, sb, eps), c], -1)
 
@@ -209,7 +213,8 @@ def _rms_silu_cat_fwd_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, y_ptr,
 
 @triton.jit
 def _rms_cat_bwd_part(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_r, sdy_c,
-                      sx_r, sx_c, off, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                      sx_r, sx_c, sdx_r, off, eps, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """_rms_silu_bwd_kernel on one part: dy's columns off.., dscale's partial row at off."""
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)[None, :]
@@ -230,7 +235,7 @@ def _rms_cat_bwd_part(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_
         dscale += tl.sum(da * n, 0)
         dn = da * scale
         dx = rstd * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
-        tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + r * sdx_r + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     cc = tl.arange(0, BLOCK_C)
     tl.store(ds_ptr + off + cc, dscale, mask=cc < C)
 
@@ -238,30 +243,37 @@ def _rms_cat_bwd_part(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_
 @triton.jit
 def _rms_silu_cat_bwd_kernel(dy_ptr, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, da_ptr,
                              db_ptr, dc_ptr, partial_ptr, rows, Ca, Cb, Cc, tiles,
-                             sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, eps,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, sda_r, sdb_r,
+                             eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (i, part): rows tiles i*tiles.. of part 0, 1 or 2 (2 only when c was
     normalised: the grid then has 3 parts); each writes its partial dscale row."""
     pid, part = tl.program_id(0), tl.program_id(1)
     ds_ptr = partial_ptr + pid * (Ca + Cb + Cc)
     if part == 0:
         _rms_cat_bwd_part(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, sdy_r,
-                          sdy_c, sa_r, sa_c, 0, eps, BLOCK_R, BLOCK_C)
+                          sdy_c, sa_r, sa_c, sda_r, 0, eps, BLOCK_R, BLOCK_C)
     elif part == 1:
         _rms_cat_bwd_part(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, sdy_r,
-                          sdy_c, sb_r, sb_c, Ca, eps, BLOCK_R, BLOCK_C)
+                          sdy_c, sb_r, sb_c, sdb_r, Ca, eps, BLOCK_R, BLOCK_C)
     else:
         _rms_cat_bwd_part(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, sdy_r,
-                          sdy_c, sc_r, sc_c, Ca + Cb, eps, BLOCK_R, BLOCK_C)
+                          sdy_c, sc_r, sc_c, Cc, Ca + Cb, eps, BLOCK_R, BLOCK_C)
+
+
+def _cat_parts(a, b, sa):
+    """(a, b): b None splits a's columns at len(sa) (views)."""
+    return (a, b) if b is not None else (a[:, :sa.shape[0]], a[:, sa.shape[0]:])
 
 
 def _rms_silu_cat_fake(a, b, c, sa, sb, sc, eps):
-    return a.new_empty((a.shape[0], a.shape[1] + b.shape[1] + c.shape[1]))
+    return a.new_empty((a.shape[0], sa.shape[0] + sb.shape[0] + c.shape[1]))
 
 
 @kernel_op("rms_silu_cat", _rms_silu_cat_fake)
-def _rms_silu_cat_fwd(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
-                      sb: torch.Tensor, sc: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _rms_silu_cat_fwd(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
+                      sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None,
+                      eps: float) -> torch.Tensor:
+    a, b = _cat_parts(a, b, sa)
     rows, (Ca, Cb, Cc) = a.shape[0], (a.shape[1], b.shape[1], c.shape[1])
     y = torch.empty((rows, Ca + Cb + Cc), dtype=a.dtype, device=a.device)
     if rows:
@@ -274,29 +286,40 @@ def _rms_silu_cat_fwd(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: tor
 
 
 def _rms_silu_cat_bwd_fake(dy, a, b, c, sa, sb, sc, eps):
-    return (a.new_empty(a.shape), b.new_empty(b.shape), c.new_empty(c.shape),
-            sa.new_empty((a.shape[1] + b.shape[1] + c.shape[1],)))
+    db = a.new_empty((0, sb.shape[0])) if b is None else b.new_empty(b.shape)
+    return (a.new_empty(a.shape), db, c.new_empty(c.shape if sc is not None else
+                                                 (0, c.shape[1])),
+            sa.new_empty((sa.shape[0] + sb.shape[0] + c.shape[1],)))
 
 
 @kernel_op("rms_silu_cat_bwd", _rms_silu_cat_bwd_fake)
-def _rms_silu_cat_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                      sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None, eps: float
+def _rms_silu_cat_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+                      c: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+                      sc: torch.Tensor | None, eps: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, db, dc, dscales): dc and dscales' c part are only written when sc is given;
-    dscales is (sa | sb | sc)'s gradient in one float32 row."""
+    dscales is (sa | sb | sc)'s gradient in one float32 row. b None: da is a's whole
+    gradient (both parts) and db empty."""
+    joined = b is None
+    a, b = _cat_parts(a, b, sa)
     rows, (Ca, Cb, Cc) = a.shape[0], (a.shape[1], b.shape[1], c.shape[1])
-    da, db = torch.empty_like(a, memory_format=torch.contiguous_format), \
-        torch.empty_like(b, memory_format=torch.contiguous_format)
+    if joined:
+        da = torch.empty((rows, Ca + Cb), dtype=a.dtype, device=a.device)
+        da_, db_, db = da, da[:, Ca:], da.new_empty((0, Cb))
+    else:
+        da, db = torch.empty((rows, Ca), dtype=a.dtype, device=a.device), \
+            torch.empty((rows, Cb), dtype=b.dtype, device=b.device)
+        da_, db_ = da, db
     dc = torch.empty((rows, Cc) if sc is not None else (0, Cc), dtype=c.dtype, device=c.device)
     block_r, block_c, num_warps = row_tiling(rows, max(Ca, Cb, Cc))
     programs = max(1, min(triton.cdiv(rows, block_r), max_programs(a.device)))
     tiles = triton.cdiv(triton.cdiv(rows, block_r), programs)
     partial = torch.empty((programs, Ca + Cb + Cc), dtype=torch.float32, device=a.device)
     launch(_rms_silu_cat_bwd_kernel)[(programs, 2 if sc is None else 3)](
-        dy, a, b, c, sa, sb, sa if sc is None else sc, da, db, dc, partial, rows, Ca, Cb, Cc,
-        tiles, dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), c.stride(0), c.stride(1), eps, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=num_warps)
+        dy, a, b, c, sa, sb, sa if sc is None else sc, da_, db_, dc, partial, rows, Ca, Cb,
+        Cc, tiles, dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), c.stride(0), c.stride(1), da_.stride(0), db_.stride(0), eps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     dscales = partial.sum(0) if programs > 1 else partial.view(-1)
     return da, db, dc, dscales
 
@@ -304,13 +327,14 @@ def _rms_silu_cat_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: tor
 def _rms_silu_cat_setup(ctx, inputs, output):
     a, b, c, sa, sb, sc, eps = inputs
     ctx.save_for_backward(a, b, c, sa, sb, sc)
-    ctx.eps, ctx.norm_c = eps, sc is not None
+    ctx.eps, ctx.norm_c, ctx.joined = eps, sc is not None, b is None
 
 
 def _rms_silu_cat_backward(ctx, dy):
     a, b, c, sa, sb, sc = ctx.saved_tensors
     da, db, dc, ds = _rms_silu_cat_bwd(dy, a, b, c, sa, sb, sc, ctx.eps)
-    Ca, Cb = a.shape[1], b.shape[1]
+    Ca, Cb = sa.shape[0], sb.shape[0]
+    db = None if ctx.joined else db
     if not ctx.norm_c:  # c passed through: its gradient is dy's columns (a view)
         dc = dy[:, Ca + Cb:]
     dsc = ds[Ca + Cb:].to(sc.dtype) if ctx.norm_c else None
@@ -320,14 +344,17 @@ def _rms_silu_cat_backward(ctx, dy):
 _rms_silu_cat_fwd.register_autograd(_rms_silu_cat_backward, setup_context=_rms_silu_cat_setup)
 
 
-def rms_silu_cat(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor,
-                 sb: torch.Tensor, sc: torch.Tensor | None,
+def rms_silu_cat(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
+                 sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None,
                  eps: float = 1e-4) -> torch.Tensor:
     """rms_silu_cat_ref in one Triton launch each way (instead of up to 3 norms, a
-    concatenation and, backward, up to 3 norm backwards). a, b, c: (..., Ci), any strides;
-    returns a.dtype, contiguous."""
+    concatenation and, backward, up to 3 norm backwards). a, b, c: (..., Ci), any strides
+    (b None: a holds both, as in the reference); returns a.dtype, contiguous."""
     lead = a.shape[:-1]
-    flat = [x.reshape(-1, x.shape[-1]) for x in (a, b, c)]
+    if b is None and a.shape[-1] != sa.shape[0] + sb.shape[0]:
+        raise ValueError(f"rms_silu_cat: a {tuple(a.shape)} holds a and b: needs "
+                         f"{sa.shape[0]} + {sb.shape[0]} columns")
+    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (a, b, c)]
     y = _rms_silu_cat_fwd(*flat, sa, sb, sc, float(eps))
     return y.reshape(*lead, y.shape[-1])
 
@@ -793,8 +820,9 @@ def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, block
     """gru_cell_ref in one Triton launch each way: the GRU layer's bias, the gate math, the
     state update and the state's copy in the matmul dtype (with keep, also the copies
     masked for the next step, the matmul-dtype one twice; with tail, the matmul-dtype copy
-    extended by tail's columns: the posterior's input); the outputs' gradients are summed inside the backward kernel.
-    gates (..., 3D) and deter (..., D) of any strides; the outputs contiguous. A bias
+    extended by tail's columns: the posterior's input); the outputs' gradients are summed
+    inside the backward kernel. gates (..., 3D) and deter (..., D) of any strides; the
+    outputs contiguous. A bias
     gradient, when asked for, costs one extra sum."""
     D = deter.shape[-1]
     if (gates.shape[-1] != 3 * D or D % blocks or gates.shape[:-1] != deter.shape[:-1]

@@ -95,21 +95,31 @@ def test_rms_silu(op, shape, strided, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm_c", [True, False], ids=["three-norms", "tail"])
-def test_rms_silu_cat(norm_c, dtype):
+@pytest.mark.parametrize("norm_c,joined", [(True, False), (False, False), (False, True)],
+                         ids=["three-norms", "tail", "tail-a-and-b-joined"])
+def test_rms_silu_cat(norm_c, joined, dtype):
     """The RSSM core's input in one op: two (or three) norms and the concatenation, with a
-    strided part (b) and parts of different widths, against the reference."""
+    strided part (b) and parts of different widths, against the reference; joined: a and b
+    as the two column ranges of one strided tensor (one matmul's output), one gradient."""
     a, b = randn(16, 40, dtype=dtype, scale=2.0), randn(48, 16, dtype=dtype, seed=3).t()
     c = randn(16, 24, dtype=dtype, seed=4)
     sa, sb, sc = (randn(n, scale=0.5, seed=5 + n) + 1.0 for n in (40, 48, 24))
     inputs = {"a": a, "b": b, "c": c, "sa": sa, "sb": sb}
+    if joined:
+        inputs = {"ab": randn(16, 100, dtype=dtype, scale=2.0, seed=7)[:, 6:94], "c": c,
+                  "sa": sa, "sb": sb}
     if norm_c:
         inputs["sc"] = sc
 
     def run(op):
+        if joined:
+            return lambda ab, c, sa, sb: op(ab, None, c, sa, sb, None, 1e-4)
         return lambda *xs: op(*xs[:5], xs[5] if norm_c else None, 1e-4)
     check(run(rssm_step.rms_silu_cat), run(rssm_step.rms_silu_cat_ref), inputs,
           grads=tuple(inputs))
+    if joined:
+        with pytest.raises(ValueError, match="columns"):
+            rssm_step.rms_silu_cat(inputs["ab"][:, 1:], None, c, sa, sb, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,6 +236,28 @@ def test_gru_cell_with_a_tail(with_keep, dtype):
     with pytest.raises(ValueError, match="tail"):
         rssm_step.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep,
                            inputs["tail"][:-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_latent_sample_with_a_head(dtype):
+    """latent_sample with keep and head (the observe scan's next input of dynin0 and dynin1,
+    one matmul): the masked sample written flat after a copy of head (a strided view); head's
+    gradient is the output's first columns, the sample's the rest."""
+    N, S, K, D = 7, 5, 6, 11
+    keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
+    noise = torch.rand(N, S, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    inputs = {"logits": randn(N, S, K, dtype=dtype, scale=2.0),
+              "head": randn(D, N, dtype=dtype, seed=4).t()}
+    check(lambda a, h: categorical.latent_sample(a, 0.01, noise, keep, h),
+          lambda a, h: categorical.latent_sample_ref(a, 0.01, noise.double(), keep.double(),
+                                                     h),
+          inputs, grads=("logits", "head"))
+    z, joined, _ = categorical.latent_sample(*[inputs["logits"], 0.01, noise, keep,
+                                               inputs["head"]])
+    assert joined.shape == (N, D + S * K) and torch.equal(joined[:, :D], inputs["head"])
+    assert torch.equal(joined[:, D:], (z * keep[..., None]).flatten(-2))
+    with pytest.raises(ValueError, match="head"):
+        categorical.latent_sample(inputs["logits"], 0.01, noise, keep, inputs["head"][:-1])
 
 
 def test_gru_update_rejects_bad_shapes():

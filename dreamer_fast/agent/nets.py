@@ -155,6 +155,64 @@ class Linear(nn.Linear):
         return gs.t() @ xs, gs.sum(0, dtype=self.bias.dtype)
 
 
+class _JoinedFn(torch.autograd.Function):
+    """JoinedLinears' forward; backward returns dx only (one GEMM) and stashes (x, dy)."""
+
+    @staticmethod
+    def forward(ctx, x, w0, b0, w1, b1, joint):
+        ctx.save_for_backward(x)
+        ctx.joint, ctx.dtype = joint, compute_dtype(x)
+        weight, bias = joint.weights(ctx.dtype)
+        ctx.weight = weight  # the scope's block-diagonal matrix, kept for the backward
+        return F.linear(x.to(ctx.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        DEFER.stash(ctx.joint, x, grad)
+        return grad.to(ctx.dtype) @ ctx.weight, None, None, None, None, None
+
+
+class JoinedLinears:
+    """Two Linear layers on two column ranges of one input as one matmul, in a DEFER scope:
+    y = [x[:, :n0] W0^T + b0 | x[:, n0:] W1^T + b1], with the block-diagonal weight (the
+    zeros cost FLOPs, not launches) built once per scope. Its backward is one GEMM for dx;
+    the weights' gradients are deferred (DEFER.flush) like Linear's, one GEMM per layer over
+    all steps' rows. Used where a scan applies both to the same step's state (the RSSM's
+    dynin0 on h and dynin1 on z)."""
+
+    def __init__(self, first: Linear, second: Linear):
+        self.layers = (first, second)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (a, b) = self.layers
+        return _JoinedFn.apply(x, a.weight, a.bias, b.weight, b.bias, self)
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.layers
+
+        def make():
+            (o0, n0), (o1, n1) = a.weight.shape, b.weight.shape
+            weight = torch.zeros((o0 + o1, n0 + n1), dtype=dtype, device=a.weight.device)
+            weight[:o0, :n0].copy_(a.weight.detach())
+            weight[o0:, n0:].copy_(b.weight.detach())
+            return weight, torch.cat([a.bias.detach(), b.bias.detach()]).to(dtype)
+        return DEFER.cached((self, dtype), make)
+
+    def deferred_params(self) -> tuple[nn.Parameter, ...]:
+        a, b = self.layers
+        return a.weight, a.bias, b.weight, b.bias
+
+    def deferred_grads(self, items) -> tuple[torch.Tensor, ...]:
+        """(dW0, db0, dW1, db1) over every stashed (x, dy): one GEMM and one sum per layer."""
+        (o0, n0), bias_dtype = self.layers[0].weight.shape, self.layers[0].bias.dtype
+        gs = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in items])
+        xs = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in items]).to(gs.dtype)
+        g0, g1 = gs[:, :o0], gs[:, o0:]
+        return (g0.t() @ xs[:, :n0], g0.sum(0, dtype=bias_dtype), g1.t() @ xs[:, n0:],
+                g1.sum(0, dtype=bias_dtype))
+
+
 class BlockLinear(nn.Module):
     """Block-diagonal linear: the input's G contiguous chunks each get their own matrix.
 
@@ -365,7 +423,13 @@ def norm_cat(norms: list[NormAct], xs: list[torch.Tensor],
              tail: torch.Tensor | None = None) -> torch.Tensor:
     """cat([norm(x) for norm, x in zip(norms, xs)] + [tail], -1): two norms and a tail
     already normalised, or three norms. Inside a DEFER scope one op (`ops.rms_silu_cat`)
-    with the scales' gradients deferred like NormAct's; elsewhere the norms and a cat."""
+    with the scales' gradients deferred like NormAct's; elsewhere the norms and a cat. xs of
+    one tensor for two norms: the two inputs side by side (JoinedLinears' output; one
+    gradient)."""
+    joined = xs[0] if len(xs) == 1 and len(norms) == 2 else None
+    if joined is not None:
+        size = norms[0].scale.shape[0]
+        xs = [joined[..., :size], joined[..., size:]]
     if not DEFER.active:
         return torch.cat([norm(x) for norm, x in zip(norms, xs)] +
                          ([] if tail is None else [tail]), -1)
@@ -375,7 +439,8 @@ def norm_cat(norms: list[NormAct], xs: list[torch.Tensor],
     grad = torch.is_grad_enabled() and norms[0].scale.requires_grad
     scales = [n.scale.detach() if grad else n.scale for n in norms[:2]]
     third_scale = None if third[1] is None else (third[1].detach() if grad else third[1])
-    y = norms[0].ops.rms_silu_cat(xs[0], xs[1], third[0], *scales, third_scale, norms[0].eps)
+    first, second = (xs[0], xs[1]) if joined is None else (joined, None)
+    y = norms[0].ops.rms_silu_cat(first, second, third[0], *scales, third_scale, norms[0].eps)
     return _StashGrads.apply(y, norms, *xs) if grad else y
 
 

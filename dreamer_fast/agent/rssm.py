@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.dists import symexp, symlog
-from dreamer_fast.agent.nets import (DEFER, MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
-                                     StridedConv, StridedConvT, compute_dtype, norm_cat,
-                                     upsample2)
+from dreamer_fast.agent.nets import (DEFER, MLP, BlockLinear, Conv, JoinedLinears, Linear,
+                                     NormAct, NormAct2d, StridedConv, StridedConvT,
+                                     compute_dtype, norm_cat, upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last
@@ -169,14 +169,12 @@ class RSSM(nn.Module):
         return self.ops.gru_cell(gates, self.dyngru.bias.detach(), deter, self.blocks,
                                  compute_dtype(deter_in))
 
-    def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None, deter_in0=None):
-        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope).
-        deter_in0: dynin0's own copy of deter_in (DEFER scope only; gru_cell's fifth output)."""
+    def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None):
+        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope)."""
         stoch = stoch.reshape(*stoch.shape[:-2], -1)
         norms = [self.dynin0[1], self.dynin1[1]]
         if DEFER.active:  # the two or three norms and the concatenation in one op
-            deter_in0 = deter_in if deter_in0 is None else deter_in0
-            xs = [self.dynin0[0](deter_in0), self.dynin1[0](stoch)]
+            xs = [self.dynin0[0](deter_in), self.dynin1[0](stoch)]
             if x2 is None:
                 xs.append(self.dynin2[0](self.action_input(action) if action_in is None
                                          else action_in))
@@ -277,16 +275,21 @@ class RSSM(nn.Module):
         """_observe_hoisted's loop inside a DEFER scope (the GPU path; the per-step inputs as
         sequences over time): each step's GRU cell and latent sample also write the next
         step's carry, masked by its reset, so the reset costs no launch of its own (only the
-        initial carry goes through mask_rows), and the sample passes the logits through to
-        the losses; each op's backward sums the gradients of its copies. The same values."""
+        initial carry goes through mask_rows); the cell writes the posterior's input, the
+        sample the next [h, z] for dynin0 and dynin1 (one matmul) and passes the logits
+        through to the losses; each op's backward sums the gradients of its copies. The same
+        values, 11 kernels per step forward and 11 backward."""
         masked, masked_in, masked_stoch = self.ops.mask_rows(keep[0], deter, deter_in, stoch)
-        masked_in0 = masked_in  # dynin0's copy (gru_cell's fifth output after step 0)
         bias, dtype, T = self.dyngru.bias.detach(), compute_dtype(deter_in), len(keep)
+        # dynin0 (on h) and dynin1 (on z) as one matmul over [h, z] (JoinedLinears), whose
+        # input the latent sample writes from the next step on (its head: the cell's copy).
+        dynin01, norms = JoinedLinears(self.dynin0[0], self.dynin1[0]), [self.dynin0[1],
+                                                                          self.dynin1[1]]
+        inp = torch.cat([masked_in, masked_stoch.flatten(-2).to(dtype)], -1)
         deters, stochs, logits = [], [], []
         for t in range(T):
             k_next = keep[t + 1] if t + 1 < T else None
-            gates = self._gates(masked_in, masked_stoch, None, x2[t], bias=False,
-                                deter_in0=masked_in0)
+            gates = self.gates_of(masked_in, norm_cat(norms, [dynin01(inp)], x2[t]), bias=False)
             # The cell also writes the posterior's input [h, tokens] (no concatenation).
             outs = self.ops.gru_cell(gates, bias, masked, self.blocks, dtype, k_next, tokens[t])
             deter, post_in = outs[:2]
@@ -294,9 +297,9 @@ class RSSM(nn.Module):
             if k_next is None:
                 stoch = self.sample(logit, noise[t])
             else:
-                stoch, masked_stoch, logit = self.ops.latent_sample(logit, self.unimix,
-                                                                    noise[t], k_next)
                 masked, masked_in, masked_in0 = outs[2:]
+                stoch, inp, logit = self.ops.latent_sample(logit, self.unimix, noise[t],
+                                                           k_next, masked_in0)
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
