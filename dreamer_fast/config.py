@@ -433,18 +433,20 @@ _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 CONTROL_DMC_RATIO = 32.0
 """train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
 official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU,
-DMC CartpoleBalance-v1, target 800 in 45 min): at 32 it met 800 at 42.1 min (80.5k steps,
-run21); at 64 it met at 41.3 min (32k steps) in one run and stood at 534 and 409 at 45 min
-in two others (final checkpoints evaluated at 805 and 708: the 10 training episodes a score
-averages are 10,000 agent steps, 12 minutes at 64 and 5 at 32); at 16 it reached 479 at 124k
-steps (45 min). DMC's continuous control wants more updates per step than CartPole, whose
-window spans 5,000 agent steps (1.7 minutes at ratio 16). Action repeat 2 (the paper's DMC
-setting) with ratio 64 plateaued at 488 (eval 497) and is not used."""
+DMC CartpoleBalance-v1, target 800 in 45 min): at 32 it met 800 in 3 of 4 runs (42.1 min
+at 80.5k steps; on a machine twice as fast 14.9 min at 56.5k and 37.7 min at 140k; the
+fourth stood at 501 at 45 min); at 64 it met at 41.3 min (32k steps) in one run and stood at
+534 and 409 at 45 min in two others (final checkpoints evaluated at 805 and 708: the 10
+training episodes a score averages are 10,000 agent steps, 12 minutes at 64 and 5 at 32); at
+16 it reached 479 at 124k steps (45 min). DMC's continuous control wants more updates per
+step than CartPole, whose window spans 5,000 agent steps (1.7 minutes at ratio 16). Action
+repeat 2 (the paper's DMC setting) with ratio 64 plateaued at 488 (eval 497) and is not
+used."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
 and ~28k steps in two of three seeds, Acrobot-v1 -100 at ~26k; DMC CartpoleBalance-v1 (ratio
-32 there: CONTROL_DMC_RATIO) 800 at ~80k."""
+32 there: CONTROL_DMC_RATIO) 800 at 56k-140k."""
 
 DOMAINS: dict[str, Config] = {
     "atari": Config(env="Pong-v5", num_envs=16, steps=51_000_000, train_ratio=32.0,
