@@ -529,8 +529,12 @@ def test_ops_trace_under_torch_compile():
         y = y + ops.rms_silu_cat(x[:, :100], x[:, 100:300], x[:, 300:], scale[:100],
                                  scale[100:300], None)
         y = y + ops.rms_silu_add(x, deter, scale)
+        y = y + ops.rms_silu_cat(x[:, :300], None, x[:, 300:], scale[:100], scale[100:300],
+                                 None)
         z, z_next, post_copy = ops.latent_sample(post, 0.01, noise, keep)
         z = z + 2 * z_next + post_copy.square()
+        _, joined, _ = ops.latent_sample(post, 0.01, noise, keep, x[:, :9])
+        z = z + joined[:, 9:].reshape(z.shape) + joined[:, :9].sum()
         dyn, rep = ops.kl_free(post, prior, 0.01, 1.0)
         loss = ops.twohot_loss(logits, target) + ops.twohot_mean(logits)
         return h.sum() + y.square().sum() + (z * prior).sum() + (dyn + 2 * rep).sum() + loss.sum()
