@@ -354,6 +354,15 @@ def rms_silu_cat(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
     if b is None and a.shape[-1] != sa.shape[0] + sb.shape[0]:
         raise ValueError(f"rms_silu_cat: a {tuple(a.shape)} holds a and b: needs "
                          f"{sa.shape[0]} + {sb.shape[0]} columns")
+    for name, x, scale in (("a", a, None if b is None else sa), ("b", b, sb), ("c", c, sc)):
+        if x is None:
+            continue
+        if x.shape[:-1] != lead or x.dtype != a.dtype:
+            raise ValueError(f"rms_silu_cat: {name} {tuple(x.shape)} {x.dtype} needs a's rows "
+                             f"{tuple(lead)} and dtype {a.dtype}")
+        if scale is not None and scale.shape != (x.shape[-1],):
+            raise ValueError(f"rms_silu_cat: {name} has {x.shape[-1]} columns but its scale "
+                             f"{tuple(scale.shape)}")
     flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (a, b, c)]
     y = _rms_silu_cat_fwd(*flat, sa, sb, sc, float(eps))
     return y.reshape(*lead, y.shape[-1])
@@ -407,8 +416,9 @@ def _rms_silu_add_setup(ctx, inputs, output):
 
 
 def _rms_silu_add_backward(ctx, dout):
-    """Recomputes the sum (one addition) and runs rms_silu's backward on it: the op serves
-    the imagination rollout, which runs without gradient; this keeps it differentiable."""
+    """Recomputes the sum in float32 and runs rms_silu's backward on it (a few launches: the
+    op serves the imagination rollout, which runs without gradient; this keeps it
+    differentiable)."""
     x, y, scale = ctx.saved_tensors
     ds, dscale = _rms_silu_bwd(dout, x.float() + y.float(), scale, ctx.eps)
     return ds.to(x.dtype), ds.to(y.dtype), dscale, None

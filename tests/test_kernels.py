@@ -95,18 +95,20 @@ def test_rms_silu(op, shape, strided, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [16, 600], ids=["rows16", "rows600"])
 @pytest.mark.parametrize("norm_c,joined", [(True, False), (False, False), (False, True)],
                          ids=["three-norms", "tail", "tail-a-and-b-joined"])
-def test_rms_silu_cat(norm_c, joined, dtype):
+def test_rms_silu_cat(norm_c, joined, rows, dtype):
     """The RSSM core's input in one op: two (or three) norms and the concatenation, with a
     strided part (b) and parts of different widths, against the reference; joined: a and b
-    as the two column ranges of one strided tensor (one matmul's output), one gradient."""
-    a, b = randn(16, 40, dtype=dtype, scale=2.0), randn(48, 16, dtype=dtype, seed=3).t()
-    c = randn(16, 24, dtype=dtype, seed=4)
+    as the two column ranges of one strided tensor (one matmul's output), one gradient.
+    600 rows: several backward programs (their partial scale gradients summed)."""
+    a, b = randn(rows, 40, dtype=dtype, scale=2.0), randn(48, rows, dtype=dtype, seed=3).t()
+    c = randn(rows, 24, dtype=dtype, seed=4)
     sa, sb, sc = (randn(n, scale=0.5, seed=5 + n) + 1.0 for n in (40, 48, 24))
     inputs = {"a": a, "b": b, "c": c, "sa": sa, "sb": sb}
     if joined:
-        inputs = {"ab": randn(16, 100, dtype=dtype, scale=2.0, seed=7)[:, 6:94], "c": c,
+        inputs = {"ab": randn(rows, 100, dtype=dtype, scale=2.0, seed=7)[:, 6:94], "c": c,
                   "sa": sa, "sb": sb}
     if norm_c:
         inputs["sc"] = sc
@@ -120,6 +122,11 @@ def test_rms_silu_cat(norm_c, joined, dtype):
     if joined:
         with pytest.raises(ValueError, match="columns"):
             rssm_step.rms_silu_cat(inputs["ab"][:, 1:], None, c, sa, sb, None)
+    else:
+        with pytest.raises(ValueError, match="rows"):
+            rssm_step.rms_silu_cat(a, b[:-1], c, sa, sb, None)
+        with pytest.raises(ValueError, match="scale"):
+            rssm_step.rms_silu_cat(a, b, c, sa[:-1], sb, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,7 +224,7 @@ def test_gru_cell_with_a_tail(with_keep, dtype):
     """gru_cell with tail (the observe scan's posterior input): the matmul-dtype copy is
     [state, tail]; tail a strided slice (one step of (N, T, E) tokens), its gradient the
     copy's last columns, the state's the rest (summed with the others in the kernel)."""
-    D, blocks, N, E = 96, 4, 9, 40
+    D, blocks, N, E = 96, 4, 9, 300  # N * E: several tail-copy programs
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None] if with_keep else None
     inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
               "deter": randn(D, N, seed=3).t(),
@@ -243,7 +250,7 @@ def test_latent_sample_with_a_head(dtype):
     """latent_sample with keep and head (the observe scan's next input of dynin0 and dynin1,
     one matmul): the masked sample written flat after a copy of head (a strided view); head's
     gradient is the output's first columns, the sample's the rest."""
-    N, S, K, D = 7, 5, 6, 11
+    N, S, K, D = 7, 5, 6, 200  # N * D: several head-copy programs
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
     noise = torch.rand(N, S, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     inputs = {"logits": randn(N, S, K, dtype=dtype, scale=2.0),
@@ -653,6 +660,36 @@ def test_joined_rollout_equals_the_layered_one(discrete):
         assert len(a) == len(b)
         for t, (x, y) in enumerate(zip(a, b)):
             assert_close(f"{name}[{t}]", x, y)
+
+
+def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one():
+    """Under bfloat16 autocast (the GPU's) the joined rollout also rounds the actor's two
+    halves of its first layer before adding them: its first action and next state are as
+    close to a float32 rollout's as the layer-by-layer rollout's are (continuous actions, so
+    no sample can flip)."""
+    from dreamer_fast.agent.nets import DEFER
+
+    net, act, obs = SIZES["debug"], ActSpace(False, 3), dict(VECTOR)
+    torch.manual_seed(0)
+    agent = Agent(obs, act, net, AgentConfig(imag_horizon=1, kernels="triton"), device=DEVICE)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    N = 64
+    deter = randn(N, net.deter, seed=3)
+    stoch = torch.nn.functional.one_hot(torch.randint(net.classes, (N, net.stoch)),
+                                        net.classes).float().to(DEVICE)
+    noise = agent.rollout_noise(N)
+    with torch.no_grad(), DEFER():
+        ref = agent._rollout(deter, stoch, deter, noise)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            low = deter.to(torch.bfloat16)
+            joined = agent._rollout_joined(deter, stoch, low, noise)
+            layered = agent._rollout(deter, stoch, low, noise)
+    for name, pick in (("next deter", lambda r: r[0][1]), ("action", lambda r: r[2][0])):
+        err_joined = (pick(joined).double() - pick(ref).double()).abs().mean().item()
+        err_layered = (pick(layered).double() - pick(ref).double()).abs().mean().item()
+        assert err_joined <= 1.5 * err_layered + 1e-4, (name, err_joined, err_layered)
 
 
 @pytest.mark.parametrize("impl,discrete,precision", [

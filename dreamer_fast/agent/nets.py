@@ -1,7 +1,8 @@
 """Building blocks: fan-in truncated-normal Linear, BlockLinear, RMSNorm+SiLU, MLP.
 
 Every hidden layer is Linear -> RMSNorm -> SiLU (no residuals). The norm+activation goes through
-`ops.rms_silu` so the Triton kernel and its reference share one call site.
+`ops.rms_silu` (or, for several norms read together, `ops.rms_silu_cat` via `norm_cat`) so the
+Triton kernel and its reference share one call site.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class DeferredWeightGrads:
     per scope (`cached`: the autocast dtype cast, BlockLinear's shared-input matrix) instead of
     once per step, and BlockLinear writes its blocks' outputs in place (no transposing copies).
     Layers called without gradient inside the scope (the imagination rollout) take the same
-    path, without the stash.
+    path, without the stash. JoinedLinears (two Linear layers as one block-diagonal matmul)
+    and norm_cat (several norms in one op) defer their weights' and scales' gradients the
+    same way.
     """
 
     def __init__(self):
@@ -170,6 +173,8 @@ class _JoinedFn(torch.autograd.Function):
     def backward(ctx, grad):
         x, = ctx.saved_tensors
         DEFER.stash(ctx.joint, x, grad)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
         return grad.to(ctx.dtype) @ ctx.weight, None, None, None, None, None
 
 
