@@ -53,6 +53,14 @@ def gru_update_ref(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> tor
 # ------------------------------------------------------------------------------- rms_silu
 
 @triton.jit
+def _rms_silu_tile(x, scale_ptr, c, C, eps):
+    """silu(x * scale / sqrt(mean(x^2) + eps)) of a float32 tile of rows (c: its columns)."""
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    a = x * tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None] * scale
+    return a * tl.sigmoid(a)
+
+
+@triton.jit
 def _rms_silu_fwd_kernel(x_ptr, scale_ptr, y_ptr, rows, C, sx_r, sx_c, eps,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
@@ -60,28 +68,28 @@ def _rms_silu_fwd_kernel(x_ptr, scale_ptr, y_ptr, rows, C, sx_r, sx_c, eps,
     mask = (r < rows) & (c < C)
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
-    a = x * rstd * scale
-    y = a * tl.sigmoid(a)
+    y = _rms_silu_tile(x, scale_ptr, c, C, eps)
     tl.store(y_ptr + r * C + c, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, rows, C, tiles,
-                         sdy_r, sdy_c, sx_r, sx_c, eps,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Each program loops over `tiles` row tiles and writes its partial dscale row."""
+def _rms_silu_bwd_rows(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_r, sdy_c,
+                       sx_r, sx_c, sdx_r, off, eps, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """rms_silu's backward over this program's `tiles` row tiles: dx (row stride sdx_r) from
+    dy's columns off.. (one part of a concatenated output, or all of it with off 0), and the
+    program's partial dscale row written at ds_ptr + off."""
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)[None, :]
-    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
     dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(tiles):
         r = (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         mask = (r < rows) & (c < C)
         r = r.to(tl.int64)
         x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + r * sdy_r + c * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r * sdy_r + (off + c) * sdy_c, mask=mask,
+                     other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
         n = x * rstd
         a = n * scale
@@ -90,9 +98,18 @@ def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, rows, C, 
         dscale += tl.sum(da * n, 0)
         dn = da * scale
         dx = rstd * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
-        tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + r * sdx_r + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     cc = tl.arange(0, BLOCK_C)
-    tl.store(dscale_ptr + pid * C + cc, dscale, mask=cc < C)
+    tl.store(ds_ptr + off + cc, dscale, mask=cc < C)
+
+
+@triton.jit
+def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, rows, C, tiles,
+                         sdy_r, sdy_c, sx_r, sx_c, eps,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each program loops over `tiles` row tiles and writes its partial dscale row."""
+    _rms_silu_bwd_rows(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr + tl.program_id(0) * C,
+                       rows, C, tiles, sdy_r, sdy_c, sx_r, sx_c, C, 0, eps, BLOCK_R, BLOCK_C)
 
 
 def _rms_silu_fwd_fake(x, scale, eps):
@@ -184,11 +201,7 @@ def _rms_cat_fwd_part(x_ptr, s_ptr, y_ptr, rows, C, sx_r, sx_c, sy_r, off, eps,
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0)
     if NORM:
-        x = x.to(tl.float32)
-        scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
-        x = x * rstd * scale
-        x = x * tl.sigmoid(x)
+        x = _rms_silu_tile(x.to(tl.float32), s_ptr, c, C, eps)
     tl.store(y_ptr + r * sy_r + off + c, x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,35 +225,6 @@ def _rms_silu_cat_fwd_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, y_ptr,
 
 
 @triton.jit
-def _rms_cat_bwd_part(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_r, sdy_c,
-                      sx_r, sx_c, sdx_r, off, eps, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """_rms_silu_bwd_kernel on one part: dy's columns off.., dscale's partial row at off."""
-    pid = tl.program_id(0)
-    c = tl.arange(0, BLOCK_C)[None, :]
-    scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-    dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(tiles):
-        r = (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        mask = (r < rows) & (c < C)
-        r = r.to(tl.int64)
-        x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + r * sdy_r + (off + c) * sdy_c, mask=mask,
-                     other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None]
-        n = x * rstd
-        a = n * scale
-        sig = tl.sigmoid(a)
-        da = dy * sig * (1.0 + a * (1.0 - sig))
-        dscale += tl.sum(da * n, 0)
-        dn = da * scale
-        dx = rstd * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
-        tl.store(dx_ptr + r * sdx_r + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    cc = tl.arange(0, BLOCK_C)
-    tl.store(ds_ptr + off + cc, dscale, mask=cc < C)
-
-
-@triton.jit
 def _rms_silu_cat_bwd_kernel(dy_ptr, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, da_ptr,
                              db_ptr, dc_ptr, partial_ptr, rows, Ca, Cb, Cc, tiles,
                              sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, sda_r, sdb_r,
@@ -250,13 +234,13 @@ def _rms_silu_cat_bwd_kernel(dy_ptr, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr
     pid, part = tl.program_id(0), tl.program_id(1)
     ds_ptr = partial_ptr + pid * (Ca + Cb + Cc)
     if part == 0:
-        _rms_cat_bwd_part(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, sdy_r,
+        _rms_silu_bwd_rows(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, sdy_r,
                           sdy_c, sa_r, sa_c, sda_r, 0, eps, BLOCK_R, BLOCK_C)
     elif part == 1:
-        _rms_cat_bwd_part(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, sdy_r,
+        _rms_silu_bwd_rows(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, sdy_r,
                           sdy_c, sb_r, sb_c, sdb_r, Ca, eps, BLOCK_R, BLOCK_C)
     else:
-        _rms_cat_bwd_part(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, sdy_r,
+        _rms_silu_bwd_rows(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, sdy_r,
                           sdy_c, sc_r, sc_c, Cc, Ca + Cb, eps, BLOCK_R, BLOCK_C)
 
 
@@ -387,9 +371,8 @@ def _rms_silu_add_kernel(x_ptr, y_ptr, scale_ptr, out_ptr, rows, C, sx_r, sx_c, 
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
     x += tl.load(y_ptr + r * sy_r + c * sy_c, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-    a = x * tl.rsqrt(tl.sum(x * x, 1) / C + eps)[:, None] * scale
-    tl.store(out_ptr + r * C + c, (a * tl.sigmoid(a)).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _rms_silu_tile(x, scale_ptr, c, C, eps)
+    tl.store(out_ptr + r * C + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rms_silu_add_fake(x, y, scale, eps):

@@ -636,23 +636,29 @@ def test_imagination_schedules_agree(discrete):
         assert err <= 1e-5 * (1 + params[name].abs().max().item()), f"{name}: {err:.3g}"
 
 
+def rollout_case(discrete: bool, horizon: int, n: int):
+    """A GPU-path debug agent with trained-like weights (non-zero biases, larger actor
+    outputs), n start states and the rollout's noise, for comparing rollout schedules."""
+    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
+    torch.manual_seed(0)
+    agent = Agent(obs, act, net, AgentConfig(imag_horizon=horizon, kernels="triton"),
+                  device=DEVICE)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    deter = randn(n, net.deter, seed=3)
+    stoch = torch.nn.functional.one_hot(torch.randint(net.classes, (n, net.stoch)),
+                                        net.classes).float().to(DEVICE)
+    return agent, deter, stoch, agent.rollout_noise(n)
+
+
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
 def test_joined_rollout_equals_the_layered_one(discrete):
     """The GPU path's rollout (the layers reading one state as one matmul, rms_silu_add,
     rms_silu_cat) gives the layer-by-layer rollout's states and actions from the same noise."""
     from dreamer_fast.agent.nets import DEFER
 
-    net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
-    torch.manual_seed(0)
-    agent = Agent(obs, act, net, AgentConfig(imag_horizon=5, kernels="triton"), device=DEVICE)
-    with torch.no_grad():  # trained-like weights: non-zero biases, larger actor outputs
-        for p in agent.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    N = 12
-    deter = randn(N, net.deter, seed=3)
-    stoch = torch.nn.functional.one_hot(torch.randint(net.classes, (N, net.stoch)),
-                                        net.classes).float().to(DEVICE)
-    noise = agent.rollout_noise(N)
+    agent, deter, stoch, noise = rollout_case(discrete, horizon=5, n=12)
     with torch.no_grad(), DEFER():
         joined = agent._rollout_joined(deter, stoch, deter, noise)
         layered = agent._rollout(deter, stoch, deter, noise)
@@ -669,17 +675,7 @@ def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one
     no sample can flip)."""
     from dreamer_fast.agent.nets import DEFER
 
-    net, act, obs = SIZES["debug"], ActSpace(False, 3), dict(VECTOR)
-    torch.manual_seed(0)
-    agent = Agent(obs, act, net, AgentConfig(imag_horizon=1, kernels="triton"), device=DEVICE)
-    with torch.no_grad():
-        for p in agent.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    N = 64
-    deter = randn(N, net.deter, seed=3)
-    stoch = torch.nn.functional.one_hot(torch.randint(net.classes, (N, net.stoch)),
-                                        net.classes).float().to(DEVICE)
-    noise = agent.rollout_noise(N)
+    agent, deter, stoch, noise = rollout_case(False, horizon=1, n=64)
     with torch.no_grad(), DEFER():
         ref = agent._rollout(deter, stoch, deter, noise)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
