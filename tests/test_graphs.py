@@ -1,9 +1,12 @@
-"""CUDA-graph readiness of the update and the policy step (DESIGN 3.1-3.5).
+"""CUDA-graph readiness of the update and the policy step, on any machine.
 
-A CPU cannot capture a CUDA graph, so the CPU tests check what a capture relies on:
-- no host sync inside train_step / policy_core (a dispatch mode fails on any op that reads
-  a device value back to the host: .item(), tensor-valued `if`, nonzero, ...);
-- no Python state changes during an update (a replay would not repeat it: rule 2);
+A CPU cannot capture a CUDA graph, so these tests check what a capture relies on, on the exact
+callables the graphs capture (`graphs.update_fn`, `graphs.policy_fn`):
+- nothing a capture rejects happens inside them (tests/capture.py lists the rules and their
+  sources): for vector, image and image+vector spaces, discrete and continuous actions, each
+  kernel mode, traced on the CPU and on the stand-in device (fake meta tensors playing the
+  GPU), and on CUDA itself where there is one;
+- an update changes no Python state (a replay would repeat the captured values);
 - warm-up leaves the model exactly as it was (its updates are undone);
 - the flags: graphs='on' off CUDA is a clear error.
 With a GPU the last tests compare the graphed update and policy step with eager ones.
@@ -11,39 +14,36 @@ With a GPU the last tests compare the graphed update and policy step with eager 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from dreamer_fast.run.actor import Policy, PolicyWeights, policy_act, policy_core
-from dreamer_fast.agent.agent import Agent
+from capture import (CaptureCheck, agent_to_stand_in, fake, module_to_stand_in, python_state,
+                     stand_in)
+from dreamer_fast.run.actor import Policy, PolicyWeights, policy_act
+from dreamer_fast.agent.agent import Agent, set_kernels
 from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig, parse
-from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, resolve_graphs, state_tensors,
-                                 warm_up)
+from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, policy_fn, policy_inputs,
+                                     resolve_graphs, state_tensors, update_fn, warm_up)
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 
-SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3,
+SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3, precision="float32",
                     optim=OptimConfig(warmup=10))
-SYNC = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2",
-        "unique_consecutive", "item"}
-SPACES = [("vec-discrete", VECTOR, ActSpace(True, 3)), ("vec-continuous", VECTOR, ActSpace(False, 2)),
-          ("img", IMAGE, ActSpace(True, 4))]
-
-
-class NoHostSync(TorchDispatchMode):
-    """Fails on every op whose result the host must wait for (a device->host read)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
-        if name in SYNC or bool_index:  # a boolean mask index runs nonzero on the device
-            raise AssertionError(f"host sync inside a graphed step: {func}")
-        return func(*args, **(kwargs or {}))
+SPACES = [("vec-discrete", VECTOR, ActSpace(True, 3)),
+          ("vec-continuous", VECTOR, ActSpace(False, 2)),
+          ("img-discrete", IMAGE, ActSpace(True, 4)),
+          ("img+vec-continuous", {**IMAGE, **VECTOR}, ActSpace(False, 2))]
+KERNELS = ("ref", "fused", "triton")
+DEVICES = ("cpu", "stand-in", "cuda")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _agent(obs, act, cfg=SMALL, device="cpu"):
@@ -51,79 +51,138 @@ def _agent(obs, act, cfg=SMALL, device="cpu"):
     return Agent(obs, act, SIZES["debug"], cfg, device)
 
 
-def test_detector_catches_host_syncs():
-    x = torch.ones(3)
-    for bad in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(),
-                lambda: F.one_hot(torch.tensor([1]), 3), lambda: x[x > 0]):
-        with pytest.raises(AssertionError, match="host sync"):
-            with NoHostSync():
-                bad()
+def _skip_unless_runnable(kernels: str, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    if kernels == "triton" and device == "cpu" and not INTERPRETED:
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("name,obs,act", SPACES, ids=[s[0] for s in SPACES])
-def test_train_step_has_no_host_sync(name, obs, act):
-    agent = _agent(obs, act)
+def _built(obs, act, kernels: str, device: str):
+    """A debug agent with `kernels` on `device` ('stand-in': fake meta tensors) and a batch."""
+    agent = _agent(obs, act, dataclasses.replace(SMALL, kernels="ref"),
+                   "cuda" if device == "cuda" else "cpu")
+    set_kernels(agent, kernels)
     batch = make_batch(obs, act, agent.net, SMALL.batch_size, SMALL.batch_length + 1)
-    with NoHostSync():
-        for _ in range(2):  # the second also covers the state the first one created
-            metrics, latents = agent.train_step(batch)
-    assert all(torch.isfinite(v).all() for v in metrics.values())
-    assert latents["deter"].shape == (2, 8, agent.net.deter)
+    if device == "stand-in":
+        agent_to_stand_in(agent)
+        batch = {k: fake(v) for k, v in batch.items()}
+    return agent, {k: v.to(agent.device) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("name,obs,act", SPACES, ids=[s[0] for s in SPACES])
-def test_policy_core_has_no_host_sync(name, obs, act):
-    agent = _agent(obs, act)
-    policy = Policy(agent)
-    carry = policy.initial_carry(5)
-    inp = {k: v[:, 0] for k, v in make_batch(obs, act, agent.net, 3, 1).items() if k in obs}
-    inp.update(env_id=torch.tensor([4, 0, 2]), is_first=torch.tensor([True, False, True]),
-               is_last=torch.tensor([False, True, False]))
-    with NoHostSync():
-        action, latent = policy_core(policy, carry, inp, list(obs))
-    assert action.shape == (3, act.size) and (action[1] == 0).all()
-    assert latent["stoch"].dtype == torch.int16
-
-
-def _python_state(obj, seen=None, prefix="") -> dict:
-    """Every non-tensor attribute reachable from obj (modules, optimizer, configs)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return {}
-    seen.add(id(obj))
-    out = {}
-    attrs = vars(obj) if hasattr(obj, "__dict__") else {}
-    for k, v in attrs.items():
-        if k in ("_parameters", "_buffers", "_forward_pre_hooks", "_forward_hooks",
-                 "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-            continue
-        if isinstance(v, torch.Tensor) or (isinstance(v, list) and v and
-                                           isinstance(v[0], torch.Tensor)):
-            continue
-        if isinstance(v, dict) and k == "_modules":
-            for name, m in v.items():
-                out.update(_python_state(m, seen, f"{prefix}{name}."))
-        elif isinstance(v, (torch.nn.Module,)) or type(v).__module__.startswith("dreamer_fast"):
-            out.update(_python_state(v, seen, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = repr(v)
+def _check_capture(fn, args, state, root) -> None:
+    """What GraphedTrainStep / GraphedPolicy do before capturing (warm-up, undone), then a
+    call under the capture check, with no Python state changed by it."""
+    warm_up(fn, args, state, iters=1)
+    before = python_state(root)
+    with CaptureCheck():
+        out = fn(*args)
+    assert python_state(root) == before
     return out
 
 
-def test_update_changes_no_python_state():
-    """Rule 2: what changes between updates must live in device tensors; a CUDA graph would
-    silently replay the captured Python values (lr warm-up, step count, return EMA...)."""
+def test_capture_check_catches_every_rule():
+    """Each rule's typical breaker, on the host and on the stand-in device."""
+    x = torch.ones(3)
+    host = [lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(),
+            lambda: F.one_hot(torch.arange(2), -1), lambda: x[x > 0], lambda: x.tolist(),
+            lambda: torch.tensor([0.05, 0.95]), lambda: torch.as_tensor(np.ones(2)),
+            lambda: torch.from_numpy(np.ones(2)), lambda: torch.manual_seed(0),
+            lambda: torch.rand(3, generator=torch.Generator()), lambda: x.pin_memory(),
+            lambda: torch.cuda.synchronize(), lambda: x.numpy()]
+    for bad in host:
+        with pytest.raises(AssertionError, match="capture breaker"):
+            with CaptureCheck():
+                bad()
+    with stand_in():
+        y = fake(torch.ones(3))
+        # the pre-fix return normaliser: quantiles made from Python numbers on the device
+        device = [lambda: torch.quantile(y, torch.tensor([0.05, 0.95], device=y.device)),
+                  lambda: y + torch.ones(3), lambda: torch.ones(3).to(y.device),
+                  lambda: y.to("cpu"), lambda: y[[0, 2]], lambda: y + torch.tensor(2.0)]
+        for bad in device:
+            with pytest.raises(AssertionError, match="capture breaker"):
+                with CaptureCheck():
+                    bad()
+        with CaptureCheck():  # ...while device work with Python scalars passes
+            (y * 0.5 + torch.rand(3, device=y.device)).clamp(max=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("name,obs,act", SPACES, ids=[s[0] for s in SPACES])
+def test_update_is_capture_safe(name, obs, act, kernels, device):
+    _skip_unless_runnable(kernels, device)
+    agent, batch = _built(obs, act, kernels, device)
+    with stand_in() if device == "stand-in" else contextlib.nullcontext():
+        metrics, latents = _check_capture(update_fn(agent), (batch,),
+                                          state_tensors(agent, agent.opt), agent)
+    assert latents["deter"].shape == (2, 8, agent.net.deter)
+    assert latents["stoch"].dtype == torch.int16 and "loss/policy" in metrics
+    if device != "stand-in":
+        assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("name,obs,act", [SPACES[1], SPACES[3]], ids=[SPACES[1][0], SPACES[3][0]])
+def test_policy_step_is_capture_safe(name, obs, act, kernels, device):
+    _skip_unless_runnable(kernels, device)
+    agent = _agent(obs, act, dataclasses.replace(SMALL, kernels="ref"),
+                   "cuda" if device == "cuda" else "cpu")
+    policy = Policy(agent)
+    set_kernels(policy, kernels)
+    carry = policy.initial_carry(5)
+    spec = {k: (shape, torch.from_numpy(np.zeros((), dtype)).dtype)
+            for k, (shape, dtype) in obs.items()}
+    with stand_in() if device == "stand-in" else contextlib.nullcontext():
+        if device == "stand-in":
+            module_to_stand_in(policy)
+            carry = {k: fake(v) for k, v in carry.items()}
+        static = policy_inputs(spec, 3, policy.device)
+        for greedy in (False, True):
+            action, latent = _check_capture(policy_fn(policy, carry, static, list(obs), greedy),
+                                            (), list(carry.values()), policy)
+            assert action.shape == (3, act.size) and latent["stoch"].dtype == torch.int16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the list natively")
+def test_gpu_test_list_under_gpu_conditions():
+    """The GPU machine's test list as far as a CPU can run it: tests/test_kernels.py and the
+    Triton cases here with TRITON_INTERPRET unset, as on a GPU machine. The kernels then
+    register as on a GPU (`torch.library.triton_op`), the stand-in traces run the update and
+    the policy step through them (launches traced, not run), and nothing builds a Triton
+    agent on the CPU: those cases skip, naming why. Not checked here: the kernels' values on
+    a GPU, their launch limits, CUDA's bfloat16 autocast (bench/gpu_session.sh runs those)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # conftest keeps a value that is set
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "tests/test_kernels.py", "tests/test_graphs.py", "-k", "triton and not gpu_conditions"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    passed = int(re.search(r"(\d+) passed", out).group(1))
+    assert passed == len(SPACES) + 2, out[-2000:]  # the stand-in traces: updates, policy steps
+    assert "Triton on the CPU needs TRITON_INTERPRET=1" in out
+    assert "Triton kernels need a GPU or TRITON_INTERPRET=1" in out
+
+
+def test_update_state_lives_on_the_device():
+    """Rule 2's other half: what changes between updates (lr warm-up, step count, return
+    EMA) moves on in device tensors, while the Python state walk (which reaches the
+    optimizer and the config) sees nothing change."""
     obs, act = VECTOR, ActSpace(True, 3)
     agent = _agent(obs, act)
     batch = make_batch(obs, act, agent.net, SMALL.batch_size, SMALL.batch_length + 1)
-    agent.train_step(batch)  # the first step may create state (e.g. .grad); later ones not
-    before = _python_state(agent)
-    assert "opt.lr_scale" in before and "cfg.batch_size" in before  # the walk reaches the optimizer
+    agent.train_step(batch)
+    before = python_state(agent)
+    assert "opt.lr_scale" in before and "cfg.batch_size" in before
     lr0, count0, lo0 = agent.opt.lr.clone(), agent.opt.count.clone(), agent.retnorm_lo.clone()
     for _ in range(3):
         agent.train_step(batch)
-    assert _python_state(agent) == before
-    # ...while the device state did move on:
+    assert python_state(agent) == before
     assert agent.opt.count == count0 + 3 and agent.opt.lr > lr0 and agent.retnorm_lo != lo0
 
 
@@ -174,12 +233,17 @@ def test_categorical_sample_distribution():
 # ------------------------------------------------------------------------ GPU only
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+GRAPH_TOL = {"float32": dict(rtol=1e-3, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=1e-2)}
+"""Graph vs eager, the same kernels and precision: only the replay differs, so float32 agrees
+to summation order (1e-3 after 3 updates) and bfloat16 to its rounding (2e-2)."""
 
 
 @cuda
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name,obs,act", SPACES, ids=[s[0] for s in SPACES])
-def test_graphed_update_matches_eager(name, obs, act):
-    cfg = dataclasses.replace(SMALL, precision="float32")
+def test_graphed_update_matches_eager(name, obs, act, precision):
+    cfg = dataclasses.replace(SMALL, precision=precision, kernels="triton")
+    tol = GRAPH_TOL[precision]
     eager, graphed = _agent(obs, act, cfg, "cuda"), _agent(obs, act, cfg, "cuda")
     step = GraphedTrainStep(graphed, make_batch(obs, act, eager.net, 2, 9))
     for i in range(3):
@@ -189,17 +253,19 @@ def test_graphed_update_matches_eager(name, obs, act):
         torch.manual_seed(10 + i)
         m2, l2 = step(batch)
         for k in ("loss/rec", "loss/dyn", "opt/lr"):
-            torch.testing.assert_close(m2[k], m1[k], rtol=1e-3, atol=1e-5, msg=k)
+            torch.testing.assert_close(m2[k], m1[k], **tol, msg=k)
     assert step.replays == 3
     for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=n)
+        torch.testing.assert_close(q, p, **tol, msg=n)
     torch.testing.assert_close(graphed.opt.count, eager.opt.count)
 
 
 @cuda
-def test_graphed_policy_matches_eager():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_graphed_policy_matches_eager(precision):
     obs, act = IMAGE, ActSpace(True, 4)
-    agent = _agent(obs, act, SMALL, "cuda")
+    agent = _agent(obs, act, dataclasses.replace(SMALL, precision=precision), "cuda")
+    tol = GRAPH_TOL[precision]
     weights = PolicyWeights(agent)
     carry_e, carry_g = agent.initial_carry(6), agent.initial_carry(6)
     graph = GraphedPolicy(weights.copies, carry_g, {"image": ((3, 64, 64), torch.uint8)}, 3,
@@ -212,26 +278,6 @@ def test_graphed_policy_matches_eager():
         a1, l1 = policy_act(weights.copies[t % 2], carry_e, step, list(obs), agent.device, True)
         a2, l2 = graph(t % 2, step)
         torch.testing.assert_close(a2, a1)
-        torch.testing.assert_close(l2["deter"].float(), l1["deter"].float(), rtol=2e-2, atol=1e-2)
+        torch.testing.assert_close(l2["deter"].float(), l1["deter"].float(), **tol)
     for k in carry_e:
-        torch.testing.assert_close(carry_g[k], carry_e[k], rtol=1e-3, atol=1e-4)
-
-
-def test_gpu_path_update_has_no_host_sync_and_keeps_python_state():
-    """The path a GPU graph captures (Triton kernels, deferred weight gradients): no host
-    sync, and the deferral leaves no Python state behind between updates."""
-    import dataclasses
-
-    from dreamer_fast.agent.nets import DEFER
-
-    obs, act = VECTOR, ActSpace(False, 2)
-    agent = _agent(obs, act, dataclasses.replace(SMALL, kernels="triton"))
-    assert agent.defer
-    batch = make_batch(obs, act, agent.net, SMALL.batch_size, SMALL.batch_length + 1)
-    agent.train_step(batch)
-    before = _python_state(agent)
-    with NoHostSync():
-        for _ in range(2):
-            agent.train_step(batch)
-    assert _python_state(agent) == before
-    assert not DEFER.active and not DEFER.pending
+        torch.testing.assert_close(carry_g[k], carry_e[k], **tol)

@@ -9,6 +9,8 @@ kernels run under TRITON_INTERPRET=1 (tests/conftest.py); on a GPU the same test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ from dreamer_fast.config import SIZES, AgentConfig
 from kernels import OPS, categorical, fused, get_ops, policy, returns, rssm_step, twohot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on a CPU)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -571,7 +576,7 @@ def test_agent_train_steps_match_with_kernels_on_and_off(fast, discrete):
     ops; both with the observe scan's hoisted action embedding, Triton with deferred weight
     gradients) and the references."""
     net, act, obs = SIZES["debug"], ActSpace(discrete, 3), {**VECTOR, **IMAGE}
-    cfg = dict(batch_size=2, batch_length=8, imag_horizon=3)
+    cfg = dict(batch_size=2, batch_length=8, imag_horizon=3, precision="float32")
     agents = {}
     for impl in ("ref", fast):
         torch.manual_seed(0)
@@ -611,7 +616,8 @@ def test_imagination_schedules_agree(discrete):
     `batch_actor`: pre-drawn noise, the fused action sample) give the same losses and
     updates, both rolling out with the same pre-drawn noise (`rollout_noise`)."""
     net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
-    cfg = AgentConfig(batch_size=2, batch_length=8, imag_horizon=4, kernels="ref")
+    cfg = AgentConfig(batch_size=2, batch_length=8, imag_horizon=4, kernels="ref",
+                      precision="float32")
     batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
     runs = {}
     for batched in (False, True):
@@ -641,8 +647,8 @@ def rollout_case(discrete: bool, horizon: int, n: int):
     outputs), n start states and the rollout's noise, for comparing rollout schedules."""
     net, act, obs = SIZES["debug"], ActSpace(discrete, 3), dict(VECTOR)
     torch.manual_seed(0)
-    agent = Agent(obs, act, net, AgentConfig(imag_horizon=horizon, kernels="triton"),
-                  device=DEVICE)
+    agent = Agent(obs, act, net, AgentConfig(imag_horizon=horizon, kernels="triton",
+                                             precision="float32"), device=DEVICE)
     with torch.no_grad():
         for p in agent.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -656,10 +662,8 @@ def rollout_case(discrete: bool, horizon: int, n: int):
 def test_joined_rollout_equals_the_layered_one(discrete):
     """The GPU path's rollout (the layers reading one state as one matmul, rms_silu_add,
     rms_silu_cat) gives the layer-by-layer rollout's states and actions from the same noise."""
-    from dreamer_fast.agent.nets import DEFER
-
     agent, deter, stoch, noise = rollout_case(discrete, horizon=5, n=12)
-    with torch.no_grad(), DEFER():
+    with torch.no_grad(), agent.deferral():
         joined = agent._rollout_joined(deter, stoch, deter, noise)
         layered = agent._rollout(deter, stoch, deter, noise)
     for name, a, b in zip(("deters", "stochs", "actions"), joined, layered):
@@ -673,10 +677,8 @@ def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one
     halves of its first layer before adding them: its first action and next state are as
     close to a float32 rollout's as the layer-by-layer rollout's are (continuous actions, so
     no sample can flip)."""
-    from dreamer_fast.agent.nets import DEFER
-
     agent, deter, stoch, noise = rollout_case(False, horizon=1, n=64)
-    with torch.no_grad(), DEFER():
+    with torch.no_grad(), agent.deferral():
         ref = agent._rollout(deter, stoch, deter, noise)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             low = deter.to(torch.bfloat16)
@@ -691,12 +693,11 @@ def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one
 @pytest.mark.parametrize("impl,discrete,precision", [
     ("triton", False, "float32"), ("triton", True, "bfloat16")])
 def test_deferred_weight_gradients_equal_autograds(impl, discrete, precision):
-    """The scans' weight gradients computed once per update (nets.DEFER) equal autograd's
+    """The scans' weight gradients computed once per update (agent/deferred.py) equal autograd's
     per-step ones, for every parameter; and deferral removes kernels from the backward.
     bfloat16 (the GPU's autocast): the scan layers' cached casts and in-place block GEMMs
     against autograd's, to bf16 rounding (one rounding of a sum vs a sum of roundings)."""
     from bench.kernel_count import KernelCount
-    from dreamer_fast.agent.nets import DEFER
 
     net, act, obs = SIZES["debug"], ActSpace(discrete, 3), {**VECTOR, **IMAGE}
     torch.manual_seed(0)
@@ -713,8 +714,8 @@ def test_deferred_weight_gradients_equal_autograds(impl, discrete, precision):
             loss, _, _ = agent.loss(batch)
         with KernelCount() as count:
             loss.backward()
-            DEFER.flush()
-        assert not DEFER.pending
+            agent.deferral.flush()
+        assert not agent.deferral.pending
         kernels[defer] = sum(count.ops.values())
         if precision == "bfloat16":  # the deferred scan resets inside its GRU cells
             resets, cells = (count.ops[f"dreamer_fast::{op}"] for op in ("mask_rows",
@@ -729,3 +730,85 @@ def test_deferred_weight_gradients_equal_autograds(impl, discrete, precision):
         assert err <= tol * (1 + ref.abs().max().item()), f"{name}: {err:.3g}"
     # Per scan layer and step a weight GEMM, a bias sum and two additions are gone.
     assert kernels[True] < kernels[False] - 4 * 8, kernels
+
+
+def test_deferral_is_per_thread_and_its_backward_may_run_on_another():
+    """An update defers its weight gradients on the learner's thread only: a policy step run
+    on another thread while the update's scope is open (the actor, the periodic eval) gives
+    bit for bit the step it gives alone, and the update the one it makes alone. The stash
+    follows the update into a backward run on another thread (CUDA runs backward functions
+    on PyTorch's device threads): the gradients equal a same-thread update's."""
+    import threading
+
+    from dreamer_fast.run.actor import Policy
+
+    net, act, obs = SIZES["debug"], ActSpace(False, 3), {**VECTOR, **IMAGE}
+    # bfloat16 (the GPU's precision): the deferred layers' arithmetic differs from the plain
+    # ones' in rounding, so a policy step that took the deferred path would show.
+    cfg = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3, kernels="triton",
+                      precision="bfloat16")
+    agents = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        agents.append(Agent(obs, act, net, cfg, device=DEVICE))
+    agent, alone = agents
+    assert agent.defer
+    batch = {k: v.to(DEVICE) for k, v in make_batch(obs, act, net, B=2, L=9).items()}
+    policy = Policy(agent)
+    step = {k: v[:, 0] for k, v in make_batch(obs, act, net, B=3, L=1, seed=7).items()
+            if k in obs or k == "is_first"}
+
+    def act_once():  # its own latent noise; the update's RNG stream left as it was
+        rng = torch.get_rng_state()
+        torch.manual_seed(11)
+        carry = policy.initial_carry(3)
+        action, carry, _ = policy.policy_step(carry, step, greedy=True)
+        torch.set_rng_state(rng)
+        return [action, *carry.values()]
+    expected = act_once()
+
+    deferred_ops = []  # the deferred path's joined norms: never on the actor's thread
+    joined_norms = policy.dyn.ops.rms_silu_cat
+    policy.dyn.ops.rms_silu_cat = lambda *a: deferred_ops.append(1) or joined_norms(*a)
+    inside, go = threading.Event(), threading.Event()
+    observe = agent.dyn.observe
+
+    def paused_observe(*args, **kwargs):  # called inside the update's deferral scope
+        inside.set()
+        assert go.wait(60)
+        return observe(*args, **kwargs)
+    agent.dyn.observe = paused_observe
+    torch.manual_seed(3)
+    learner = threading.Thread(target=agent.train_step, args=(batch,))
+    learner.start()
+    assert inside.wait(60)
+    got = act_once()
+    go.set()
+    learner.join()
+    assert not deferred_ops, "the policy step took the update's deferred path"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    torch.manual_seed(3)
+    alone.train_step(batch)
+    for (name, p), q in zip(agent.named_parameters(), alone.parameters()):
+        assert torch.equal(p, q), name
+
+    # Forward here, backward on another thread, flush here.
+    grads = []
+    for other_thread in (False, True):
+        alone.zero_grad()
+        torch.manual_seed(5)
+        with alone.autocast():
+            loss, _, _ = alone.loss(batch)
+        if other_thread:
+            worker = threading.Thread(target=loss.backward)
+            worker.start()
+            worker.join()
+        else:
+            loss.backward()
+        alone.deferral.flush()
+        grads.append({n: p.grad.clone() for n, p in alone.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name, g in grads[1].items():
+        assert torch.equal(g, grads[0][name]), name

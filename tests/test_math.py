@@ -155,12 +155,12 @@ def test_lambda_return_hand_values():
 def test_percentile_normaliser():
     lo, hi = torch.zeros(()), torch.zeros(())
     ret = torch.arange(101.0)  # p5 = 5, p95 = 95
-    scale = percentile_scale(ret, lo, hi, 0.01, 5, 95, 1.0)
+    scale = percentile_scale(ret, lo, hi, 0.01, torch.tensor([0.05, 0.95]), 1.0)
     # Updated before use: lo = 0.05, hi = 0.95, so the scale is clipped at the limit 1.
     assert torch.allclose(lo, torch.tensor(0.05)) and torch.allclose(hi, torch.tensor(0.95))
     assert scale == 1.0
     for _ in range(2000):
-        scale = percentile_scale(ret, lo, hi, 0.01, 5, 95, 1.0)
+        scale = percentile_scale(ret, lo, hi, 0.01, torch.tensor([0.05, 0.95]), 1.0)
     assert torch.allclose(scale, torch.tensor(90.0), rtol=1e-3)
 
 

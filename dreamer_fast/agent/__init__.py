@@ -1,6 +1,7 @@
 """The DreamerV3 algorithm: the math of the world model and the actor-critic.
 
-nets (layers, fan-in init), dists (symlog, twohot, categoricals), rssm (encoder, block-GRU RSSM,
+nets (layers, fan-in init), deferred (the scans' weight gradients once per update, the GPU
+path; per thread), dists (symlog, twohot, categoricals), rssm (encoder, block-GRU RSSM,
 decoder), heads (reward, continue, actor, critic), losses (lambda-returns, return normaliser),
 optim (AGC -> LaProp), parallel (the gradient all-reduce and return all-gather the math needs
 as one replica of several), agent (the `Agent` with its pure step functions: policy_step,

@@ -7,6 +7,7 @@ Pure step functions on tensors: `policy_step` (acting with a carried latent),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -20,7 +21,7 @@ from dreamer_fast.agent import losses as L
 from dreamer_fast.agent import parallel
 from dreamer_fast.agent.dists import one_hot
 from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
-from dreamer_fast.agent.nets import DEFER
+from dreamer_fast.agent import deferred
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig, match_keys
@@ -53,6 +54,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bfloat16" else None
 
 
+def set_kernels(module: nn.Module, impl: str) -> None:
+    """Switch an Agent's (or a policy copy's) ops to impl ('ref', 'fused', 'triton') in place:
+    every submodule calls its ops through a shared namespace, updated here. An Agent also
+    takes impl's schedule: deferred weight gradients and the batched actor with 'triton'."""
+    fresh, seen = vars(get_ops(impl)), set()
+    for m in module.modules():
+        ops = getattr(m, "ops", None)
+        if ops is not None and id(ops) not in seen:
+            seen.add(id(ops))
+            vars(ops).update(fresh)
+    if isinstance(module, Agent):
+        module.defer = module.batch_actor = impl == "triton"
+
+
 class Agent(nn.Module):
     """DreamerV3. obs_space: {key: (shape, dtype)}; act_space: has .discrete and .size."""
 
@@ -65,9 +80,10 @@ class Agent(nn.Module):
         self.autocast_dtype = resolve_precision(cfg.precision, device)
         self.autocast_cache = True  # graphs.py turns it off: cached casts outlive no replay
         # The GPU path defers the scans' weight gradients to one GEMM per layer per update
-        # (nets.DeferredWeightGrads: about 4 kernels fewer per layer and step); the others
+        # (agent/deferred.py: about 4 kernels fewer per layer and step); the others
         # keep autograd's own per-step gradients. graphs.compile_steps turns it off.
         self.defer = self.ops.impl == "triton"
+        self.deferral = deferred.DeferredWeightGrads()  # its scopes: this thread's only
         # The GPU path also evaluates the actor once over all imagined states (see imagine).
         self.batch_actor = self.ops.impl == "triton"
         self.obs_space = {k: v for k, v in obs_space.items() if k not in
@@ -82,6 +98,8 @@ class Agent(nn.Module):
             self._build(net, act_space, ops)
             self.register_buffer("retnorm_lo", torch.zeros(()))
             self.register_buffer("retnorm_hi", torch.zeros(()))
+            self.register_buffer("retnorm_q", torch.tensor([cfg.perclo / 100, cfg.perchi / 100]),
+                                 persistent=False)
             self.register_buffer("nonfinite", torch.zeros(len(LOSSES), dtype=torch.bool))
             scales = dataclasses.asdict(cfg.loss)
             self.register_buffer("loss_scales", torch.tensor([float(scales[k]) for k in LOSSES]),
@@ -136,6 +154,8 @@ class Agent(nn.Module):
 
     def autocast(self):
         """bf16 matmuls/convs when configured; our ops upcast to float32 for norms and losses."""
+        if self.autocast_dtype is None:  # float32: no autocast (any device, meta included)
+            return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None,
                               cache_enabled=self.autocast_cache)
@@ -183,7 +203,7 @@ class Agent(nn.Module):
         with self.autocast():
             loss, metrics, latents = self.loss(batch)
         loss.backward()
-        DEFER.flush()  # the deferred weight gradients of the scans, if any
+        self.deferral.flush()  # the deferred weight gradients of the scans, if any
         if self.reducer is not None:
             self.reducer.all_reduce()
         metrics.update(self.opt.step())
@@ -204,13 +224,13 @@ class Agent(nn.Module):
         B, T = batch["reward"].shape[0], batch["reward"].shape[1] - 1
         stoch0 = one_hot(batch["stoch"][:, 0].long(), n.classes)
         tokens = self.enc(obs)
-        with DEFER(self.defer):
+        with self.deferral(self.defer):
             deters, stochs, post = self.dyn.observe(
                 batch["deter"][:, 0].float(), stoch0, batch["action"][:, :-1], tokens,
                 batch["is_first"][:, 1:])
         feat = self.feat(deters, stochs)
         losses, metrics = self._world_losses(batch, obs, deters, stochs, post, feat)
-        with DEFER(self.defer):  # weights cast and laid out once for the whole rollout
+        with self.deferral(self.defer):  # weights cast and laid out once for the whole rollout
             imag_feat, logp, ent = self.imagine(
                 deters.detach().reshape(B * T, n.deter),
                 stochs.detach().reshape(B * T, n.stoch, n.classes))
@@ -284,7 +304,7 @@ class Agent(nn.Module):
         and stoch the same way), and feats are built once from the stacked states."""
         deter_in = self.dyn.compute(deter)
         with torch.no_grad():
-            if DEFER.active and self.net.prior_layers and self.net.actor_layers:
+            if deferred.current() is not None and self.net.prior_layers and self.net.actor_layers:
                 deters, stochs, acts = self._rollout_joined(deter, stoch, deter_in, noise)
             else:
                 deters, stochs, acts = self._rollout(deter, stoch, deter_in, noise)
@@ -308,7 +328,7 @@ class Agent(nn.Module):
         return deters, stochs, acts
 
     def _rollout_joined(self, deter, stoch, deter_in, noise):
-        """_imagine_batched's rollout inside a DEFER scope (the GPU path), with the layers
+        """_imagine_batched's rollout inside a deferral scope (the GPU path), with the layers
         that read the same state as one matmul: the state h feeds the prior's first layer,
         the actor's first layer (its h columns) and dynin0, so one matmul of their weights
         stacked (biases included); the sample z feeds the actor's first layer (its z columns)
@@ -326,7 +346,7 @@ class Agent(nn.Module):
         P, U = p1.out_features, a1.out_features
 
         def joined(name, parts):
-            return DEFER.cached((self, name, dtype),
+            return self.deferral.cached((self, name, dtype),
                                 lambda: torch.cat([p.detach() for p in parts]).to(dtype))
         wy = joined("rollout_wy", [p1.weight, a1.weight[:, :D], dyn.dynin0[0].weight])
         by = joined("rollout_by", [p1.bias, a1.bias, dyn.dynin0[0].bias])
@@ -373,7 +393,7 @@ class Agent(nn.Module):
         # Data parallel: percentiles of the global batch, so every rank normalises alike.
         all_ret = parallel.all_gather(ret) if self.reducer is not None else ret
         scale = L.percentile_scale(all_ret, self.retnorm_lo, self.retnorm_hi, cfg.retnorm_rate,
-                                   cfg.perclo, cfg.perchi, cfg.retnorm_limit)
+                                   self.retnorm_q, cfg.retnorm_limit)
         adv = (ret - val[:, :-1]) / scale
         policy = L.policy_loss(logp, ent, adv, weight, cfg.actent)
         value = L.value_loss(self.val.loss(val_logits[:, :-1], ret),

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.dists import BoundedNormal, OneHotCategorical
-from dreamer_fast.agent.nets import DEFER, MLP, Linear, compute_dtype
+from dreamer_fast.agent import deferred
+from dreamer_fast.agent.nets import MLP, Linear, compute_dtype
 
 
 class TwohotHead(nn.Module):
@@ -70,7 +71,7 @@ class Actor(nn.Module):
         given noise (N, A) standard normal (continuous) or (N, 1) uniform (discrete); returns
         (action, the RSSM's input for it in feat's matmul dtype: rssm.RSSM.action_input).
 
-        Continuous: the two output layers as one matmul (inside a DEFER scope) and the
+        Continuous: the two output layers as one matmul (inside a deferral scope) and the
         bounded normal's sample and scaling in one op (`ops.action_sample`). Discrete: the
         latent sampler's one-launch inverse-CDF op: the same unimix categorical, as a one-hot
         in the logits' dtype."""
@@ -89,14 +90,15 @@ class Actor(nn.Module):
         return self.ops.action_sample(mean, std, noise, self.minstd, self.maxstd, dtype)
 
     def _mean_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The continuous policy's two output layers; inside a DEFER scope one matmul of the
+        """The continuous policy's two output layers; inside a deferral scope one matmul of the
         weights concatenated once per scope (the same dot products)."""
-        if not DEFER.active:
+        scope = deferred.current()
+        if scope is None:
             return self.mean(x), self.std(x)
         dtype, size = compute_dtype(x), self.mean.out_features
 
         def joined(name):
-            return DEFER.cached((self, name, dtype), lambda: torch.cat(
+            return scope.cached((self, name, dtype), lambda: torch.cat(
                 [getattr(self.mean, name), getattr(self.std, name)]).detach().to(dtype))
         y = torch.nn.functional.linear(x.to(dtype), joined("weight"), joined("bias"))
         return y[..., :size], y[..., size:]

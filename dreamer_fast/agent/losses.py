@@ -9,13 +9,16 @@ from kernels.returns import lambda_return_ref as lambda_return  # noqa: F401 (re
 
 
 def percentile_scale(returns: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rate: float,
-                     perclo: float, perchi: float, limit: float) -> torch.Tensor:
+                     quantiles: torch.Tensor, limit: float) -> torch.Tensor:
     """Update the EMA of the return percentiles in place, then return max(limit, hi - lo).
 
     lo, hi: 0-d float32 device tensors (start at 0, no debiasing). Updated before use.
+    quantiles: (2,) float32 on the returns' device, [perclo, perchi] / 100, made once by the
+    caller (a tensor built here from Python numbers would be a host-to-device copy inside the
+    captured update, which a CUDA graph capture rejects).
     """
     flat = returns.detach().float().flatten()
-    q = torch.quantile(flat, torch.tensor([perclo / 100, perchi / 100], device=flat.device))
+    q = torch.quantile(flat, quantiles)
     lo.mul_(1.0 - rate).add_(rate * q[0])
     hi.mul_(1.0 - rate).add_(rate * q[1])
     return (hi - lo).clamp(min=limit)

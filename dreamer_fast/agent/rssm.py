@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from dreamer_fast.agent.dists import symexp, symlog
-from dreamer_fast.agent.nets import (DEFER, MLP, BlockLinear, Conv, JoinedLinears, Linear,
-                                     NormAct, NormAct2d, StridedConv, StridedConvT,
-                                     compute_dtype, norm_cat, upsample2)
+from dreamer_fast.agent import deferred
+from dreamer_fast.agent.deferred import JoinedLinears, compute_dtype, norm_cat
+from dreamer_fast.agent.nets import (MLP, BlockLinear, Conv, Linear, NormAct, NormAct2d,
+                                     StridedConv, StridedConvT, upsample2)
 
 RESERVED = ("reward", "is_first", "is_last", "is_terminal")
 CHANNELS_LAST = torch.channels_last
@@ -158,11 +159,11 @@ class RSSM(nn.Module):
         return self.ops.gru_update(self._gates(deter_in, stoch, action, x2), deter, self.blocks)
 
     def core_in(self, deter, stoch, action, x2, deter_in, action_in=None):
-        """core() and the new state in the matmul dtype (`compute`). Inside a DEFER scope (the
+        """core() and the new state in the matmul dtype (`compute`). Inside a deferral scope (the
         GPU path) the GRU layer's bias, the gate math, the update and the cast are one op
         (ops.gru_cell, which also sums the two results' gradients). action_in: the action
-        already through action_input (instead of action or x2; DEFER scope only)."""
-        if not DEFER.active:
+        already through action_input (instead of action or x2; deferral scope only)."""
+        if not deferred.current() is not None:
             deter = self.core(deter, stoch, action, x2, deter_in)
             return deter, self.compute(deter)
         gates = self._gates(deter_in, stoch, action, x2, bias=False, action_in=action_in)
@@ -170,10 +171,10 @@ class RSSM(nn.Module):
                                  compute_dtype(deter_in))
 
     def _gates(self, deter_in, stoch, action, x2, bias=True, action_in=None):
-        """The GRU layer's output (with its bias, or without: bias=False in a DEFER scope)."""
+        """The GRU layer's output (with its bias, or without: bias=False in a deferral scope)."""
         stoch = stoch.reshape(*stoch.shape[:-2], -1)
         norms = [self.dynin0[1], self.dynin1[1]]
-        if DEFER.active:  # the two or three norms and the concatenation in one op
+        if deferred.current() is not None:  # the two or three norms and the concatenation in one op
             xs = [self.dynin0[0](deter_in), self.dynin1[0](stoch)]
             if x2 is None:
                 xs.append(self.dynin2[0](self.action_input(action) if action_in is None
@@ -213,12 +214,13 @@ class RSSM(nn.Module):
             noise = torch.rand(logits.shape[:-1], device=logits.device)
         return self.ops.latent_sample(logits, self.unimix, noise)
 
-    def obs_step(self, deter, stoch, action, tokens, is_first):
-        """Reset on is_first (zeros, then still apply f), h_t = f(...), posterior sample."""
+    def obs_step(self, deter, stoch, action, tokens, is_first, noise=None):
+        """Reset on is_first (zeros, then still apply f), h_t = f(...), posterior sample
+        (noise: its uniform draws (N, S), default drawn here)."""
         keep = (~is_first).float()[..., None]
         deter = self.core(deter * keep, stoch * keep[..., None], action * keep)
         logits = self.post_logits(deter, tokens)
-        return deter, self.sample(logits), logits
+        return deter, self.sample(logits, noise), logits
 
     def observe(self, deter, stoch, actions, tokens, is_first):
         """Posterior scan over time.
@@ -229,10 +231,13 @@ class RSSM(nn.Module):
         """
         if self.ops.impl != "ref":
             return self._observe_hoisted(deter, stoch, actions, tokens, is_first)
+        # All steps' latent noise in one draw, as the hoisted scan draws it: the same values
+        # on every path and device (on a CUDA device T draws of (B, S) would give others).
+        noise = torch.rand(tokens.shape[1], *stoch.shape[:-1], device=stoch.device)
         deters, stochs, logits = [], [], []
         for t in range(tokens.shape[1]):
             deter, stoch, logit = self.obs_step(deter, stoch, actions[:, t], tokens[:, t],
-                                                is_first[:, t])
+                                                is_first[:, t], noise[t])
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
@@ -253,7 +258,7 @@ class RSSM(nn.Module):
         # unbind: the backward of all T slices is one stack, not T zero-filled selects.
         steps = zip(keep.unbind(0), x2.unbind(0), tokens.unbind(1), noise.unbind(0))
         deter_in = self.compute(deter)
-        if DEFER.active and deter_in is not deter:
+        if deferred.current() is not None and deter_in is not deter:
             return self._observe_deferred(deter, deter_in, stoch, keep.unbind(0), x2.unbind(0),
                                           tokens.unbind(1), noise.unbind(0))
         deters, stochs, logits = [], [], []
@@ -272,7 +277,7 @@ class RSSM(nn.Module):
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
 
     def _observe_deferred(self, deter, deter_in, stoch, keep, x2, tokens, noise):
-        """_observe_hoisted's loop inside a DEFER scope (the GPU path; the per-step inputs as
+        """_observe_hoisted's loop inside a deferral scope (the GPU path; the per-step inputs as
         sequences over time): each step's GRU cell and latent sample also write the next
         step's carry, masked by its reset, so the reset costs no launch of its own (only the
         initial carry goes through mask_rows); the cell writes the posterior's input, the
@@ -316,7 +321,7 @@ class RSSM(nn.Module):
         dtype) and deter already in the matmul dtype; returns the next deter, stoch and deter
         in the matmul dtype (for the next step and the policy). The same values as
         img_step."""
-        if DEFER.active:  # dynin2's norm joins the other two in one op (norm_cat)
+        if deferred.current() is not None:  # dynin2's norm joins the other two in one op (norm_cat)
             deter, deter_in = self.core_in(deter, stoch, None, None, deter_in, action_in)
         else:
             deter, deter_in = self.core_in(deter, stoch, None, self.dynin2(action_in),

@@ -98,6 +98,31 @@ def _copy_into(static: dict[str, torch.Tensor], values: dict) -> None:
         dst.copy_(src, non_blocking=True)
 
 
+def update_fn(agent) -> Callable:
+    """The callable GraphedTrainStep captures: batch -> (metrics, latents). The capture-safety
+    tests run exactly this (tests/test_graphs.py)."""
+    return agent.train_step
+
+
+def policy_inputs(obs_spec: dict, n: int, device) -> dict[str, torch.Tensor]:
+    """GraphedPolicy's static inputs for n envs: the observation keys (obs_spec: {key:
+    (shape, torch dtype)}), env_id (int64), is_first and is_last (bool)."""
+    static = {k: torch.zeros((n, *shape), dtype=dtype, device=device)
+              for k, (shape, dtype) in obs_spec.items()}
+    static["env_id"] = torch.arange(n, dtype=torch.int64, device=device)
+    static["is_first"] = torch.ones(n, dtype=torch.bool, device=device)
+    static["is_last"] = torch.zeros(n, dtype=torch.bool, device=device)
+    return static
+
+
+def policy_fn(policy, carry: dict, static: dict, keys: list, greedy: bool) -> Callable:
+    """The callable GraphedPolicy captures for one policy copy: () -> (action, latent), reading
+    the static inputs and updating the carries in place. The capture-safety tests run it."""
+    from dreamer_fast.run.actor import policy_core
+
+    return lambda: policy_core(policy, carry, static, keys, greedy)
+
+
 class GraphedTrainStep:
     """agent.train_step captured as one CUDA graph over static batch buffers.
 
@@ -113,13 +138,14 @@ class GraphedTrainStep:
         self.agent = agent
         agent.autocast_cache = False  # cached casts would be freed/stale across replays
         self.static = {k: v.to(agent.device).clone() for k, v in example.items()}
-        warm_up(agent.train_step, (self.static,), state_tensors(agent, agent.opt), warmup)
+        fn = update_fn(agent)
+        warm_up(fn, (self.static,), state_tensors(agent, agent.opt), warmup)
         agent.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: library threads (NCCL's watchdog polls its events) may touch CUDA
         # meanwhile; our own threads have not started.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = agent.train_step(self.static)
+            self.outputs = fn(self.static)
         self.replays = 0
 
     def __call__(self, batch: dict[str, torch.Tensor]):
@@ -134,29 +160,24 @@ class GraphedPolicy:
     per copy of the double-buffered policy weights (each graph reads its copy's parameters).
 
     carry: the actor's per-env carries {k: (num_envs, ...)} (updated in place by the graph).
-    obs_spec: {key: (shape, torch dtype)} of the observation keys (as in the ring's spec). Call with (copy index, obs dict
-    of numpy arrays incl. env_id, is_first, is_last) -> (action, latent), static tensors.
+    obs_spec: {key: (shape, torch dtype)} of the observation keys (as in the ring's spec). Call
+    with (copy index, obs dict of numpy arrays incl. env_id, is_first, is_last) -> (action,
+    latent), static tensors.
     """
 
     def __init__(self, copies: list, carry: dict[str, torch.Tensor], obs_spec: dict, n: int,
                  greedy: bool = False, warmup: int = WARMUP):
-        from dreamer_fast.run.actor import policy_core
-
         device = copies[0].device
         if device.type != "cuda":
             raise ConfigError("CUDA graphs need a CUDA device; use graphs='off' on "
                               f"{device.type}")
         self.n = n
-        self.static = {k: torch.zeros((n, *shape), dtype=dtype, device=device)
-                       for k, (shape, dtype) in obs_spec.items()}
-        self.static["env_id"] = torch.arange(n, dtype=torch.int64, device=device)
-        self.static["is_first"] = torch.ones(n, dtype=torch.bool, device=device)
-        self.static["is_last"] = torch.zeros(n, dtype=torch.bool, device=device)
+        self.static = policy_inputs(obs_spec, n, device)
         keys = list(obs_spec)
         self.graphs, self.outputs = [], []
         for policy in copies:
             policy.autocast_cache = False
-            fn = lambda p=policy: policy_core(p, carry, self.static, keys, greedy)  # noqa: E731
+            fn = policy_fn(policy, carry, self.static, keys, greedy)
             warm_up(fn, (), [*carry.values()], warmup)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
