@@ -13,15 +13,12 @@ import torch
 
 
 def environment() -> dict:
-    """Device, versions and git commit, recorded with every result row."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True,
-                                    cwd=os.path.dirname(__file__)).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
+    """Device, versions and git commit, recorded with every result row. The commit is
+    DREAMER_FAST_COMMIT when set (a copy of the tree without .git, e.g. on a remote GPU
+    machine: bench/gpu_session.sh sets it), else git's."""
+    commit, dirty = os.environ.get("DREAMER_FAST_COMMIT", ""), False
+    if not commit:
+        commit, dirty = git_commit()
     try:
         import triton
         triton_version = triton.__version__
@@ -35,6 +32,19 @@ def environment() -> dict:
         "commit": commit + ("-dirty" if dirty else ""),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def git_commit() -> tuple[str, bool]:
+    """(HEAD's hash or 'unknown', whether tracked files differ from it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=here).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=here).stdout.strip())
+    except OSError:
+        return "unknown", False
+    return commit or "unknown", dirty and bool(commit)
 
 
 def time_calls(fn, iters: int, burnin: int, device: str) -> tuple[list[float], float]:

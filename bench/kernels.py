@@ -279,22 +279,28 @@ def main() -> None:
           f"cuda {env['cuda']}  commit {env['commit']}")
     if INTERPRETED:
         print(f"!!! {WARNING} !!!")
+    tag = "cpu" if not cuda else env["device"].replace(" ", "-").lower()
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{tag}.jsonl")
     rows = []
-    for size in args.sizes:
-        symexp_bins(SIZES[size].bins, device)  # cached before any compile traces it
-        for case in cases(size, getattr(torch, args.dtype)):
-            if args.cases and case.name not in args.cases:
-                continue
-            start = time.perf_counter()
-            rows += [{**env, **r} for r in bench_case(case, args.impls, args.modes, args.iters,
-                                                       args.burnin, device)]
-            print(f"  {size} {case.name}: {time.perf_counter() - start:.1f} s", flush=True)
+    try:
+        for size in args.sizes:
+            symexp_bins(SIZES[size].bins, device)  # cached before any compile traces it
+            for case in cases(size, getattr(torch, args.dtype)):
+                if args.cases and case.name not in args.cases:
+                    continue
+                start = time.perf_counter()
+                new = [{**env, **r} for r in bench_case(case, args.impls, args.modes,
+                                                        args.iters, args.burnin, device)]
+                append(out, new)  # as measured: a run cut short keeps the cases so far
+                rows += new
+                print(f"  {size} {case.name}: {time.perf_counter() - start:.1f} s", flush=True)
+    except KeyboardInterrupt:  # SIGINT (a stage's time limit): the finished cases stay
+        print_table(rows)
+        print(f"interrupted: {len(rows)} rows appended to {os.path.relpath(out)}")
+        sys.exit(130)
     print_table(rows)
     if INTERPRETED:
         print(f"!!! {WARNING} !!!")
-    tag = "cpu" if not cuda else env["device"].replace(" ", "-").lower()
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{tag}.jsonl")
-    append(out, rows)
     print(f"appended {len(rows)} rows to {os.path.relpath(out)}")
 
 

@@ -104,17 +104,18 @@ def matmul_peak(device: str, precision: str) -> dict:
     b = torch.randn(n, n, device=device, dtype=dtype)
     times, _ = time_calls(lambda: a @ b, 10 if device.startswith("cuda") else 3, 2, device)
     p = percentiles(times)
-    return {"workload": "matmul-peak", "mode": str(dtype).split(".")[-1], "n": n, **p,
+    return {"workload": "matmul-peak", "mode": str(dtype).split(".")[-1], **p, "size": n,
             "tflops": 2 * n ** 3 / p["p50"] / 1e12}
 
 
 def learner(name: str, mode: str, iters: int, burnin: int, device: str, price: float,
-            precision: str = "float32", spec=None, count_flops: bool = False) -> dict:
-    """Seconds per update at B16 x T64, H15 (or the workload's LEARNER_AGENT settings; spec
-    overrides the named (net, obs, act, ratio))."""
+            precision: str = "float32", spec=None, count_flops: bool = False,
+            settings: dict | None = None) -> dict:
+    """Seconds per update at B16 x T64, H15 (or the workload's LEARNER_AGENT settings, or
+    `settings`; spec overrides the named (net, obs, act, ratio))."""
     net, obs, act, ratio = spec or LEARNER[name]
     torch.manual_seed(0)
-    cfg = agent_cfg(mode, precision, **LEARNER_AGENT.get(name, {}))
+    cfg = agent_cfg(mode, precision, **(settings or LEARNER_AGENT.get(name, {})))
     agent = Agent(obs, act, net, cfg, device=device)
     batch = {k: v.to(device) for k, v in make_batch(obs, act, net, cfg.batch_size,
                                                     cfg.batch_length + 1).items()}
@@ -193,30 +194,57 @@ def env_pong(iters: int, burnin: int) -> dict:
             "agent_steps_per_s": env.batch_size / p["p50"]}
 
 
-def e2e_pong(mode: str, device: str, precision: str, steps: int, price: float) -> dict:
+def e2e_pong(mode: str, device: str, precision: str, steps: int, price: float,
+             batch: tuple[int, int] = (16, 64), envs: int = 64, ratio: float = 256.0,
+             log_every: int = 10, env: str = "auto") -> dict:
     """`run.py --env Pong-v5 --num-envs 64 --preset atari100k` until `steps` agent steps, in a
-    subprocess with a temporary logdir; rates averaged over the log rows after the prefill."""
+    subprocess with a temporary logdir; rates averaged over the log rows after the prefill.
+    env 'auto': Pong with EnvPool, else bench/standin.py's StandInPong-v0 (same shapes; the
+    row's `env` says which); 'pong' or 'standin' to choose."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
     model = E2E_MODEL[kind]
     net = SIZES[model]
     # Pong under atari100k: 64x64 RGB, 6 actions, ratio 256. Standalone learner first.
+    B, T = batch
     alone = learner("e2e", mode, 5 if kind == "cuda" else 3, 1, device, 0.0, precision,
-                    spec=(net, IMAGE, ActSpace(True, 6), 256.0))
+                    spec=(net, IMAGE, ActSpace(True, 6), ratio),
+                    settings=dict(batch_size=B, batch_length=T))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if env == "auto":
+        try:
+            import envpool  # noqa: F401
+            env = "pong"
+        except ImportError:
+            env = "standin"
+    if env == "pong":
+        env_id, env_label = "Pong-v5", "Pong-v5 (EnvPool)"
+    else:
+        from bench import standin
+        env_id, env_label = f"bench.standin:{standin.ID}", standin.LABEL
     with tempfile.TemporaryDirectory() as logdir:
-        cmd = [sys.executable, os.path.join(root, "run.py"), "--env", "Pong-v5",
-               "--num-envs", "64", "--preset", "atari100k", "--model", model,
+        cmd = [sys.executable, os.path.join(root, "run.py"), "--env", env_id,
+               "--num-envs", str(envs), "--preset", "atari100k", "--model", model,
+               "--agent.batch-size", str(B), "--agent.batch-length", str(T),
                "--steps", str(steps), "--logdir", logdir, "--device", device,
-               "--log-every", "10", "--save-every", "100000", "--report-every", "100000",
-               "--replay.capacity", str(steps + 64 * 200),
+               "--train-ratio", str(ratio), "--log-every", str(log_every),
+               "--save-every", "100000", "--report-every", "100000",
+               "--replay.capacity", str(steps + envs * 200),
                "--graphs", "on" if mode.startswith("graph") else "off",
                "--agent.kernels", agent_cfg(mode, precision).kernels,
                "--agent.precision", precision, *(["--compile"] if mode == "compile" else [])]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"run.py exited {proc.returncode}: {proc.stderr[-500:]}")
+        start, cut = time.perf_counter(), False
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                    cwd=root)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # the stage's limit: run.py got SIGINT too and saves;
+                cut = True             # the rates so far still make a row
+                proc.wait(timeout=60)
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"run.py exited {proc.returncode}: {err.read()[-500:]}")
         rows = [json.loads(line) for line in open(os.path.join(logdir, "metrics.jsonl"))]
     # Skip the prefill rows and the first row with updates (it straddles the prefill's end).
     rows = [r for r in rows if r.get("counts/updates", 0) > 0][1:]
@@ -225,10 +253,11 @@ def e2e_pong(mode: str, device: str, precision: str, steps: int, price: float) -
     mean = lambda k: float(np.mean([r.get(k, 0.0) for r in rows]))  # noqa: E731
     updates = mean("throughput/updates_per_s")
     agent_steps = mean("throughput/steps_per_s")
-    return {"workload": "e2e-pong-64", "mode": mode, "model": model, "train_ratio": 256.0,
-            "steps": steps, "wall_s": wall, "log_rows": len(rows),
+    return {"workload": "e2e-pong-64", "mode": mode, "env": env_label, "model": model,
+            "train_ratio": ratio, "update_mode": rows[-1].get("update_mode"),
+            "steps": steps, "wall_s": wall, "log_rows": len(rows), "cut_short": cut,
             "updates_per_s": updates, "agent_steps_per_s": agent_steps,
-            "replayed_per_s": updates * 1024,
+            "replayed_per_s": updates * B * T, "batch": f"B{B}xT{T}", "envs": envs,
             "standalone_updates_per_s": alone["updates_per_s"],
             "learner_busy": updates / alone["updates_per_s"],
             "learner_train_frac": mean("time/learner/train_frac"),
@@ -249,6 +278,15 @@ def main() -> None:
                              "on with CUDA); with matmul-peak it gives the fraction of peak")
     parser.add_argument("--e2e-steps", type=int, default=None,
                         help="agent steps of the e2e run (default: 5600 on CPU, 30000 on CUDA; the prefill is 5184)")
+    parser.add_argument("--e2e-batch", type=int, nargs=2, default=(16, 64), metavar=("B", "T"),
+                        help="the e2e run's batch size and length (small: rehearsals)")
+    parser.add_argument("--e2e-envs", type=int, default=64, help="the e2e run's envs")
+    parser.add_argument("--e2e-ratio", type=float, default=256.0,
+                        help="the e2e run's train ratio (atari100k's 256 by default)")
+    parser.add_argument("--e2e-env", default="auto", choices=("auto", "pong", "standin"),
+                        help="the e2e run's env: auto = Pong with EnvPool, else the stand-in")
+    parser.add_argument("--e2e-log-every", type=int, default=10,
+                        help="the e2e run's log interval, seconds (rates come from its rows)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--burnin", type=int, default=1)
     parser.add_argument("--price", type=float, default=0.0, help="$ per device-hour")
@@ -263,41 +301,60 @@ def main() -> None:
     flops = kind == "cuda" if args.flops is None else args.flops
     env = environment()
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}")
-    rows, peak = [], None
+    tag = "cpu" if kind == "cpu" else env["device"].replace(" ", "-").lower()
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{tag}.jsonl")
+    peak, written = None, 0
     for name in args.workloads or DEFAULTS[kind]:
         fixed = {"env-pong-64": ["envpool"], "matmul-peak": ["gemm"]}
         for mode in fixed.get(name, args.modes):
-            if mode.startswith("graph") and kind != "cuda":
-                row = {"workload": name, "mode": mode, "skipped": "CUDA graphs need a GPU"}
-            elif mode == "compile" and name == "e2e-pong-64" and kind != "cuda":
-                row = {"workload": name, "mode": mode, "skipped": "compile e2e: CUDA only"}
-            else:
-                try:
-                    if name in LEARNER:
-                        row = learner(name, mode, args.iters, args.burnin, args.device,
-                                      args.price, precision, count_flops=flops)
-                        if row.get("achieved_tflops") and peak:
-                            row["fraction_of_matmul_peak"] = row["achieved_tflops"] / peak
-                    elif name == "matmul-peak":
-                        row = matmul_peak(args.device, precision)
-                        peak = row["tflops"]
-                    elif name == "policy-64envs":
-                        row = policy(mode, max(args.iters, 20), args.burnin + 2, args.device,
-                                     precision)
-                    elif name == "e2e-pong-64":
-                        row = e2e_pong(mode, args.device, precision, e2e_steps, args.price)
-                    else:
-                        row = env_pong(200, 20)
-                except Exception as e:  # keep the other rows; record why this one failed
-                    row = {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
-            batch = f"B16xT{LEARNER_AGENT.get(name, {}).get('batch_length', 64)}"
-            rows.append({**env, "bench": "throughput", "batch": batch, "horizon": 15,
-                         "dtype": precision, "price_usd_per_hour": args.price, **row})
-            _print(rows[-1])
-    tag = "cpu" if kind == "cpu" else env["device"].replace(" ", "-").lower()
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{tag}.jsonl")
-    append(out, rows)
-    print(f"appended {len(rows)} rows to {os.path.relpath(out)}")
+            try:
+                row = measure(name, mode, args, kind, precision, e2e_steps, flops, peak)
+            except KeyboardInterrupt:  # SIGINT (a stage's time limit): the rows so far stay
+                row = {"workload": name, "mode": mode, "error": "interrupted (SIGINT)"}
+                _record(out, env, name, precision, args.price, row)
+                print(f"interrupted: {written} rows appended to {os.path.relpath(out)}")
+                sys.exit(130)
+            if name == "matmul-peak" and "tflops" in row:
+                peak = row["tflops"]
+            _record(out, env, name, precision, args.price, row)
+            written += 1
+    print(f"appended {written} rows to {os.path.relpath(out)}")
+
+
+def measure(name: str, mode: str, args, kind: str, precision: str, e2e_steps: int,
+            flops: bool, peak: float | None) -> dict:
+    """One row: the workload in the mode, or why it was skipped or failed."""
+    if mode.startswith("graph") and kind != "cuda":
+        return {"workload": name, "mode": mode, "skipped": "CUDA graphs need a GPU"}
+    if mode == "compile" and name == "e2e-pong-64" and kind != "cuda":
+        return {"workload": name, "mode": mode, "skipped": "compile e2e: CUDA only"}
+    try:
+        if name in LEARNER:
+            row = learner(name, mode, args.iters, args.burnin, args.device, args.price,
+                          precision, count_flops=flops)
+            if row.get("achieved_tflops") and peak:
+                row["fraction_of_matmul_peak"] = row["achieved_tflops"] / peak
+            return row
+        if name == "matmul-peak":
+            return matmul_peak(args.device, precision)
+        if name == "policy-64envs":
+            return policy(mode, max(args.iters, 20), args.burnin + 2, args.device, precision)
+        if name == "e2e-pong-64":
+            return e2e_pong(mode, args.device, precision, e2e_steps, args.price,
+                            tuple(args.e2e_batch), args.e2e_envs, args.e2e_ratio,
+                            args.e2e_log_every, args.e2e_env)
+        return env_pong(200, 20)
+    except Exception as e:  # keep the other rows; record why this one failed
+        return {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+
+
+def _record(out: str, env: dict, name: str, precision: str, price: float, row: dict) -> None:
+    """Append one row the moment it is measured (a run cut short keeps the rows so far)."""
+    batch = f"B16xT{LEARNER_AGENT.get(name, {}).get('batch_length', 64)}"
+    row = {**env, "bench": "throughput", "batch": batch, "horizon": 15, "dtype": precision,
+           "price_usd_per_hour": price, **row}
+    append(out, [row])
+    _print(row)
 
 
 def _print(row: dict) -> None:
@@ -307,7 +364,7 @@ def _print(row: dict) -> None:
         return
     if row["workload"] == "matmul-peak":
         print(f"{'matmul-peak':<22} {row['mode']:<12} p50 {row['p50']:9.4f} s "
-              f"{row['tflops']:8.2f} TFLOP/s ({row['n']}^3)", flush=True)
+              f"{row['tflops']:8.2f} TFLOP/s ({row['size']}^3)", flush=True)
         return
     if row["workload"] == "e2e-pong-64":
         print(f"{row['workload']:<22} {row['mode']:<12} {row['updates_per_s']:8.3f} upd/s "

@@ -237,3 +237,136 @@ def test_full_disk_save_fails_cleanly_and_retries(tmp_path, monkeypatch, capsys)
         assert run_.save() and load(logdir)["save_id"] == 2  # the retry works
     finally:
         run_.stop(finished=False)
+
+
+def test_sigkill_during_the_first_save_resumes_or_restarts_by_itself(tmp_path):
+    """Killed after the first save point's replay file and before checkpoint.pt's rename: a
+    whole temp checkpoint is recovered and resumed; a cut one means nothing was saved, and
+    the rerun starts afresh (one note each), never refusing the logdir."""
+    for cut in (False, True):
+        logdir = tmp_path / f"first-{cut}"
+        proc = start(CARTPOLE, logdir, delay=2.0)
+
+        def whole():  # the temp checkpoint written and fsynced, its rename still waiting
+            try:
+                return [torch.load(p, weights_only=True) for p in temps(logdir)
+                        if "checkpoint.pt.tmp" in p]
+            except Exception:  # noqa: BLE001 (still being written)
+                return False
+        wait_for(whole, proc)
+        proc.kill()
+        proc.wait()
+        assert not (logdir / "checkpoint.pt").exists()
+        tmp, = glob.glob(str(logdir / "checkpoint.pt.tmp*"))
+        assert 1 in list_replay(str(logdir / "replay"))["save_points"]
+        if cut:
+            with open(tmp, "r+b") as f:
+                f.truncate(os.path.getsize(tmp) // 2)
+        code, out = run([*CARTPOLE[:-2], "--save-every", "1000", "--steps", "300"], logdir)
+        assert code == 0, out
+        if cut:
+            assert "the first save was interrupted" in out and "resumed from" not in out, out
+        else:
+            assert "recovered checkpoint.pt" in out and resumed(out)[0] > 0, out
+        assert load(logdir)["counters"]["steps"] >= 300 and not temps(logdir)
+
+
+def _tmpfs(path, size_mb):
+    """A small filesystem of its own at path (root and permission to mount), else skip."""
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+def _fill(folder):
+    """Fill folder's disk to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for block in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_at_every_write_keeps_training_and_the_last_save(tmp_path):
+    """The disk fills up during a run: the log rows, metrics, replay chunks and saves that
+    meet it each say so in one line and the run trains on; space comes back and the next
+    save works; full again at the end, the final save fails in one line naming the save kept
+    (exit 1), never a traceback; a fresh run on the full disk is one line before anything
+    is built."""
+    disk = tmp_path / "disk"
+    _tmpfs(disk, 64)
+    try:
+        logdir = disk / "run"
+        proc = start([*CARTPOLE[:-2], "--save-every", "3"], logdir)
+        wait_for(lambda: (logdir / "checkpoint.pt").exists(), proc)
+        filler = _fill(disk)
+        saved = load(logdir)["save_id"]
+        time.sleep(8)  # log ticks every second, saves every 3 s, chunks as they fill
+        assert proc.poll() is None  # still training
+        filler.unlink()
+        wait_for(lambda: load(logdir)["save_id"] > saved, proc)  # space again: saves resume
+        _fill(disk)
+        kept = load(logdir)["save_id"]
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 1, out
+        assert "Traceback" not in out, out
+        assert re.search(r"warning: the log row at step [\d,]+ was not written \(No space left "
+                         r"on device\); training goes on", out), out
+        assert re.search(r"save \d+ failed: \[Errno 28\] no space left on device", out), out
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("error: the final save failed for lack of disk space") and (
+            f"keeps save {load(logdir)['save_id']}" in last), last
+        assert load(logdir)["save_id"] >= kept and finite(load(logdir))
+        code, out = run(CARTPOLE, disk / "fresh")
+        assert code == 1 and out.strip().splitlines()[-1].startswith(
+            f"error: no space left on the device of --logdir {disk / 'fresh'}"), out
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_logdir_that_is_a_file_or_not_writable_is_one_line(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    code, out = run(CARTPOLE, file)
+    assert code == 1 and out.strip().splitlines()[-1] == (
+        f"error: --logdir {file} is a file, not a run folder: pass the folder that holds it "
+        f"(--logdir {tmp_path}) to resume that run, or a new folder for a new run"), out
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"x")
+    code, out = run(CARTPOLE, ckpt)
+    assert code == 1 and f"error: --logdir {ckpt} is a checkpoint file, not a run folder" in out
+    # No permission: as another user where this machine lets one run Python (root ignores
+    # permission bits), and in any case through the check itself.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    want = (f"cannot write to --logdir {locked / 'run'}: permission denied; use a folder you "
+            "can write to (e.g. --logdir ~/runs/NAME)")
+    cmd = [sys.executable, "run.py", *CARTPOLE, "--logdir", str(locked / "run")]
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": TESTS})
+    if "No module named" not in proc.stderr and "setpriv:" not in proc.stderr:
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {want}"
+    from dreamer_fast.run import session
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    real = os.makedirs
+    os.makedirs = refuse
+    try:
+        with pytest.raises(ConfigError) as e:
+            session.check_logdir(str(locked / "run"))
+    finally:
+        os.makedirs = real
+    assert str(e.value) == want

@@ -116,7 +116,7 @@ def atomic_write(path: str, write, needed: int = 0) -> int:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -137,7 +137,7 @@ def remove_stale_temps(folder: str, depth: int = 1, mine: bool = False) -> list[
         paths += glob.glob(os.path.join(folder, *["*"] * level, "*.tmp*"))
     for path in paths:
         m = _TMP.search(path)
-        if m and ((mine and int(m.group(1)) == os.getpid()) or not _pid_alive(int(m.group(1)))):
+        if m and ((mine and int(m.group(1)) == os.getpid()) or not pid_alive(int(m.group(1)))):
             try:
                 os.remove(path)
                 removed.append(path)

@@ -29,8 +29,12 @@ _ENVPOOL_SUITES = {"envpool.atari": "atari", "envpool.mujoco.dmc": "dmc"}
 
 
 def _envpool_family(env_id: str) -> str | None:
-    from envpool.registration import registry
-
+    """EnvPool's task family of env_id (None: not an EnvPool id, or EnvPool not installed:
+    it has no wheels for some platforms and Pythons, and Gymnasium ids need none)."""
+    try:
+        from envpool.registration import registry
+    except ImportError:
+        return None
     entry = registry.specs.get(env_id)
     return entry[0] if entry else None
 
@@ -52,10 +56,14 @@ def _gymnasium_known(env_id: str) -> bool:
 
 
 def _unknown(env_id: str) -> ValueError:
-    import envpool
     import gymnasium
 
-    known = sorted(set(envpool.list_all_envs()) | set(gymnasium.registry))
+    try:
+        import envpool
+        known = set(envpool.list_all_envs())
+    except ImportError:
+        known = set()
+    known = sorted(known | set(gymnasium.registry))
     close = difflib.get_close_matches(env_id, known, n=5, cutoff=0.5)
     return ValueError(f"unknown env id {env_id!r}; closest: {', '.join(close) or 'none'}")
 

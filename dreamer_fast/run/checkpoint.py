@@ -23,6 +23,7 @@ resume: `restore_legacy`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from dreamer_fast.config import Config, ConfigError
-from dreamer_fast.data.store import atomic_write
+from dreamer_fast.data.store import atomic_write, pid_alive
 
 CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"
@@ -163,6 +164,28 @@ def find(path: str) -> str | None:
         return path
     file = os.path.join(path, CHECKPOINT)
     return file if os.path.isfile(file) else None
+
+
+def recover_killed_save(logdir: str) -> str | None:
+    """With no checkpoint.pt in logdir: a whole `checkpoint.pt.tmp<pid>` of a dead process (a
+    save killed after its fsync, before its rename) becomes checkpoint.pt. Returns the line to
+    print, or None. Call before the dead processes' temp files are removed."""
+    if find(logdir) is not None:
+        return None
+    temps = sorted(glob.glob(os.path.join(glob.escape(logdir), CHECKPOINT + ".tmp*")),
+                   key=os.path.getmtime, reverse=True)
+    for tmp in temps:
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            load_checkpoint(tmp)
+        except ConfigError:  # cut off mid-write: nothing of it is usable
+            continue
+        os.replace(tmp, os.path.join(logdir, CHECKPOINT))
+        return (f"note: recovered {CHECKPOINT} from {os.path.basename(tmp)}, written whole by "
+                "a save that was killed before its rename")
+    return None
 
 
 def saved_capacity(logdir: str) -> int | None:

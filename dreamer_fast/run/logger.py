@@ -12,10 +12,24 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 import torch
+
+
+def _quiet_event_writer(args) -> None:
+    """threading.excepthook: TensorBoard's event-writer thread re-raises a failed write (a
+    full disk) to print it; the Logger already reports it in one line (the thread's error
+    surfaces again at the next flush), so its traceback is not printed."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value,
+                                                                          OSError):
+        return
+    _EXCEPTHOOK(args)
+
+
+_EXCEPTHOOK = threading.excepthook
 
 
 def check_wandb() -> None:
@@ -39,13 +53,14 @@ class Logger:
 
     def __init__(self, logdir: str, enabled: bool = True, cfg=None, run_id: str | None = None):
         self.logdir, self.enabled = logdir, enabled
+        self.fields: dict[str, str] = {}  # written with every metrics.jsonl row (update_mode)
         self.tty = sys.stdout.isatty()
         self.wandb = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(logdir)
+        self.failing = False
+        threading.excepthook = _quiet_event_writer
+        self.writer = self._tensorboard()
         self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
         if cfg is not None and cfg.track:
             check_wandb()
@@ -59,16 +74,45 @@ class Logger:
                 config=dataclasses.asdict(cfg), id=run_id, resume="allow")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """One log row to W&B, TensorBoard and metrics.jsonl. A write the disk refuses (full,
+        gone read-only) loses this row only: one line says so, the run goes on, and the next
+        row tries again (a fresh TensorBoard event file)."""
         if not self.enabled:
             return
-        if self.wandb is not None:
-            self.wandb.log({k: float(v) for k, v in values.items()}, step=step)
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        row = {"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
-        self.writer.flush()
+        try:
+            if self.wandb is not None:
+                self.wandb.log({k: float(v) for k, v in values.items()}, step=step)
+            if self.writer is None:
+                self.writer = self._tensorboard()
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            row = {"step": step, "time": time.time(), **self.fields,
+                   **{k: float(v) for k, v in values.items()}}
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+            self.writer.flush()
+        except OSError as e:
+            self._lost(f"the log row at step {step:,}", e)
+            return
+        self.failing = False
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(self.logdir)
+
+    def _lost(self, what: str, e: OSError) -> None:
+        """A write that failed: say it once per run of failures; drop the broken writers."""
+        if not self.failing:
+            self.message(f"warning: {what} was not written ({e.strerror or e}); training goes "
+                         "on, and each later log tries again")
+        self.failing = True
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception:  # noqa: BLE001 (a writer broken by the same error)
+            pass
+        self.writer = None
 
     def progress(self, line: str, final: bool = False) -> None:
         """A live line on a terminal (carriage return); a plain line per call otherwise."""
@@ -88,20 +132,31 @@ class Logger:
         print(text, flush=True)
 
     def video(self, step: int, name: str, frames: np.ndarray, fps: int = 16,
-              path: str | None = None) -> str:
+              path: str | None = None) -> str | None:
         """frames (T, H, W, C) uint8 -> an mp4 (default <logdir>/reports/<name>-<step>.mp4)
-        and a TensorBoard video summary `name` of the first TB_VIDEO_FRAMES frames."""
+        and a TensorBoard video summary `name` of the first TB_VIDEO_FRAMES frames. Returns
+        the mp4's path, or None when it could not be written (no ffmpeg, a full disk): one
+        line says why, and the run goes on."""
         if path is None:
-            folder = os.path.join(self.logdir, "reports")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{name.replace('/', '_')}-{step}.mp4")
+            path = os.path.join(self.logdir, "reports", f"{name.replace('/', '_')}-{step}.mp4")
         frames = displayable(frames)
-        write_mp4(path, frames, fps=fps)
-        if self.enabled:
-            self.writer._get_file_writer().add_summary(
-                video_summary(name, frames[:TB_VIDEO_FRAMES], fps), step)
-            self.writer.flush()
-        if self.wandb is not None:
+        if self.enabled and self.writer is not None:
+            try:
+                self.writer._get_file_writer().add_summary(
+                    video_summary(name, frames[:TB_VIDEO_FRAMES], fps), step)
+                self.writer.flush()
+            except OSError as e:
+                self._lost(f"the TensorBoard video {name} at step {step:,}", e)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            write_mp4(path, frames, fps=fps)
+        except Exception as e:  # noqa: BLE001 (a video is never worth a run)
+            self.message(f"video {name} at step {step} not written ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150] if str(e) else ''}); training goes on")
+            if os.path.exists(path):
+                os.remove(path)
+            path = None
+        if self.wandb is not None and path is not None:
             import wandb
 
             # From the mp4 file: raw frames would need moviepy to encode.
@@ -109,12 +164,15 @@ class Logger:
         return path
 
     def close(self) -> None:
+        """Close the writers; what they could not flush (a full disk) is said, not raised."""
         if not self.enabled:
             return
-        self.writer.close()
-        self.jsonl.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for close in (lambda: self.writer is not None and self.writer.close(), self.jsonl.close,
+                      lambda: self.wandb is not None and self.wandb.finish()):
+            try:
+                close()
+            except OSError as e:
+                self._lost("the last log rows", e)
 
 
 TB_VIDEO_FRAMES = 500

@@ -128,6 +128,7 @@ def _train(run: Run, signals: StopSignals) -> None:
             print(note, flush=True)
     logger = Logger(cfg.logdir, enabled=D.is_main(), cfg=cfg, run_id=run.run_id)
     run.start()
+    logger.fields["update_mode"] = run.update_mode
     if cfg.eval_every > 0 and D.is_main():
         run.evaluator = PeriodicEval(cfg, run.env.obs_space, run.env.act_space, run.device,
                                      cfg.eval_episodes)
@@ -164,22 +165,27 @@ def evaluation(run: Run, logger: Logger, clock: Every | None, step: int | None =
 
 
 def finish(run: Run, stats: Stats, logger: Logger, finished: bool) -> None:
-    """Stop the threads, log and report a last time, save, close. The final save is checked
-    like every save (non-finite losses stop unsaved); without disk space it is an error."""
+    """Stop the threads, save, then log (and, when the run finished its steps, report) a last
+    time, close. The save comes first: a stop by Ctrl-C is saved in seconds, and nothing a
+    log or a video write meets (a full disk) can lose it. The final save is checked like
+    every save (non-finite losses stop unsaved); without disk space it is an error."""
     try:
         if run.evaluator is not None:
             run.evaluator.close()
             evaluation(run, logger, None)  # a finished last eval is still logged
         run.stop(finished)
-        log(run, stats, logger)
+        stats_values = stats.collect()  # the last interval's rates, read before the save
+        saved = run.save()
         steps = run.ring.inserted if run.world == 1 else run.global_steps
-        if D.is_main():
+        if saved:
+            logger.message(f"saved {os.path.join(run.cfg.logdir, checkpoint.CHECKPOINT)} at "
+                           f"{steps:,} steps, {run.learner.updates:,} updates")
+        log(run, stats, logger, stats_values)
+        if finished and saved and D.is_main():
             report(run, logger, steps)
-        if not run.save():
+        if not saved:
             raise RunError(f"the final save failed for lack of disk space; {run.kept()}. Free "
                            "some space and rerun the same command to resume from there")
-        logger.message(f"saved {os.path.join(run.cfg.logdir, checkpoint.CHECKPOINT)} at "
-                       f"{steps:,} steps, {run.learner.updates:,} updates")
         if run.world > 1:
             check_replicas(run.agent, run.ring.inserted, run.learner.updates)
     finally:

@@ -35,7 +35,8 @@ from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.device import set_cpu_threads
 from dreamer_fast.run.evaluate import MAX_EVAL_ENVS, PeriodicEval, play
-from dreamer_fast.run.graphs import GraphedTrainStep, compile_steps, resolve_graphs
+from dreamer_fast.run import fastpath
+from dreamer_fast.run.graphs import compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import Logger, format_duration
 from dreamer_fast.run.loop import Every, StopSignals, evaluation
@@ -137,9 +138,10 @@ class OfflineRun:
         self.learner.updates = int(self.counters["updates"])
         if self.cfg.compile:
             compile_steps(self.agent, [])  # no policy copies: nothing acts
-        if self.graphs:
-            example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
-            self.learner.graph = GraphedTrainStep(self.agent, example)
+        example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
+        update = fastpath.prepare(self.agent, example, self.graphs,
+                                  say=lambda line: print(line, flush=True))
+        self.learner.graph, self.update_mode = update.graph, update.mode
         self.threads = [threading.Thread(target=self.learner.run, name="learner", daemon=True)]
         self.threads[0].start()
         self.t0 = time.time() - float(self.counters["elapsed_s"])
@@ -211,6 +213,7 @@ def train_offline(cfg: Config) -> None:
         logger = Logger(cfg.logdir, cfg=cfg, run_id=run.run_id)
         try:
             run.start()
+            logger.fields["update_mode"] = run.update_mode
             if cfg.eval_every > 0:
                 run.evaluator = PeriodicEval(cfg, run.obs_space, run.act_space, run.device,
                                              cfg.eval_episodes)
@@ -229,7 +232,8 @@ def startup_line(run: OfflineRun) -> str:
     notes = "".join(f"{n} | " for n in [*run.env_notes, *run.data.notes])
     B, T = cfg.agent.batch_size, cfg.agent.batch_length
     return (f"logdir: {cfg.logdir} | device {cfg.device} | preset {cfg.preset} | model "
-            f"{cfg.model} | {notes}offline from {run.data.describe()} | {run.total:,} updates "
+            f"{cfg.model} | update {fastpath.planned(run.graphs, run.agent.ops.impl)} | "
+            f"{notes}offline from {run.data.describe()} | {run.total:,} updates "
             f"of {B}x{T} (= {run.total * B * T / max(1, run.data.steps):.1f} replayed steps "
             "per dataset step)")
 

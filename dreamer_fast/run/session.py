@@ -20,14 +20,16 @@ from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
 from dreamer_fast.data.ring import RING_MARGIN, Ring, replay_capacity, replay_spec
-from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, list_replay,
-                                     read_manifest, remove_stale_temps)
+from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, atomic_write,
+                                     list_replay, read_manifest, remove_stale_temps)
 from dreamer_fast.envs import make_env
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.actor import Actor, PolicyWeights
 from dreamer_fast.run.device import set_cpu_threads, update_memory, warn_large_on_cpu
-from dreamer_fast.run.graphs import GraphedPolicy, GraphedTrainStep, compile_steps, resolve_graphs
+from dreamer_fast.agent.agent import set_kernels
+from dreamer_fast.run import fastpath
+from dreamer_fast.run.graphs import GraphedPolicy, compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import check_wandb
 from dreamer_fast.run.replicas import Lockstep
@@ -61,7 +63,40 @@ def resolve(cfg: Config) -> Config:
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} but no CUDA device is visible here; use "
                           "--device auto or --device cpu")
+    if D.rank() == 0:
+        check_logdir(logdir)
     return dataclasses.replace(cfg, logdir=logdir, device=device)
+
+
+def check_logdir(logdir: str) -> None:
+    """A run folder this process can create and write, with room for a file, checked before
+    anything is built: else one ConfigError line naming the problem and the fix."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        what = ("a checkpoint file" if os.path.basename(logdir) == checkpoint.CHECKPOINT
+                else "a file")
+        raise ConfigError(f"--logdir {logdir} is {what}, not a run folder: pass the folder "
+                          f"that holds it (--logdir {os.path.dirname(logdir) or '.'}) to resume "
+                          "that run, or a new folder for a new run")
+    probe = os.path.join(logdir, ".write-test")
+    made, folder = [], os.path.abspath(logdir)
+    while not os.path.exists(folder):  # the folders this check creates, and removes again
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        atomic_write(probe, lambda f: f.write(b"x" * 4096), 4096)
+        os.remove(probe)
+        for folder in made:  # a run that fails before it starts leaves no folder behind
+            os.rmdir(folder)
+    except DiskFull as e:
+        raise ConfigError(f"no space left on the device of --logdir {logdir} ({e.free:,} bytes "
+                          "free): free some space, or use a --logdir on another disk") from None
+    except PermissionError:
+        raise ConfigError(f"cannot write to --logdir {logdir}: permission denied; use a folder "
+                          "you can write to (e.g. --logdir ~/runs/NAME)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write to --logdir {logdir}: {e.strerror or e}; use another "
+                          "--logdir") from None
 
 
 class Run:
@@ -126,8 +161,7 @@ class Run:
         self.learner.updates = int(self.counters["updates"])
         if self.cfg.compile:
             compile_steps(self.agent, self.weights.copies)
-        if self.graphs:
-            self.capture()
+        self.prepare_update()
         self.lockstep = (Lockstep(self.learner, self.limiter, self.actor_done)
                          if self.world > 1 else None)
         learn = self.lockstep.run if self.lockstep else self.learner.run
@@ -140,26 +174,45 @@ class Run:
         self._writer.start()
         self.t0 = time.time() - float(self.counters["elapsed_s"])
 
-    def capture(self) -> None:
-        """CUDA graphs of the update and the policy step, before any thread starts (no
-        other CUDA work may run during a capture): warm-up (undone) and capture on this
-        thread, with nothing else on the GPU."""
+    def prepare_update(self) -> None:
+        """The learner's update and the actor's policy step, before any thread starts (no
+        other CUDA work may run during a capture): with graphs, the update's rung of
+        fastpath's ladder (captured and checked against the eager reference, falling back on
+        a failure) and the policy step's graph with the same kernels. Sets `update_mode`."""
         start = time.perf_counter()
         example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
-        self.learner.graph = GraphedTrainStep(self.agent, example)
-        obs_spec = {k: self.ring.spec[k] for k in self.env.obs_space}
-        self.actor.graph = GraphedPolicy(self.weights.copies, self.actor.carry, obs_spec,
-                                         self.env.batch_size)
+        update = fastpath.prepare(self.agent, example, self.graphs, say=_say)
+        self.learner.graph, self.update_mode = update.graph, update.mode
+        for copy in self.weights.copies:  # the policy acts with the update's kernels
+            set_kernels(copy, self.agent.ops.impl)
+        if update.graph is not None:
+            obs_spec = {k: self.ring.spec[k] for k in self.env.obs_space}
+            try:
+                self.actor.graph = GraphedPolicy(self.weights.copies, self.actor.carry,
+                                                 obs_spec, self.env.batch_size)
+            except Exception as e:  # noqa: BLE001 (the actor runs eagerly instead)
+                _say(f"the policy step's graph failed ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}); the actor runs it eagerly")
         self.weights.publish()  # the copies' weights again, in case warm-up touched them
-        print(f"captured CUDA graphs (update, policy step for {self.env.batch_size} envs) in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
+        if self.graphs:
+            checked = update.checks.get(update.mode)
+            how = (f", checked against the eager reference (losses within "
+                   f"{checked['loss_rtol']:.1g} relative, deltas' cosine "
+                   f"{checked['delta_cos']:.3f})" if checked else "")
+            policy = "graphed" if self.actor.graph is not None else "eager"
+            _say(f"update: {update.mode}{how}; policy step {policy}; ready in "
+                 f"{time.perf_counter() - start:.1f}s")
 
     def resume(self) -> bool:
         """Restore the last save point of cfg.logdir, if any (else start a fresh replay
         folder); returns whether it resumed. Every problem is one ConfigError line."""
         os.makedirs(self.cfg.logdir, exist_ok=True)
         if self.rank == 0:  # each rank cleans its own replay folder (ChunkStore)
+            if note := checkpoint.recover_killed_save(self.cfg.logdir):
+                print(note, flush=True)
             remove_stale_temps(self.cfg.logdir, depth=0, mine=True)
+        if self.world > 1:  # every rank looks for the checkpoint after rank 0 recovered it
+            D.control_all_gather(torch.zeros(1))
         folder = checkpoint.replay_dir(self.cfg.logdir, self.rank, self.world)
         file = checkpoint.find(self.cfg.logdir)
         if file is None:
@@ -209,14 +262,19 @@ class Run:
             except ReplayFileError as e:
                 raise ConfigError(f"{folder} is in the way of a new run ({e}); move it away or "
                                   "use a new --logdir") from None
-            if info["save_points"]:
+            if info["save_points"] == [1]:  # the first save never wrote its checkpoint
+                print(f"note: the first save was interrupted before its checkpoint was "
+                      f"written: nothing of run {info['manifest']['run_id']} was saved; "
+                      f"starting afresh (removing {folder})", flush=True)
+            elif info["save_points"]:
                 raise ConfigError(
                     f"{folder} holds the replay of run {info['manifest']['run_id']} (save "
                     f"points {info['save_points']}) but {self.cfg.logdir} has no "
                     f"{checkpoint.CHECKPOINT}; put the checkpoint back to resume, or use a new "
                     "--logdir")
-            print(f"note: removing {folder}: the replay of a run that never saved a checkpoint",
-                  flush=True)
+            else:
+                print(f"note: removing {folder}: the replay of a run that never saved a "
+                      "checkpoint", flush=True)
             shutil.rmtree(folder)
         self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
         self.store.create()
@@ -429,3 +487,7 @@ class Run:
 
     def threads_alive(self) -> bool:
         return any(t.is_alive() for t in getattr(self, "threads", ()))
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

@@ -15,6 +15,7 @@ import torch
 
 from dreamer_fast.config import RunError
 from dreamer_fast.run import distributed as D
+from dreamer_fast.run import fastpath
 from dreamer_fast.run.logger import Logger, format_duration, format_progress, openloop_frames
 
 if TYPE_CHECKING:
@@ -239,11 +240,14 @@ def report(run: Run, logger: Logger, step: int) -> None:
     for key, value in out.items():
         if isinstance(value, tuple) and value[0].dim() == 5:
             path = logger.video(step, f"openloop_video/{key}", openloop_frames(*value))
-            logger.message(f"report: {path}")
+            if path is not None:
+                logger.message(f"report: {path}")
 
 
-def log(run: Run, stats: Stats, logger: Logger) -> None:
-    values = stats.collect()
+def log(run: Run, stats: Stats, logger: Logger, values: dict | None = None) -> None:
+    """One log row (values: stats.collect() taken earlier, else now); a non-finite loss
+    stops the run (RunError)."""
+    values = stats.collect() if values is None else values
     bad = run.agent.nonfinite_losses()
     step = run.ring.inserted
     if run.world > 1:
@@ -277,7 +281,7 @@ def reduce_log(run: Run, stats: Stats, values: dict, bad: list[str]) -> tuple[in
 def startup_line(run: Run) -> str:
     cfg, world = run.cfg, run.world
     line = (f"logdir: {cfg.logdir} | device {cfg.device} | preset {cfg.preset} | model "
-            f"{cfg.model} | ")
+            f"{cfg.model} | update {fastpath.planned(run.graphs, run.agent.ops.impl)} | ")
     line += "".join(f"{note} | " for note in getattr(run.env, "notes", ()))
     if world == 1:
         return line + f"{cfg.num_envs} envs | train_ratio {cfg.train_ratio:g}"
