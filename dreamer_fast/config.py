@@ -319,8 +319,8 @@ class ReplayConfig:
     capacity: int = 0
     """Capacity in agent steps over all env streams; 0 = the official 5,000,000 or, when
     that does not fit, as many as fit in 75% (GPU) or 40% (CPU) of the RAM left free after
-    the estimated training memory, and never more than --steps (decided at start, kept on
-    resume)."""
+    the estimated training memory, never more than --steps, and at most 200,000 on a CPU
+    (decided at start, kept on resume)."""
     online: bool = True
     """Train on every fresh non-overlapping window first, then sample uniformly."""
     resume_empty: bool = False
@@ -469,7 +469,7 @@ DOMAINS: dict[str, Config] = {
                       net=SIZES["size300k"], agent=AgentConfig(
                           batch_size=16, batch_length=16,
                           optim=OptimConfig(lr=3e-4, warmup=100)),
-                      env_opts=_GYM, replay=ReplayConfig(capacity=1_000_000), log_every=15.0,
+                      env_opts=_GYM, log_every=15.0,
                       report_every=600.0, save_every=300.0, preset="control",
                       model="size300k"),
     "vision": Config(env="CarRacing-v3", num_envs=16, steps=1_100_000, train_ratio=256.0,
@@ -575,7 +575,14 @@ def parse(argv: list[str] | None = None, route: Route | None = None,
                       net=SIZES[choice.model])
     if choice.train_ratio is not None:
         default = replace(default, train_ratio=choice.train_ratio)
-    return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
+    description = Config.__doc__
+    if any(a in ("-h", "--help") for a in argv):  # which defaults the help shows
+        shown = (f"the {choice.preset} preset's, model {choice.model}, for --env {env}" +
+                 (" (the default env)" if _flag(argv, "env") is None else ""))
+        description = (f"Defaults shown: {shown}. Each env has its preset's defaults: "
+                       "python run.py --env CartPole-v1 --help shows them for that env.\n\n"
+                       + description)
+    return tyro.cli(Config, default=default, args=argv, description=description)
 
 
 @dataclass(frozen=True)
@@ -600,6 +607,12 @@ class EvalConfig:
     """Episodes of env 0 to film (0: none)."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    env: str | None = None
+    """The checkpoint's env id, repeated to allow importing the module it names (`module:Id`
+    imports `module`, running its code): a checkpoint from elsewhere runs no code you did not
+    name. Not needed for registered ids (Gymnasium, EnvPool, crafter)."""
+    trust_env_module: bool = False
+    """Import the module the checkpoint's `module:Id` env names without repeating it (--env)."""
 
     def __post_init__(self):
         _check(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")

@@ -78,10 +78,12 @@ def plot(runs: list[dict], key: str, out: str, group_by: str = "name") -> dict:
         for ax, axis in zip(axes, ("steps", "minutes")):
             if len(members) == 1:
                 r = members[0]
-                ax.plot(r[axis], r["values"], color=color, label=label)
+                ax.plot(r[axis], r["values"], color=color, label=label,
+                        marker="o" if len(r["values"]) == 1 else None)  # one point: a dot
             else:
                 x, mean, lo, hi = pooled(members, axis)
-                ax.plot(x, mean, color=color, label=f"{label} (mean of {len(members)})")
+                ax.plot(x, mean, color=color, label=f"{label} (mean of {len(members)})",
+                        marker="o" if len(x) == 1 else None)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
     axes[0].set_xlabel("agent steps")
     axes[1].set_xlabel("wall-clock minutes")
@@ -105,8 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-by", choices=["name", "logdir"], default="name",
                         help="pool runs of one name (default) or plot each run alone")
     args = parser.parse_args(argv)
+    runs = []
+    for logdir in args.logdirs:  # a folder without the key is skipped, saying why
+        try:
+            runs.append(load_run(logdir, args.key))
+        except PlotError as e:
+            print(f"skipped {logdir}: {e}")
+    if not runs:
+        sys.exit(f"error: no run folder among the {len(args.logdirs)} given has {args.key!r} "
+                 "rows (skipped above); nothing to plot")
     try:
-        runs = [load_run(d, args.key) for d in args.logdirs]
         groups = plot(runs, args.key, args.out, args.group_by)
     except PlotError as e:
         sys.exit(f"error: {e}")

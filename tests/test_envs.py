@@ -88,6 +88,21 @@ def test_unknown_id_names_closest_ids():
         make_env("BigfishEasy-v0", 2, GYM)  # an EnvPool procgen task
 
 
+def test_an_env_module_that_cannot_be_imported_says_why_and_how(tmp_path, monkeypatch):
+    """`module:Id` with the module not on the path names PYTHONPATH; a module whose own
+    import fails shows that error (not 'unknown env id ...; closest: none')."""
+    with pytest.raises(ValueError, match=r"^env 'no_such_mod:Env-v0': cannot import module "
+                       r"'no_such_mod' \(No module named 'no_such_mod'\); run from the folder "
+                       r"that holds no_such_mod.py, or add that folder to PYTHONPATH: "
+                       r"PYTHONPATH=path/to/folder python run.py --env no_such_mod:Env-v0$"):
+        make_env("no_such_mod:Env-v0", 2, GYM)
+    (tmp_path / "needs_dep.py").write_text("import not_installed_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"importing module 'needs_dep' failed: No module named "
+                       r"'not_installed_dependency'; install what it needs"):
+        make_env("needs_dep:Env-v0", 2, GYM)
+
+
 def test_suite_dispatch():
     assert suite_of("Pong-v5") == "atari"
     assert suite_of("Breakout-v5") == "atari"

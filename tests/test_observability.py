@@ -78,6 +78,12 @@ def test_eval_flags_seed_progress_steps_and_tensorboard(run_dir):
     if first["video"]:  # CartPole renders when pygame is installed
         assert "eval/episode" in ea.Tags()["images"]
         assert ea.Images("eval/episode")[-1].encoded_image_string[:6] == b"GIF89a"
+        assert "XDG_RUNTIME_DIR" not in out  # SDL renders headless, silently
+    # Greedy evals get curves of their own (never the sampled one's tag at the same step).
+    code, out = cli("--eval", "--logdir", str(run_dir), "--episodes", "2", "--greedy")
+    assert code == 0, out
+    ea = tb_tags(run_dir)
+    assert len(ea.Scalars("eval/return")) == 2 and len(ea.Scalars("eval_greedy/return")) == 1
 
 
 def test_eval_help_and_bad_flags_are_one_liners(run_dir):
@@ -182,14 +188,25 @@ def test_plot_pools_runs_of_one_name(tmp_path):
     out = tmp_path / "curves.png"
     assert plot(runs, "episode/return", str(out)) == {"CartPole-v1": 2, "mine": 1}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A folder without the key (no metrics, an offline run, a young run) is skipped, saying
+    # which; the others are drawn, a run of one log point as a dot.
+    _fake_run(tmp_path / "young", None, "Pong-v5", [-21])
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    (offline / "metrics.jsonl").write_text('{"step": 1, "time": 0, "loss/rec": 1.0}\n')
     proc = subprocess.run([sys.executable, "-m", "dreamer_fast.plot", str(tmp_path / "a1"),
-                           str(tmp_path / "nothing"), "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "no metrics.jsonl in" in proc.stderr
+                           str(tmp_path / "nothing"), str(offline), str(tmp_path / "young"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"skipped {tmp_path / 'nothing'}: no metrics.jsonl in" in proc.stdout
+    assert f"skipped {offline}: " in proc.stdout and "no 'episode/return' rows yet" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"wrote {out}: CartPole-v1 (1 run), Pong-v5 (1 run)")
     proc = subprocess.run([sys.executable, "-m", "dreamer_fast.plot", str(tmp_path / "a1"),
                            "--key", "eval/return"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and "has no 'eval/return' rows yet" in proc.stderr
+    assert proc.returncode != 0 and "has no 'eval/return' rows yet" in proc.stdout
+    assert proc.stderr.strip() == ("error: no run folder among the 1 given has 'eval/return' "
+                                   "rows (skipped above); nothing to plot")
 
 
 TRACKED = ["--env", "image_envs:BigImage-v0", "--model", "debug", "--steps", "300",
@@ -271,3 +288,40 @@ def test_help_is_true():
     gpu, cpu = (f"{round(REPLAY_RAM_SHARE[k] * 100)}%" for k in (True, False))
     assert f"{gpu} (GPU) or {cpu} (CPU)" in text
     assert "(Atari);" not in text and "in every suite" in text
+
+
+def test_eval_imports_a_checkpoints_env_module_only_when_named(run_dir, tmp_path):
+    """A checkpoint from someone else names `module:Id`: the eval refuses in one line, without
+    importing the module (its side effect does not happen), until the user repeats the id
+    (--env) or passes --trust-env-module."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    marker = tmp_path / "imported"
+    (mods / "evil_env.py").write_text(
+        f"import gymnasium, pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "gymnasium.register('Evil-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv',"
+        " max_episode_steps=20)\n")
+    file = run_dir / "checkpoint.pt"
+    ckpt = torch.load(file, weights_only=True)
+    config = json.loads(ckpt["config"])
+    config["env"] = "evil_env:Evil-v0"
+    ckpt["config"] = json.dumps(config)
+    torch.save(ckpt, file)
+    env = dict(os.environ, PYTHONPATH=str(mods))
+
+    def evaluate(*flags):
+        proc = subprocess.run([sys.executable, "run.py", "--eval", "--logdir", str(run_dir),
+                               "--episodes", "1", "--videos", "0", *flags], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+        return proc.returncode, proc.stdout + proc.stderr
+    code, out = evaluate()
+    assert code == 1 and out.strip() == (
+        "error: the checkpoint's env 'evil_env:Evil-v0' imports module 'evil_env', which runs "
+        "its code; to allow it, pass --env evil_env:Evil-v0 (or --trust-env-module)"), out
+    assert not marker.exists()
+    code, out = evaluate("--env", "Other-v0")
+    assert code == 1 and "pass --env evil_env:Evil-v0 or leave it out" in out and not marker.exists()
+    for flags in (["--env", "evil_env:Evil-v0"], ["--trust-env-module"]):
+        marker.unlink(missing_ok=True)
+        code, out = evaluate(*flags)
+        assert code == 0 and "eval episode 1/1" in out and marker.exists(), out

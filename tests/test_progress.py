@@ -106,3 +106,43 @@ def test_start_estimate_counts_the_update_and_says_when_a_run_needs_days():
     assert per_update > 0 and total > 86400
     note = feasibility_note(cfg, 0, 1 / (per_update * cfg.updates_per_step), "estimated here")
     assert note and "estimated here" in note and "--steps" in note
+
+
+def test_a_run_that_logs_every_120_s_shows_progress_early_and_saves_on_ctrl_c_at_once(tmp_path):
+    """The Atari preset logs every 120 s (the official cadence): its first progress lines
+    still come every 15 s, the first with updates within ~20 s of the first update; Ctrl-C
+    saves within seconds (the report video is not written first)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "run.py", "--env", "Pong-v5", "--model", "debug", "--num-envs", "4",
+           "--agent.batch-size", "2", "--agent.batch-length", "8", "--replay.capacity", "2000",
+           "--logdir", str(tmp_path / "pong")]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    start, lines, first_update = time.time(), [], None
+    try:
+        while time.time() - start < 150:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            m = re.match(r"step [\d,]+/[\d,]+ \| .* \| ([\d.]+) updates/s", line)
+            if m and float(m.group(1)) > 0:
+                first_update = time.time()
+                break
+        assert first_update is not None, "".join(lines)
+        progress = [line for line in lines if line.startswith("step ")]
+        assert progress and first_update - start < 90, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        stopped = time.time()
+        out = proc.communicate(timeout=60)[0]
+        saved = time.time() - stopped
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and re.search(r"saved .*checkpoint.pt at [\d,]+ steps", out), out
+    assert saved < 15, (saved, out)
+    assert not os.path.exists(tmp_path / "pong" / "reports"), out

@@ -431,14 +431,15 @@ SPEC_CAPACITY = 5_000_000
 
 def replay_capacity(spec: dict, requested: int, saved: int | None = None,
                     fraction: float = 0.75, reserve: int = 0, steps: int | None = None,
-                    minimum: int = 0) -> int:
+                    minimum: int = 0, ceiling: int | None = None) -> int:
     """The replay capacity in steps, printed with its memory.
 
     requested 0 (the default) means the official 5e6 steps, or as many as fit in `fraction`
     of the RAM left free after `reserve` bytes (the model's training memory, estimated by
-    the caller), and never more than `steps` (the run's step budget; at least `minimum`).
-    A resumed run keeps its saved capacity and only warns when RAM looks tight. An explicit
-    capacity that does not fit fails at once naming a value that does.
+    the caller), and never more than `steps` (the run's step budget) or `ceiling` (what the
+    caller's device can use: a CPU run's steps), at least `minimum`. A resumed run keeps its
+    saved capacity and only warns when it and the training memory exceed the available RAM.
+    An explicit capacity that does not fit fails at once naming a value that does.
     """
     per_step = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
                    for shape, dtype in spec.values())
@@ -450,24 +451,27 @@ def replay_capacity(spec: dict, requested: int, saved: int | None = None,
     elif saved:
         capacity = saved
     else:
-        capacity = min(SPEC_CAPACITY, fits)
+        capacity = min(SPEC_CAPACITY, fits, ceiling or SPEC_CAPACITY)
         if steps is not None:
-            capacity = max(min(capacity, steps), minimum)
+            capacity = min(capacity, steps)
+        capacity = max(capacity, minimum)
     need = per_step * capacity
     print(f"replay: {capacity:,} steps x {per_step:,} bytes = {need / 2**30:.2f} GiB "
           f"(MemAvailable {avail / 2**30:.1f} GiB, {reserve / 2**30:.1f} GiB of it kept for "
           "training)", flush=True)
     if not requested and not saved and capacity < min(SPEC_CAPACITY, steps or SPEC_CAPACITY):
-        print(f"replay: the official {SPEC_CAPACITY:,} steps would need "
-              f"{per_step * SPEC_CAPACITY / 2**30:.1f} GiB; using {capacity:,} that fit "
-              "(set --replay.capacity to choose)", flush=True)
-    if avail and need > room:
-        if saved == capacity:
+        why = (f"at most {ceiling:,} on this device" if ceiling and capacity == ceiling else
+               f"the official {SPEC_CAPACITY:,} steps would need "
+               f"{per_step * SPEC_CAPACITY / 2**30:.1f} GiB; using {capacity:,} that fit")
+        print(f"replay: {why} (set --replay.capacity to choose)", flush=True)
+    if saved and saved == capacity:  # a resume keeps its capacity: at most a warning
+        if avail and need + reserve > avail:
             print(f"warning: the saved replay of {capacity:,} steps needs {need / 2**30:.1f} GiB "
-                  f"and {avail / 2**30:.1f} GiB is available with {reserve / 2**30:.1f} GiB "
-                  "needed for training: memory may run out; free some RAM if it does",
-                  flush=True)
-        elif requested or fits < minimum:
+                  f"and training {reserve / 2**30:.1f} GiB more, {(need + reserve) / 2**30:.1f} "
+                  f"GiB of the {avail / 2**30:.1f} GiB available: memory may run out; free "
+                  "some RAM if it does", flush=True)
+    elif avail and need > room:
+        if requested or fits < minimum:
             raise ConfigError(f"replay of {capacity:,} steps needs {need / 2**30:.1f} GiB but "
                               f"only {room / 2**30:.1f} GiB is free for it ({avail / 2**30:.1f} "
                               f"GiB available, {reserve / 2**30:.1f} GiB kept for training); "

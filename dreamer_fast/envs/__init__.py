@@ -43,11 +43,19 @@ def _gymnasium_known(env_id: str) -> bool:
     import gymnasium
 
     if ":" in env_id:  # "module:Env-v0": importing the module registers its envs
-        module, env_id = env_id.split(":", 1)
+        module, name = env_id.split(":", 1)
         try:
             importlib.import_module(module)
-        except ImportError:
-            return False
+        except ImportError as e:
+            if e.name == module:
+                raise ValueError(
+                    f"env {env_id!r}: cannot import module {module!r} (No module named "
+                    f"{module!r}); run from the folder that holds {module}.py, or add that "
+                    f"folder to PYTHONPATH: PYTHONPATH=path/to/folder python run.py --env "
+                    f"{env_id}") from None
+            raise ValueError(f"env {env_id!r}: importing module {module!r} failed: {e}; install "
+                             "what it needs") from None
+        env_id = name
     try:
         gymnasium.spec(env_id)
     except gymnasium.error.Error:

@@ -15,6 +15,8 @@ vectors (N, dim)), plus `reward` float32 (N,), `is_first`, `is_last`, `is_termin
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +136,13 @@ class BoxAction:
     def __call__(self, action: np.ndarray) -> np.ndarray:
         action = np.asarray(action, self.dtype).reshape(-1, self.size)
         return np.clip(action, -1.0, 1.0) * self.scale + self.offset
+
+
+def headless_rendering() -> None:
+    """Before a Gymnasium env renders `rgb_array` frames: SDL (pygame, which classic-control
+    envs draw with) without a window system, so it does not print `XDG_RUNTIME_DIR is invalid
+    or not set` on machines without a desktop. A value the user set is kept."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
 def check_obs_space(obs_space: ObsSpace, env_id: str) -> ObsSpace:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from dreamer_fast.config import EnvConfig
-from dreamer_fast.envs.base import SyncVecEnv, scatter
+from dreamer_fast.envs.base import SyncVecEnv, headless_rendering, scatter
 from dreamer_fast.envs.spaces import ActConverter, ObsConverter
 
 
@@ -27,6 +27,7 @@ class GymVecEnv(SyncVecEnv):
         kwargs = {"max_episode_steps": opts.time_limit} if opts.time_limit else {}
         if opts.render_image:
             kwargs["render_mode"] = "rgb_array"
+            headless_rendering()
         self.env_id = env_id
         self.num_envs = self.batch_size = num_envs
         self._env = gymnasium.make_vec(

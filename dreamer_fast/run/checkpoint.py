@@ -210,9 +210,9 @@ def load_checkpoint(file: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"checkpoint {file} is truncated or damaged ({first}); restore it "
-                          "from a copy, or move it away to start this logdir afresh") from None
+        raise ConfigError(f"checkpoint {file} is truncated or damaged ({size:,} bytes that "
+                          f"torch.load cannot read: {type(e).__name__}); restore it from a "
+                          "copy, or move it away to start this logdir afresh") from None
     except Exception as e:  # weights_only refuses pickled objects: not one of ours
         raise ConfigError(f"{file} is not a dreamer_fast checkpoint (torch.load with "
                           f"weights_only=True refused it: {type(e).__name__}); use a run folder "

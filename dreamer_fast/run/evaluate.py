@@ -46,6 +46,19 @@ def load_agent(path: str, device: str = "auto"):
     return cfg, file, ckpt
 
 
+def check_env_module(env_id: str, ecfg: EvalConfig) -> None:
+    """A checkpoint's `module:Id` env imports (runs) `module`: only when the user named it
+    (--env module:Id) or trusts the checkpoint (--trust-env-module); else one ConfigError."""
+    if ecfg.env is not None and ecfg.env != env_id:
+        raise ConfigError(f"--env {ecfg.env} but the checkpoint was trained on {env_id}; the "
+                          f"eval runs the checkpoint's env: pass --env {env_id} or leave it out")
+    if ":" not in env_id or ecfg.env == env_id or ecfg.trust_env_module:
+        return
+    module = env_id.split(":", 1)[0]
+    raise ConfigError(f"the checkpoint's env {env_id!r} imports module {module!r}, which runs "
+                      f"its code; to allow it, pass --env {env_id} (or --trust-env-module)")
+
+
 def seed_all(seed: int) -> None:
     """Seed the policy's samples (torch, numpy, random)."""
     torch.manual_seed(seed)
@@ -124,8 +137,10 @@ def render_episode(cfg, agent, greedy: bool, seed: int) -> np.ndarray | None:
     """Film one episode of a Gymnasium env through render_mode='rgb_array'; None if it can't."""
     import gymnasium
 
+    from dreamer_fast.envs.base import headless_rendering
     from dreamer_fast.envs.spaces import ActConverter, ObsConverter
 
+    headless_rendering()
     try:
         env = gymnasium.make(cfg.env, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
@@ -155,6 +170,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
     """Evaluate the checkpoint in ecfg.logdir; writes <logdir>/eval/returns.json, episode.mp4
     and eval/* to the run's TensorBoard. Returns the result (with `interrupted`)."""
     cfg, file, ckpt = load_agent(ecfg.logdir, ecfg.device)
+    check_env_module(cfg.env, ecfg)
     seed = cfg.seed + 10_000 if ecfg.seed is None else ecfg.seed
     counters = ckpt["counters"]
     # The x-axis of the run's TensorBoard: agent steps, or updates for an offline run.
@@ -168,8 +184,9 @@ def evaluate(ecfg: EvalConfig) -> dict:
     episodes, frames, agent, interrupted = Episodes(ecfg.episodes), None, None, False
     try:
         frames, agent = run_episodes(cfg, ckpt, ecfg, seed, episodes)
-        if frames is None and ecfg.videos and suite_of(cfg.env) == "gymnasium":
-            frames = render_episode(cfg, agent, ecfg.greedy, seed)
+        if ecfg.videos and suite_of(cfg.env) == "gymnasium":  # the env's own frames, at
+            rendered = render_episode(cfg, agent, ecfg.greedy, seed)  # its own size
+            frames = frames if rendered is None else rendered
     except KeyboardInterrupt:
         interrupted = True
         print(f"eval interrupted: writing the {len(episodes.returns)} finished episodes",
@@ -185,9 +202,10 @@ def write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted) ->
     os.makedirs(folder, exist_ok=True)
     logger = Logger(logdir)
     video = None
+    tag = "eval_greedy" if ecfg.greedy else "eval"  # the two kinds never share a curve
     if frames is not None:
-        video = logger.video(steps, "eval/episode", frames, fps=30,
-                             path=os.path.join(folder, "episode.mp4"))
+        video = logger.video(steps, f"{tag}/episode", frames, fps=30,
+                             path=os.path.join(folder, f"{'greedy-' * ecfg.greedy}episode.mp4"))
     elif ecfg.videos and not interrupted:
         print(f"{cfg.env} has no image observation and cannot render here: "
               "wrote the returns only (no mp4)")
@@ -195,8 +213,8 @@ def write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted) ->
     mean = float(np.mean(returns)) if returns else None
     std = float(np.std(returns)) if returns else None
     if returns:
-        logger.scalars(steps, {"eval/return": mean, "eval/length": float(np.mean(
-            episodes.lengths)), "eval/return_std": std, "eval/episodes": len(returns)})
+        logger.scalars(steps, {f"{tag}/return": mean, f"{tag}/length": float(np.mean(
+            episodes.lengths)), f"{tag}/return_std": std, f"{tag}/episodes": len(returns)})
     logger.close()
     result = {"checkpoint": file, "env": cfg.env, "steps": steps, "seed": seed,
               "greedy": ecfg.greedy, "episodes": len(returns), "requested": ecfg.episodes,

@@ -236,11 +236,13 @@ def format_progress(steps: int, total: int, rates: dict, fill: float,
     steps/s the time left is computed from (HeldRate.eta_rate); None while unknown (before
     the first update the actor runs at its unthrottled prefill speed) shows `left ?`."""
     sps = rates.get("steps_per_s", 0.0)
-    left = (total - steps) / eta_rate if eta_rate else math.inf
+    left = max(0, total - steps) / eta_rate if eta_rate else math.inf
     score_text = "-" if score is None else f"{score:.1f}"
-    return (f"step {steps:,}/{total:,} | {sps:,.0f} env steps/s | "
+    end = (f"left {format_duration(left)}" if steps < total else
+           "all steps taken: the last updates they are owed")
+    return (f"step {steps:,}/{total:,} | {sps:,.0f} env steps/s (last min) | "
             f"{rates.get('updates_per_s', 0.0):.2f} updates/s | replay {fill:.0%} | "
-            f"return {score_text} | left {format_duration(left)}")
+            f"return {score_text} | {end}")
 
 
 def format_duration(seconds: float) -> str:

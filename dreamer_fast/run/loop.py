@@ -52,6 +52,28 @@ class Every:
         return False
 
 
+class ProgressClock:
+    """When the progress line is due: every second on a terminal (it redraws in place);
+    otherwise every EARLY_S during the replay's prefill and the first EARLY_S * 2 seconds of
+    updates, then every log_every. A run that logs every 120 s (the official cadence) shows
+    its first lines, and its first updates' rates, within seconds, never looking hung."""
+
+    EARLY_S = 15.0
+
+    def __init__(self, tty: bool, log_every: float):
+        self.every = Every(1.0 if tty else min(log_every, self.EARLY_S))
+        self.later, self.tty = log_every, tty
+        self.first_update: float | None = None
+
+    def __call__(self, updates: int) -> bool:
+        if not self.tty and updates and self.first_update is None:
+            self.first_update = time.time()
+        if (not self.tty and self.first_update is not None
+                and time.time() - self.first_update > 2 * self.EARLY_S):
+            self.every.seconds = self.later
+        return self.every()
+
+
 class StopSignals:
     """SIGINT and SIGTERM while a run trains and saves. The first asks the loop to stop (it
     saves, then the process exits 0); a second says the save goes on; only a third exits at
@@ -196,7 +218,7 @@ def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
     """The scheduler of clocks. Returns True when the step budget was reached."""
     cfg = run.cfg
     progress = Progress(cfg)
-    clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
+    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every),
               "eval": Every(cfg.eval_every)}
     while not signals.stop.wait(0.2):
@@ -206,7 +228,7 @@ def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
         progress.sample(run.ring.inserted, run.learner.updates)
         if clocks["log"]():
             log(run, stats, logger)
-        if clocks["progress"]():
+        if clocks["progress"](run.learner.updates):
             logger.progress(progress.line(run.ring.inserted, run.fill(), stats.score))
             if note := progress.note(run.ring.inserted):
                 logger.message(note)
@@ -226,7 +248,7 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) 
     rank reached its share of the step budget."""
     cfg, main = run.cfg, D.is_main()
     progress = Progress(cfg, run.world)
-    clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every), "log": Every(cfg.log_every),
+    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every), "log": Every(cfg.log_every),
               "report": Every(cfg.report_every), "save": Every(cfg.save_every),
               "eval": Every(cfg.eval_every)}
     while True:
@@ -249,7 +271,7 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) 
         if rows[0, 4]:
             log(run, stats, logger)
         progress.sample(run.global_steps, run.learner.updates)  # lockstep: same on all ranks
-        if main and clocks["progress"]():
+        if main and clocks["progress"](run.learner.updates):
             logger.progress(progress.line(run.global_steps, run.fill(), stats.score))
             if note := progress.note(run.global_steps):
                 logger.message(note)

@@ -39,7 +39,7 @@ from dreamer_fast.run import fastpath
 from dreamer_fast.run.graphs import compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import Logger, format_duration
-from dreamer_fast.run.loop import Every, StopSignals, evaluation
+from dreamer_fast.run.loop import Every, ProgressClock, StopSignals, evaluation
 from dreamer_fast.run.session import resolve
 from dreamer_fast.run.stats import HeldRate, report
 
@@ -248,7 +248,7 @@ def loop(run: OfflineRun, logger: Logger, signals: StopSignals) -> bool:
     """Clocks until the learner has done its updates (True) or a stop signal (False)."""
     cfg = run.cfg
     held = HeldRate(1, 1.0)
-    clocks = {"progress": Every(1.0 if logger.tty else cfg.log_every),
+    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every),
               "log": Every(cfg.log_every), "report": Every(cfg.report_every),
               "save": Every(cfg.save_every), "eval": Every(cfg.eval_every)}
     run.last_log = {"time": time.time(), "updates": run.learner.updates}
@@ -260,7 +260,7 @@ def loop(run: OfflineRun, logger: Logger, signals: StopSignals) -> bool:
             return True
         if clocks["log"]():
             log(run, logger)
-        if clocks["progress"]():
+        if clocks["progress"](run.learner.updates):
             logger.progress(progress_line(updates, run.total, held.rates().get("updates_per_s")))
         if clocks["report"]():
             report(run, logger, updates)

@@ -35,6 +35,10 @@ from dreamer_fast.run.logger import check_wandb
 from dreamer_fast.run.replicas import Lockstep
 
 
+CPU_REPLAY_STEPS = 200_000
+"""The automatic replay's ceiling on a CPU: a CPU trains tens of agent steps per second at
+best (2 cores: ~90/s on CartPole, a few per second from images), so a longer replay would
+hold memory the run does not reach in a day."""
 REPLAY_RAM_SHARE = {True: 0.75, False: 0.4}
 """Share of the RAM left after the training memory an automatic replay may take, with a GPU
 (True) and on a CPU (False); the --replay.capacity help states both."""
@@ -129,7 +133,8 @@ class Run:
             # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
             REPLAY_RAM_SHARE[self.device.type == "cuda"] / local,
             reserve=update_memory(cfg, spec) * local, steps=self.budget,
-            minimum=cfg.num_envs * (T + 1 + RING_MARGIN))
+            minimum=cfg.num_envs * (T + 1 + RING_MARGIN),
+            ceiling=None if self.device.type == "cuda" else CPU_REPLAY_STEPS)
         if self.world > 1:  # ranks measure free RAM at slightly different moments: agree
             capacity = int(D.control_all_gather(
                 torch.tensor([capacity], dtype=torch.float64))[:, 0].min())

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from dreamer_fast.run.session import Run
 
 
+LAST_EPISODES = 10
+"""`episode/return_last10`: the mean return of the last 10 finished training episodes (of
+this process, once 10 have finished): the learning suite's success measure."""
+
+
 class Stats:
     """Rates and logged scalars between two log calls."""
 
@@ -30,6 +35,7 @@ class Stats:
         self.last = self.snapshot()
         self.score: float | None = None
         self.interval = np.zeros((0, 2))  # (return, length) of the episodes of the last collect
+        self.recent: collections.deque = collections.deque(maxlen=LAST_EPISODES)
         self.achieved = Achievements(run.actor.log_keys)
 
     def snapshot(self) -> dict:
@@ -79,9 +85,13 @@ class Stats:
         if not eps:
             return {}
         self.score = eps[-1][0]
+        self.recent.extend(ret for ret, _ in eps)
         returns, lengths = np.array(eps).T
-        return {"episode/return": float(returns.mean()), "episode/length": float(lengths.mean()),
-                "episode/return_max": float(returns.max()), "episode/count": len(eps)}
+        out = {"episode/return": float(returns.mean()), "episode/length": float(lengths.mean()),
+               "episode/return_max": float(returns.max()), "episode/count": len(eps)}
+        if len(self.recent) == LAST_EPISODES:
+            out[f"episode/return_last{LAST_EPISODES}"] = float(np.mean(self.recent))
+        return out
 
 
 class Achievements:
