@@ -113,7 +113,7 @@ def test_unknown_env_and_oversized_replay_fail_at_once(tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch):
+def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch, capsys):
     import torch
 
     from dreamer_fast.data import ring
@@ -137,3 +137,24 @@ def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch):
     assert ring.replay_capacity(spec, 0, None, 0.5, steps=10, minimum=500) == 500
     monkeypatch.setattr(ring, "mem_available", lambda: 10**9 * per_step)
     assert ring.replay_capacity(spec, 0, None, 0.75) == ring.SPEC_CAPACITY
+    # A CPU run's automatic replay stops at what the device can use, saying so.
+    assert ring.replay_capacity(spec, 0, None, 0.4, steps=10**6, ceiling=200_000) == 200_000
+    assert "replay: at most 200,000 on this device (set --replay.capacity" in capsys.readouterr().out
+
+
+def test_a_resume_warns_only_when_replay_and_training_exceed_the_ram(monkeypatch, capsys):
+    """The saved replay plus the training memory against the available RAM (not against the
+    automatic replay's share of it): 7.0 + 5.2 GiB of 22.4 GiB available is no warning."""
+    import torch
+
+    from dreamer_fast.data import ring
+
+    spec = {"x": ((1024,), torch.uint8)}
+    monkeypatch.setattr(ring, "mem_available", lambda: int(22.4 * 2**30))
+    saved = int(7.0 * 2**30) // 1024
+    capsys.readouterr()
+    ring.replay_capacity(spec, 0, saved, 0.4, reserve=int(5.2 * 2**30))
+    assert "warning" not in capsys.readouterr().out
+    ring.replay_capacity(spec, 0, saved, 0.4, reserve=int(16 * 2**30))
+    assert "warning: the saved replay of 7,340,032 steps needs 7.0 GiB and training 16.0 GiB " \
+        "more, 23.0 GiB of the 22.4 GiB available" in capsys.readouterr().out
