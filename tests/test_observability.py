@@ -288,6 +288,14 @@ def test_help_is_true():
     gpu, cpu = (f"{round(REPLAY_RAM_SHARE[k] * 100)}%" for k in (True, False))
     assert f"{gpu} (GPU) or {cpu} (CPU)" in text
     assert "(Atari);" not in text and "in every suite" in text
+    # Which preset's defaults it shows, and how to see another env's.
+    assert ("Defaults shown: the atari preset's, model size1m, for --env Pong-v5 (the default "
+            "env)") in text or ("Defaults shown: the atari preset's, model size200m" in text)
+    code, out = cli("--env", "CartPole-v1", "--help", timeout=120)
+    text = re.sub(r"[\s│]+", " ", out)
+    assert "Defaults shown: the control preset's, model size300k, for --env CartPole-v1." in text
+    assert re.search(r"--agent\.optim\.lr FLOAT Learning rate after warmup\. \(default: "
+                     r"0\.0003\)", text), text
 
 
 def test_eval_imports_a_checkpoints_env_module_only_when_named(run_dir, tmp_path):
