@@ -142,7 +142,7 @@ if [ $rehearse = 1 ]; then
     stage size200m 20 "$PY" bench/throughput.py --workloads learner-size200m-img \
         --modes graph+triton --out "$(res throughput)"
     stage e2e 45 "$PY" bench/throughput.py --workloads e2e-pong-64 --modes fused \
-        --e2e-steps 400 --e2e-batch 2 8 --e2e-envs 8 --e2e-ratio 16 --e2e-log-every 3 \
+        --e2e-steps 250 --e2e-batch 2 8 --e2e-envs 8 --e2e-ratio 16 --e2e-log-every 2 \
         --e2e-env standin \
         --out "$(res throughput)"
 else

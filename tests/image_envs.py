@@ -70,7 +70,20 @@ class Mixed(gymnasium.Env):
         return self.observation_space.sample(), float(action), False, False, {}
 
 
+class Rendered(TinyImage):
+    """TinyImage whose render() shows another view: 80x96 frames (rgb_array)."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def render(self):
+        return np.full((80, 96, 3), 200, np.uint8)
+
+
 gymnasium.register("TinyImage-v0", entry_point=TinyImage, max_episode_steps=77)
+gymnasium.register("RenderedImage-v0", entry_point=Rendered, max_episode_steps=20)
 gymnasium.register("BigImage-v0", entry_point=Frames, max_episode_steps=40)
 gymnasium.register("GrayImage-v0", entry_point=Frames, kwargs={"shape": (84, 84)},
                    max_episode_steps=40)

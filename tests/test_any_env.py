@@ -355,3 +355,18 @@ def test_flappy_bird_from_pixels_trains_with_a_report_video(tmp_path):
     assert any(f.endswith(".mp4") for f in os.listdir(tmp_path / "reports")), out
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["counters"]["updates"] > 0
+
+
+def test_eval_of_an_image_env_films_the_envs_own_frames(tmp_path):
+    """The eval video of a Gymnasium image env is its render() frames at their size, not the
+    64x64 view the model reads."""
+    import imageio
+
+    env = "image_envs:RenderedImage-v0"
+    _run(["--env", env, "--model", "debug", "--steps", "120", "--num-envs", "2",
+          "--train-ratio", "4", "--agent.batch-size", "2", "--agent.batch-length", "8",
+          "--replay.capacity", "1000"], tmp_path)
+    out = _run(["--eval", "--episodes", "1", "--env", env], tmp_path)
+    frames = imageio.mimread(str(tmp_path / "eval" / "episode.mp4"))
+    assert frames[0].shape == (80, 96, 3) and len(frames) == 21, out
+

@@ -248,7 +248,7 @@ def test_sigkill_during_the_first_save_resumes_or_restarts_by_itself(tmp_path):
     the rerun starts afresh (one note each), never refusing the logdir."""
     for cut in (False, True):
         logdir = tmp_path / f"first-{cut}"
-        proc = start(CARTPOLE, logdir, delay=2.0)
+        proc = start(CARTPOLE, logdir, delay=1.0)
 
         def whole():  # the temp checkpoint written and fsynced, its rename still waiting
             try:

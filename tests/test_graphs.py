@@ -44,6 +44,9 @@ SPACES = [("vec-discrete", VECTOR, ActSpace(True, 3)),
 KERNELS = ("ref", "fused", "triton")
 DEVICES = ("cpu", "stand-in", "cuda")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_ONCE = ("vec-continuous", "img-discrete")
+"""Spaces whose host trace with interpreted Triton kernels is left to the two others (4-6 s
+each on a 2-core CPU); their stand-in traces still run."""
 
 
 def _agent(obs, act, cfg=SMALL, device="cpu"):
@@ -51,11 +54,13 @@ def _agent(obs, act, cfg=SMALL, device="cpu"):
     return Agent(obs, act, SIZES["debug"], cfg, device)
 
 
-def _skip_unless_runnable(kernels: str, device: str) -> None:
+def _skip_unless_runnable(kernels: str, device: str, space: str = "") -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     if kernels == "triton" and device == "cpu" and not INTERPRETED:
         pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    if kernels == "triton" and device == "cpu" and space in INTERPRETED_ONCE:
+        pytest.skip("the stand-in trace covers this space; the interpreter runs two (time)")
 
 
 def _built(obs, act, kernels: str, device: str):
@@ -112,7 +117,7 @@ def test_capture_check_catches_every_rule():
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name,obs,act", SPACES, ids=[s[0] for s in SPACES])
 def test_update_is_capture_safe(name, obs, act, kernels, device):
-    _skip_unless_runnable(kernels, device)
+    _skip_unless_runnable(kernels, device, name)
     agent, batch = _built(obs, act, kernels, device)
     with stand_in() if device == "stand-in" else contextlib.nullcontext():
         metrics, latents = _check_capture(update_fn(agent), (batch,),

@@ -145,8 +145,10 @@ def render_episode(cfg, agent, greedy: bool, seed: int) -> np.ndarray | None:
         env = gymnasium.make(cfg.env, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]
+        if frames[0] is None or np.asarray(frames[0]).ndim != 3:
+            raise ValueError("render() gave no rgb_array frame")
     except Exception as e:  # e.g. gymnasium.error.DependencyNotInstalled (pygame)
-        print(f"cannot render {cfg.env}: {e}")
+        print(f"cannot render {cfg.env} ({type(e).__name__}: {str(e)[:100]})")
         return None
     opts = cfg.env_opts
     to_obs = ObsConverter(env.observation_space, cfg.env, None, opts.image_size, opts.obs_keys)
@@ -184,8 +186,11 @@ def evaluate(ecfg: EvalConfig) -> dict:
     episodes, frames, agent, interrupted = Episodes(ecfg.episodes), None, None, False
     try:
         frames, agent = run_episodes(cfg, ckpt, ecfg, seed, episodes)
-        if ecfg.videos and suite_of(cfg.env) == "gymnasium":  # the env's own frames, at
-            rendered = render_episode(cfg, agent, ecfg.greedy, seed)  # its own size
+        # A Gymnasium env films its own frames at their size (render_mode rgb_array) where it
+        # renders; with --env-opts.render-image the observations are those frames already.
+        if (ecfg.videos and suite_of(cfg.env) == "gymnasium"
+                and not cfg.env_opts.render_image):
+            rendered = render_episode(cfg, agent, ecfg.greedy, seed)
             frames = frames if rendered is None else rendered
     except KeyboardInterrupt:
         interrupted = True
