@@ -65,8 +65,9 @@ def test_cartpole_smoke_kill_resume_contract_and_eval(tmp_path):
                 "throughput/steps_per_s", "throughput/updates_per_s",
                 "wait/actor_wait_frac", "wait/learner_wait_frac", "time/actor/env_frac",
                 "time/actor/policy_frac", "time/learner/replay_frac",
-                "time/learner/train_frac", "openloop/vector"):
+                "time/learner/train_frac", "openloop/vector", "episode/return_last10"):
         assert key in keys, key
+    assert {r["update_mode"] for r in rows} == {"eager+fused"}  # the CPU default's update
 
     code, out = run(["--eval", "--episodes", "2"], logdir, timeout=120)
     assert code == 0, out
@@ -137,6 +138,9 @@ def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch, capsys):
     assert ring.replay_capacity(spec, 0, None, 0.5, steps=10, minimum=500) == 500
     monkeypatch.setattr(ring, "mem_available", lambda: 10**9 * per_step)
     assert ring.replay_capacity(spec, 0, None, 0.75) == ring.SPEC_CAPACITY
+    # No preset fixes a replay larger than its run needs (the control preset's is automatic).
+    from dreamer_fast.config import DOMAINS
+    assert DOMAINS["control"].replay.capacity == 0
     # A CPU run's automatic replay stops at what the device can use, saying so.
     assert ring.replay_capacity(spec, 0, None, 0.4, steps=10**6, ceiling=200_000) == 200_000
     assert "replay: at most 200,000 on this device (set --replay.capacity" in capsys.readouterr().out
