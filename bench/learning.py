@@ -10,7 +10,8 @@ stops when the mean of its last 10 training episodes reaches the target, at its 
 when the run ends its step budget (`--full`: never at the target). The final checkpoint is then
 evaluated over 10 episodes. Per task it writes bench/results/learning-<task>[-<tag>].json
 (return vs wall-clock minutes and vs agent steps, flags, environment record, evaluation) and a
-.png of both curves; bench/results/learning-summary.md holds one row per task and tag.
+.png of both curves; bench/results/summary-learning.md (bench/summarize.py) holds the latest
+run per task.
 
 Targets (2-core CPU, one seed): CartPole-v1 >= 475 within 10 minutes; Acrobot-v1 >= -100
 within 20; CartpoleBalance-v1 >= 800 within 45 (the official DreamerV3 reaches 840 +- 91 at 100k
@@ -140,17 +141,12 @@ def summary_row(r: dict) -> str:
 
 
 def write_summary(out: str) -> None:
-    rows = []
-    for name in sorted(os.listdir(out)):
-        if name.startswith("learning-") and name.endswith(".json"):
-            with open(os.path.join(out, name)) as f:
-                r = json.load(f)
-            if r.get("bench") == "learning-suite":
-                rows.append(summary_row(r))
-    with open(os.path.join(out, "learning-summary.md"), "w") as f:
-        f.write("| task | target | reached at | last-10 mean at the end | ran | eval (10 eps)"
-                " | commit |\n| --- | --- | --- | --- | --- | --- | --- |\n")
-        f.write("\n".join(rows) + "\n")
+    """bench/results/summary-learning.md (and the other summaries, docs/benchmarks.md)."""
+    from bench.summarize import render
+
+    for path, text in render().items():
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def replot(out: str) -> None:
