@@ -1,4 +1,5 @@
-"""Hand-checked values for the algorithm's math (SPEC 1.5, 2.1-2.4)."""
+"""Hand-checked values for the algorithm's math: symlog, twohot, KL, lambda-returns and the
+return normaliser (Hafner et al. 2025; danijar/dreamerv3)."""
 
 from __future__ import annotations
 
