@@ -37,8 +37,8 @@ from bench.common import append, environment, percentiles  # noqa: E402
 from dreamer_fast.config import SIZES  # noqa: E402
 from dreamer_fast.run.device import keep_freed_memory  # noqa: E402
 from dreamer_fast.agent.rssm import RSSM  # noqa: E402
-from kernels import get_ops  # noqa: E402
-from kernels.twohot import symexp_bins  # noqa: E402
+from dreamer_fast.kernels import get_ops  # noqa: E402
+from dreamer_fast.kernels.twohot import symexp_bins  # noqa: E402
 
 B, T, H = 16, 64, 15
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kernels import categorical, fused, policy, returns, rssm_step, twohot
+from . import categorical, fused, policy, returns, rssm_step, twohot
 
 IMPLS = ("ref", "triton", "fused")
 OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import kernel_op, launch, row_tiling, warps
+from .launch import kernel_op, launch, row_tiling, warps
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

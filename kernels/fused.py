@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.twohot import symexp_bins, twohot_loss_ref
+from .twohot import symexp_bins, twohot_loss_ref
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import kernel_op, launch
+from .launch import kernel_op, launch
 
 
 def action_sample_ref(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import kernel_op, launch
+from .launch import kernel_op, launch
 
 
 def lambda_return_ref(last: torch.Tensor, term: torch.Tensor, rew: torch.Tensor,

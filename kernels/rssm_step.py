@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import kernel_op, launch, max_programs, row_tiling, warps
+from .launch import kernel_op, launch, max_programs, row_tiling, warps
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

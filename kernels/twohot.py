@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import kernel_op, launch, row_tiling
+from .launch import kernel_op, launch, row_tiling
 
 
 @functools.lru_cache(maxsize=None)

@@ -216,7 +216,7 @@ def agent_to_stand_in(agent) -> None:
 def stand_in():
     """Run the stand-in trace: fake-tensor mode on; on exit the kernels' per-device caches
     forget the fake meta tensors it made (real meta tensors must not meet them later)."""
-    from kernels import twohot
+    from dreamer_fast.kernels import twohot
 
     try:
         with stand_in_mode():

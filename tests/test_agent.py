@@ -71,7 +71,7 @@ def test_reset_zeros_state_then_applies_cell():
 
 def test_gru_block_layout():
     """Each block sees its own slice of h; gates are laid out per block as [r, c, u]."""
-    from kernels.rssm_step import gru_update_ref
+    from dreamer_fast.kernels.rssm_step import gru_update_ref
     D, G = 12, 3
     gates, h = torch.randn(4, 3 * D), torch.randn(4, D)
     out = gru_update_ref(gates, h, G)
@@ -207,7 +207,7 @@ def test_actor_sample_is_the_policy_distribution(impl):
     """The imagination rollout's discrete sampler (inverse CDF through the latent sampler)
     draws from the same unimix categorical as the policy distribution it replaces."""
     from dreamer_fast.agent.heads import Actor
-    from kernels import get_ops
+    from dreamer_fast.kernels import get_ops
     torch.manual_seed(0)
     actor = Actor(8, 16, 2, 5, True, 0.01, 0.1, 1.0, get_ops(impl))
     with torch.no_grad():

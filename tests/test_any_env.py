@@ -195,7 +195,7 @@ def test_enc_and_dec_keys_select_what_the_model_reads():
 
 
 def _ops():
-    from kernels import get_ops
+    from dreamer_fast.kernels import get_ops
     return get_ops("ref")
 
 

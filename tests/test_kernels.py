@@ -17,7 +17,7 @@ import torch
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from kernels import OPS, categorical, fused, get_ops, policy, returns, rssm_step, twohot
+from dreamer_fast.kernels import OPS, categorical, fused, get_ops, policy, returns, rssm_step, twohot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(

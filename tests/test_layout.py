@@ -11,7 +11,8 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dreamer_fast"
 # Which of the package's parts each part may import (config.py is shared by all).
 ALLOWED = {
     "config": set(),
-    "agent": {"config", "agent"},
+    "kernels": {"kernels"},  # kernels/ (installed as dreamer_fast.kernels) imports none of it
+    "agent": {"config", "agent", "kernels"},
     "envs": {"config", "envs"},
     "data": {"config", "data", "envs.base", "envs.spaces"},
     "export": {"config", "data", "envs"},
@@ -52,7 +53,23 @@ def imports(path: pathlib.Path) -> set[str]:
     return found
 
 
-FILES = sorted(PKG.rglob("*.py"))
+FILES = sorted({*PKG.rglob("*.py"), *(PKG / "kernels").glob("*.py")})
+
+
+def test_kernels_is_the_top_level_folder_installed_in_the_package():
+    """kernels/ is the layout's top-level folder; the package reaches it through a link, so
+    it installs as dreamer_fast.kernels (never a bare `kernels`, another distribution's
+    name), and nothing imports it by the bare name."""
+    link = PKG / "kernels"
+    assert link.is_symlink() and link.resolve() == (PKG.parent / "kernels").resolve()
+    for path in [*PKG.parent.glob("*.py"), *PKG.rglob("*.py"),
+                 *(PKG.parent / "tests").glob("*.py"), *(PKG.parent / "bench").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            assert not any(n == "kernels" or n.startswith("kernels.") for n in names), path
 
 
 def part_of(name: str) -> str:

@@ -25,7 +25,7 @@ from dreamer_fast.agent import deferred
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
 from dreamer_fast.config import AgentConfig, ConfigError, NetConfig, match_keys
-from kernels import get_ops
+from dreamer_fast.kernels import get_ops
 
 LOSSES = tuple(f.name for f in dataclasses.fields(AgentConfig().loss))
 TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.returns import lambda_return_ref as lambda_return  # noqa: F401 (re-export)
+from dreamer_fast.kernels.returns import lambda_return_ref as lambda_return  # noqa: F401 (re-export)
 
 
 def percentile_scale(returns: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rate: float,
