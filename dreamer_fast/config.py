@@ -561,7 +561,7 @@ def choose(argv: list[str], route: Route | None, suite: Suite | None = None) -> 
 
 
 def parse(argv: list[str] | None = None, route: Route | None = None,
-          choice: Choice | None = None) -> Config:
+          choice: Choice | None = None, prog: str | None = None) -> Config:
     """Build the Config from command-line flags.
 
     The domain preset comes from `--preset` or the env's suite (`route`), the model size from
@@ -582,7 +582,7 @@ def parse(argv: list[str] | None = None, route: Route | None = None,
         description = (f"Defaults shown: {shown}. Each env has its preset's defaults: "
                        "python run.py --env CartPole-v1 --help shows them for that env.\n\n"
                        + description)
-    return tyro.cli(Config, default=default, args=argv, description=description)
+    return tyro.cli(Config, default=default, args=argv, description=description, prog=prog)
 
 
 @dataclass(frozen=True)
@@ -646,9 +646,9 @@ def parse_export(argv: list[str]) -> ExportConfig:
                     description=ExportConfig.__doc__)
 
 
-def parse_eval(argv: list[str]) -> EvalConfig:
+def parse_eval(argv: list[str], prog: str = "run.py --eval") -> EvalConfig:
     """EvalConfig from the flags after `--eval` (tyro: `--help`, `--flag=value`)."""
-    return tyro.cli(EvalConfig, args=argv, prog="run.py --eval", description=EvalConfig.__doc__)
+    return tyro.cli(EvalConfig, args=argv, prog=prog, description=EvalConfig.__doc__)
 
 
 def _normalise(argv: list[str]) -> list[str]:

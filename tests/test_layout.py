@@ -18,6 +18,7 @@ ALLOWED = {
     "export": {"config", "data", "envs"},
     "run": {"config", "agent", "envs", "data", "run"},
     "plot": set(),  # reads run folders' files only
+    "cli": {"config", "envs", "data", "export", "plot", "run"},  # the command line's words
 }
 
 

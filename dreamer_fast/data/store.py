@@ -479,8 +479,15 @@ def load_stream(path: str, stream: int, save_id: int | None = None) -> dict[str,
 
 
 def main(argv: list[str]) -> None:
+    """List a replay folder: python -m dreamer_fast.data.store REPLAY_FOLDER."""
+    usage = ("usage: dreamer-fast replay REPLAY_FOLDER (or python -m dreamer_fast.data.store "
+             "REPLAY_FOLDER)\n\nWhat a replay folder holds: its run id, streams, keys, chunk "
+             "files and save points.")
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return
     if len(argv) != 1:
-        sys.exit("usage: python -m dreamer_fast.data.store REPLAY_FOLDER")
+        sys.exit(usage)
     try:
         info = list_replay(argv[0])
     except ReplayFileError as e:
