@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment, percentiles, time_calls  # noqa: E402
-from dreamer_fast.run.actor import PolicyWeights  # noqa: E402
+from dreamer_fast.run.weights import PolicyWeights  # noqa: E402
 from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig, NetConfig  # noqa: E402
 from dreamer_fast.run.graphs import GraphedPolicy, GraphedTrainStep  # noqa: E402

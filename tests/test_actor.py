@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamer_fast.run import checkpoint
-from dreamer_fast.run.actor import Actor, PolicyWeights, policy_act
+from dreamer_fast.run.actor import Actor, policy_act
+from dreamer_fast.run.weights import PolicyWeights
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig, Config, ConfigError
 from dreamer_fast.envs.base import ActSpace

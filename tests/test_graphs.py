@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from capture import (CaptureCheck, agent_to_stand_in, fake, module_to_stand_in, python_state,
                      stand_in)
-from dreamer_fast.run.actor import Policy, PolicyWeights, policy_act
+from dreamer_fast.run.actor import policy_act
+from dreamer_fast.run.weights import Policy, PolicyWeights
 from dreamer_fast.agent.agent import Agent, set_kernels
 from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig, parse
 from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, policy_fn, policy_inputs,

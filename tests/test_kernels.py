@@ -740,7 +740,7 @@ def test_deferral_is_per_thread_and_its_backward_may_run_on_another():
     on PyTorch's device threads): the gradients equal a same-thread update's."""
     import threading
 
-    from dreamer_fast.run.actor import Policy
+    from dreamer_fast.run.weights import Policy
 
     net, act, obs = SIZES["debug"], ActSpace(False, 3), {**VECTOR, **IMAGE}
     # bfloat16 (the GPU's precision): the deferred layers' arithmetic differs from the plain

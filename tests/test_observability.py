@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dreamer_fast.data.limiter import RateLimiter
-from dreamer_fast.run.actor import Timer
+from dreamer_fast.run.clocks import Timer
 from dreamer_fast.run.logger import Logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

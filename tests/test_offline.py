@@ -250,9 +250,8 @@ def test_offline_run_trains_evaluates_resumes_and_stops(tmp_path, minari_root):
 
 def test_offline_one_line_errors(tmp_path, minari_root, capsys):
     """Bad sources and envs are one `error:` line each, before anything is built (in-process:
-    run.main exits with the message)."""
-    sys.path.insert(0, ROOT)
-    import run as cli
+    run.py's command line exits with the message)."""
+    from dreamer_fast.cli import run_py
 
     collect("CartPole-v1", "test/cartpole-v2", 2)
     logdir = ["--logdir", str(tmp_path / "err")]
@@ -266,13 +265,13 @@ def test_offline_one_line_errors(tmp_path, minari_root, capsys):
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_:
-            cli.main([*args, *logdir])
+            run_py([*args, *logdir])
         text = str(exit_.value.code)
         assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not os.path.exists(tmp_path / "err" / "checkpoint.pt")
     # A bad flag value is tyro's error box (exit 2), checked before anything is built.
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["--env", "CartPole-v1", "--preset", "debug", "--updates", "5", *logdir])
+        run_py(["--env", "CartPole-v1", "--preset", "debug", "--updates", "5", *logdir])
     assert exit_.value.code == 2
     out = capsys.readouterr()
     printed = " ".join((out.out + out.err).split())

@@ -3,138 +3,23 @@
     recv (env_id) -> gather carries -> policy_step on the device -> scatter carries -> send
     -> ring.add (obs, action zeroed on is_last, reward, flags, latent) -> limiter.insert
 
-The policy runs on one of two copies of the policy modules (enc, dyn, pol), `PolicyWeights`:
-the learner writes the inactive copy after an update and flips an index, so the actor never
-reads a half-written set and the learner never waits for the actor.
+The policy runs on one of two copies of the policy modules (enc, dyn, pol), handed over by
+`weights.PolicyWeights`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import threading
-import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import RunError
 from dreamer_fast.envs.base import STEP_KEYS
-
-POLICY_MODULES = ("enc", "dyn", "pol")
-
-
-class Policy(nn.Module):
-    """The acting part of an Agent (enc, dyn, pol); shares Agent's policy_step code."""
-
-    def __init__(self, agent: Agent):
-        super().__init__()
-        self.net, self.act_space = agent.net, agent.act_space
-        self.autocast_dtype = agent.autocast_dtype
-        self.autocast_cache = agent.autocast_cache
-        for name in POLICY_MODULES:
-            setattr(self, name, copy.deepcopy(getattr(agent, name)).requires_grad_(False))
-        self.register_buffer("anchor", torch.zeros((), device=agent.device))
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    feat = Agent.feat
-    initial_carry = Agent.initial_carry
-    autocast = Agent.autocast
-    policy_step = Agent.policy_step
-
-
-class PolicyWeights:
-    """Two Policy copies; the learner publishes into the inactive one, then flips `index`.
-
-    Each copy has a lock held while it is read (actor) or written (learner). The learner only
-    try-locks: if the actor still holds the inactive copy (it grabbed it just before a flip),
-    that publish is skipped and the next update publishes instead. On CUDA an event recorded
-    after the copy orders the actor's kernels after it, whatever streams the threads use.
-    """
-
-    def __init__(self, agent: Agent):
-        self.copies = [Policy(agent), Policy(agent)]
-        self.locks = [threading.Lock(), threading.Lock()]
-        self.events = [None, None]
-        self.index = 0
-        self.published = self.skipped = 0
-        self._src = [p for n in POLICY_MODULES for p in getattr(agent, n).state_dict().values()]
-        self._dst = [[t for n in POLICY_MODULES for t in getattr(c, n).state_dict().values()]
-                     for c in self.copies]
-
-    def publish(self) -> bool:
-        """Learner: copy the agent's current policy weights into the inactive copy, flip."""
-        i = 1 - self.index
-        if not self.locks[i].acquire(blocking=False):
-            self.skipped += 1
-            return False
-        try:
-            with torch.no_grad():
-                torch._foreach_copy_(self._dst[i], self._src)
-            if self._src[0].is_cuda:
-                self.events[i] = torch.cuda.Event()
-                self.events[i].record()
-            self.index = i  # flip only after the copy is complete (enqueued, with its event)
-            self.published += 1
-        finally:
-            self.locks[i].release()
-        return True
-
-    def acquire(self) -> tuple[Policy, threading.Lock]:
-        """Actor: lock the active copy (re-checking the index after locking) and return it."""
-        while True:
-            i = self.index
-            self.locks[i].acquire()
-            if i == self.index:
-                if self.events[i] is not None:
-                    torch.cuda.current_stream().wait_event(self.events[i])
-                return self.copies[i], self.locks[i]
-            self.locks[i].release()
-
-
-class Timer:
-    """Named wall-clock sections (env, policy, replay, train); one Timer per thread, read from
-    any thread. `read` counts the open section up to now, so the share of an interval that
-    each section took is at most 1 even when a section spans the interval's edges."""
-
-    def __init__(self):
-        self.total: dict[str, float] = collections.defaultdict(float)
-        self._open: tuple[str, float] | None = None
-        self._lock = threading.Lock()
-
-    def section(self, name: str):
-        return _Section(self, name)
-
-    def read(self) -> dict[str, float]:
-        """Seconds spent in each section so far, the open one up to now."""
-        with self._lock:
-            out = dict(self.total)
-            if self._open is not None:
-                name, start = self._open
-                out[name] = out.get(name, 0.0) + time.perf_counter() - start
-        return out
-
-
-class _Section:
-    def __init__(self, timer: Timer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self):
-        with self.timer._lock:
-            self.timer._open = (self.name, time.perf_counter())
-
-    def __exit__(self, *exc):
-        timer = self.timer
-        with timer._lock:
-            _, start = timer._open
-            timer.total[self.name] += time.perf_counter() - start
-            timer._open = None
+from dreamer_fast.run.clocks import Timer
+from dreamer_fast.run.weights import PolicyWeights
 
 
 class Actor:

@@ -16,7 +16,8 @@ import threading
 
 import torch
 
-from dreamer_fast.run.actor import PolicyWeights, Timer
+from dreamer_fast.run.clocks import Timer
+from dreamer_fast.run.weights import PolicyWeights
 
 
 def annotate(batch: dict[str, torch.Tensor]) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import torch
@@ -35,43 +34,8 @@ from dreamer_fast.run.replicas import check_replicas, ranks_str
 from dreamer_fast.run.session import Run, resolve
 from dreamer_fast.run import estimate
 from dreamer_fast.run.evaluate import PeriodicEval
+from dreamer_fast.run.clocks import Every, clocks as make_clocks
 from dreamer_fast.run.stats import Progress, Stats, feasibility_note, log, report, startup_line
-
-
-class Every:
-    """A wall-clock clock: true once every `seconds` (not at the start)."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.last = seconds, time.time()
-
-    def __call__(self) -> bool:
-        now = time.time()
-        if now - self.last >= self.seconds:
-            self.last = now
-            return True
-        return False
-
-
-class ProgressClock:
-    """When the progress line is due: every second on a terminal (it redraws in place);
-    otherwise every EARLY_S during the replay's prefill and the first EARLY_S * 2 seconds of
-    updates, then every log_every. A run that logs every 120 s (the official cadence) shows
-    its first lines, and its first updates' rates, within seconds, never looking hung."""
-
-    EARLY_S = 15.0
-
-    def __init__(self, tty: bool, log_every: float):
-        self.every = Every(1.0 if tty else min(log_every, self.EARLY_S))
-        self.later, self.tty = log_every, tty
-        self.first_update: float | None = None
-
-    def __call__(self, updates: int) -> bool:
-        if not self.tty and updates and self.first_update is None:
-            self.first_update = time.time()
-        if (not self.tty and self.first_update is not None
-                and time.time() - self.first_update > 2 * self.EARLY_S):
-            self.every.seconds = self.later
-        return self.every()
 
 
 class StopSignals:
@@ -218,9 +182,7 @@ def loop(run: Run, stats: Stats, logger: Logger, signals: StopSignals) -> bool:
     """The scheduler of clocks. Returns True when the step budget was reached."""
     cfg = run.cfg
     progress = Progress(cfg)
-    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every), "log": Every(cfg.log_every),
-              "report": Every(cfg.report_every), "save": Every(cfg.save_every),
-              "eval": Every(cfg.eval_every)}
+    clocks = make_clocks(cfg, logger.tty)
     while not signals.stop.wait(0.2):
         run.check_threads()
         if not run.threads[0].is_alive():
@@ -248,9 +210,7 @@ def loop_replicas(run: Run, stats: Stats, logger: Logger, signals: StopSignals) 
     rank reached its share of the step budget."""
     cfg, main = run.cfg, D.is_main()
     progress = Progress(cfg, run.world)
-    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every), "log": Every(cfg.log_every),
-              "report": Every(cfg.report_every), "save": Every(cfg.save_every),
-              "eval": Every(cfg.eval_every)}
+    clocks = make_clocks(cfg, logger.tty)
     while True:
         signals.stop.wait(0.2)
         done = run.actor_done()  # read before `failed`: a failure ends the actor

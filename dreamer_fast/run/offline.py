@@ -15,7 +15,6 @@ continues online with `python run.py --env ID --logdir DIR --replay.resume-empty
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import threading
@@ -39,7 +38,8 @@ from dreamer_fast.run import fastpath
 from dreamer_fast.run.graphs import compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import Logger, format_duration
-from dreamer_fast.run.loop import Every, ProgressClock, StopSignals, evaluation
+from dreamer_fast.run.clocks import clocks as make_clocks
+from dreamer_fast.run.loop import StopSignals, evaluation
 from dreamer_fast.run.session import resolve
 from dreamer_fast.run.stats import HeldRate, report
 
@@ -248,9 +248,7 @@ def loop(run: OfflineRun, logger: Logger, signals: StopSignals) -> bool:
     """Clocks until the learner has done its updates (True) or a stop signal (False)."""
     cfg = run.cfg
     held = HeldRate(1, 1.0)
-    clocks = {"progress": ProgressClock(logger.tty, cfg.log_every),
-              "log": Every(cfg.log_every), "report": Every(cfg.report_every),
-              "save": Every(cfg.save_every), "eval": Every(cfg.eval_every)}
+    clocks = make_clocks(cfg, logger.tty)
     run.last_log = {"time": time.time(), "updates": run.learner.updates}
     while not signals.stop.wait(0.2):
         run.check_threads()

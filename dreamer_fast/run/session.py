@@ -25,7 +25,8 @@ from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, atom
 from dreamer_fast.envs import make_env
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
-from dreamer_fast.run.actor import Actor, PolicyWeights
+from dreamer_fast.run.actor import Actor
+from dreamer_fast.run.weights import PolicyWeights
 from dreamer_fast.run.device import set_cpu_threads, update_memory, warn_large_on_cpu
 from dreamer_fast.agent.agent import set_kernels
 from dreamer_fast.run import fastpath
