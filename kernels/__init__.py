@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import categorical, fused, policy, returns, rssm_step, twohot
+from . import categorical, fused, gru, norms, policy, resets, returns, twohot
 
 IMPLS = ("ref", "triton", "fused")
 OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",
        "lambda_return", "mask_rows", "action_sample", "gru_cell", "rms_silu_cat",
        "rms_silu_add")
-_MODULES = {"rms_silu": rssm_step, "gru_update": rssm_step, "twohot_loss": twohot,
+_MODULES = {"rms_silu": norms, "gru_update": gru, "twohot_loss": twohot,
             "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical,
-            "lambda_return": returns, "mask_rows": rssm_step, "action_sample": policy,
-            "gru_cell": rssm_step, "rms_silu_cat": rssm_step,
-            "rms_silu_add": rssm_step}
+            "lambda_return": returns, "mask_rows": resets, "action_sample": policy,
+            "gru_cell": gru, "rms_silu_cat": norms,
+            "rms_silu_add": norms}
 
 
 def get_ops(impl: str) -> SimpleNamespace:

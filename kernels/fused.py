@@ -54,7 +54,7 @@ class _RmsSilu(torch.autograd.Function):
 
 
 def rms_silu_fused(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """SiLU(RMSNorm(x)) over the last axis (as kernels.rssm_step.rms_silu_ref)."""
+    """SiLU(RMSNorm(x)) over the last axis (as kernels.norms.rms_silu_ref)."""
     return _RmsSilu.apply(x, scale, eps)
 
 

@@ -71,7 +71,7 @@ def test_reset_zeros_state_then_applies_cell():
 
 def test_gru_block_layout():
     """Each block sees its own slice of h; gates are laid out per block as [r, c, u]."""
-    from dreamer_fast.kernels.rssm_step import gru_update_ref
+    from dreamer_fast.kernels.gru import gru_update_ref
     D, G = 12, 3
     gates, h = torch.randn(4, 3 * D), torch.randn(4, D)
     out = gru_update_ref(gates, h, G)

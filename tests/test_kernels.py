@@ -17,7 +17,8 @@ import torch
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from dreamer_fast.kernels import OPS, categorical, fused, get_ops, policy, returns, rssm_step, twohot
+from dreamer_fast.kernels import (OPS, categorical, fused, get_ops, gru, norms, policy, resets,
+                                  returns, twohot)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -87,7 +88,7 @@ def check(fn, ref_fn, inputs: dict, grads: tuple[str, ...], seed=1, scales=None)
     ((1, 32), False), ((7, 500), False), ((63, 257), False), ((3, 21, 64), False),
     ((7, 500), True),
 ], ids=["rows1-C32", "rows7-C500", "rows63-C257", "lead3x21-C64", "rows7-C500-strided"])
-@pytest.mark.parametrize("op", [rssm_step.rms_silu, fused.rms_silu_fused],
+@pytest.mark.parametrize("op", [norms.rms_silu, fused.rms_silu_fused],
                          ids=["triton", "fused"])
 def test_rms_silu(op, shape, strided, dtype):
     """The Triton kernel and the CPU fast path (hand-written backward) against the reference."""
@@ -95,7 +96,7 @@ def test_rms_silu(op, shape, strided, dtype):
     if strided:  # a transposed view: row stride 1, column stride rows
         x = randn(*shape[::-1], dtype=dtype, scale=2.0).t()
     scale = randn(shape[-1], scale=0.5, seed=2) + 1.0
-    check(lambda a, b: op(a, b, 1e-4), lambda a, b: rssm_step.rms_silu_ref(a, b, 1e-4),
+    check(lambda a, b: op(a, b, 1e-4), lambda a, b: norms.rms_silu_ref(a, b, 1e-4),
           {"x": x, "scale": scale}, grads=("x", "scale"))
 
 
@@ -122,16 +123,16 @@ def test_rms_silu_cat(norm_c, joined, rows, dtype):
         if joined:
             return lambda ab, c, sa, sb: op(ab, None, c, sa, sb, None, 1e-4)
         return lambda *xs: op(*xs[:5], xs[5] if norm_c else None, 1e-4)
-    check(run(rssm_step.rms_silu_cat), run(rssm_step.rms_silu_cat_ref), inputs,
+    check(run(norms.rms_silu_cat), run(norms.rms_silu_cat_ref), inputs,
           grads=tuple(inputs))
     if joined:
         with pytest.raises(ValueError, match="columns"):
-            rssm_step.rms_silu_cat(inputs["ab"][:, 1:], None, c, sa, sb, None)
+            norms.rms_silu_cat(inputs["ab"][:, 1:], None, c, sa, sb, None)
     else:
         with pytest.raises(ValueError, match="rows"):
-            rssm_step.rms_silu_cat(a, b[:-1], c, sa, sb, None)
+            norms.rms_silu_cat(a, b[:-1], c, sa, sb, None)
         with pytest.raises(ValueError, match="scale"):
-            rssm_step.rms_silu_cat(a, b, c, sa[:-1], sb, None)
+            norms.rms_silu_cat(a, b, c, sa[:-1], sb, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,18 +141,18 @@ def test_rms_silu_add(dtype):
     reference; its backward too."""
     x = randn(16, 70, dtype=dtype, scale=2.0)[:, 10:50]
     y = randn(40, 16, dtype=dtype, seed=3).t()
-    check(lambda a, b, s: rssm_step.rms_silu_add(a, b, s, 1e-4),
-          lambda a, b, s: rssm_step.rms_silu_add_ref(a, b, s, 1e-4),
+    check(lambda a, b, s: norms.rms_silu_add(a, b, s, 1e-4),
+          lambda a, b, s: norms.rms_silu_add_ref(a, b, s, 1e-4),
           {"x": x, "y": y, "scale": randn(40, scale=0.5, seed=5) + 1.0},
           grads=("x", "y", "scale"))
     with pytest.raises(ValueError, match="differ"):
-        rssm_step.rms_silu_add(x, y[:, :3], torch.ones(40))
+        norms.rms_silu_add(x, y[:, :3], torch.ones(40))
 
 
 def test_get_ops_impls():
     assert get_ops("fused").rms_silu is fused.rms_silu_fused
     assert get_ops("fused").twohot_loss is fused.twohot_loss_fused
-    assert get_ops("fused").gru_update is rssm_step.gru_update_ref  # no fused version: the ref
+    assert get_ops("fused").gru_update is gru.gru_update_ref  # no fused version: the ref
     with pytest.raises(ValueError, match="allowed: ref, triton, fused"):
         get_ops("cuda")
 
@@ -165,8 +166,8 @@ def test_get_ops_impls():
 def test_gru_update(D, blocks, lead, dtype):
     gates = randn(*lead, 3 * D, dtype=dtype, scale=3.0)
     deter = randn(*lead, D, dtype=dtype, seed=3)
-    check(lambda g, h: rssm_step.gru_update(g, h, blocks),
-          lambda g, h: rssm_step.gru_update_ref(g, h, blocks),
+    check(lambda g, h: gru.gru_update(g, h, blocks),
+          lambda g, h: gru.gru_update_ref(g, h, blocks),
           {"gates": gates, "deter": deter}, grads=("gates", "deter"))
 
 
@@ -176,8 +177,8 @@ def test_gru_update_mixed_dtypes_and_strides():
     D, blocks = 500, 4
     gates = randn(7, 3 * D + 9, dtype=torch.bfloat16, scale=3.0)[:, 5:5 + 3 * D]
     deter = randn(D, 7, seed=3).t()
-    check(lambda g, h: rssm_step.gru_update(g, h, blocks),
-          lambda g, h: rssm_step.gru_update_ref(g, h, blocks),
+    check(lambda g, h: gru.gru_update(g, h, blocks),
+          lambda g, h: gru.gru_update_ref(g, h, blocks),
           {"gates": gates, "deter": deter}, grads=("gates", "deter"))
 
 
@@ -189,8 +190,8 @@ def test_gru_cell(dtype):
     D, blocks = 500, 4
     gates = randn(7, 3 * D + 9, dtype=dtype, scale=3.0)[:, 5:5 + 3 * D]
     inputs = {"gates": gates, "bias": randn(3 * D, seed=4), "deter": randn(D, 7, seed=3).t()}
-    op = lambda g, b, h: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16)
-    ref = lambda g, b, h: rssm_step.gru_cell_ref(g, b, h, blocks, torch.float64)
+    op = lambda g, b, h: gru.gru_cell(g, b, h, blocks, torch.bfloat16)
+    ref = lambda g, b, h: gru.gru_cell_ref(g, b, h, blocks, torch.float64)
     # The bias's gradient sums the gates' gradients, which are in the gates' dtype.
     check(op, ref, inputs, grads=("gates", "deter") + (("bias",) * (dtype == torch.float32)))
     if dtype == torch.bfloat16:
@@ -200,7 +201,7 @@ def test_gru_cell(dtype):
             (out.sum() + 2 * low.sum()).backward()
         assert_close("dbias", b.grad.bfloat16(), b64.grad)
     with pytest.raises(ValueError, match="blocks=3"):
-        rssm_step.gru_cell(randn(2, 12), randn(12), randn(2, 4), 3, torch.float32)
+        gru.gru_cell(randn(2, 12), randn(12), randn(2, 4), 3, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,15 +213,15 @@ def test_gru_cell_with_the_next_steps_reset(dtype):
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).to(dtype)[:, None]
     inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
               "deter": randn(D, N, seed=3).t()}
-    op = lambda g, b, h: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16, keep)
-    ref = lambda g, b, h: rssm_step.gru_cell_ref(g, b, h, blocks, torch.float64, keep.double())
+    op = lambda g, b, h: gru.gru_cell(g, b, h, blocks, torch.bfloat16, keep)
+    ref = lambda g, b, h: gru.gru_cell_ref(g, b, h, blocks, torch.float64, keep.double())
     check(op, ref, inputs, grads=("gates", "deter") + (("bias",) * (dtype == torch.float32)))
     out, low, masked, masked_low, masked_low2 = op(*inputs.values())
     assert masked.dtype == out.dtype and masked_low.dtype == masked_low2.dtype == torch.bfloat16
     assert torch.equal(masked_low, masked_low2) and masked_low2 is not masked_low
     assert torch.equal(masked, out * keep.to(out.dtype)) and not masked[1].any()
     with pytest.raises(ValueError, match="keep"):
-        rssm_step.gru_cell(*inputs.values(), blocks, torch.bfloat16, keep[:-1])
+        gru.gru_cell(*inputs.values(), blocks, torch.bfloat16, keep[:-1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -234,19 +235,19 @@ def test_gru_cell_with_a_tail(with_keep, dtype):
     inputs = {"gates": randn(N, 3 * D, dtype=dtype, scale=3.0), "bias": randn(3 * D, seed=4),
               "deter": randn(D, N, seed=3).t(),
               "tail": randn(N, 3, E, dtype=dtype, seed=6)[:, 1]}
-    op = lambda g, b, h, x: rssm_step.gru_cell(g, b, h, blocks, torch.bfloat16, keep, x)
-    ref = lambda g, b, h, x: rssm_step.gru_cell_ref(
+    op = lambda g, b, h, x: gru.gru_cell(g, b, h, blocks, torch.bfloat16, keep, x)
+    ref = lambda g, b, h, x: gru.gru_cell_ref(
         g, b, h, blocks, torch.float64, None if keep is None else keep.double(), x)
     check(op, ref, inputs, grads=("gates", "deter", "tail"))
     outs = op(*inputs.values())
     assert outs[1].shape == (N, D + E) and outs[1].dtype == torch.bfloat16
-    plain = rssm_step.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep)
+    plain = gru.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep)
     assert all(torch.equal(a, b) for a, b in zip(outs[2:], plain[2:]))
     assert torch.equal(outs[0], plain[0]) and torch.equal(outs[1][:, :D], plain[1])
     if dtype == torch.bfloat16:  # copied as it is (a float32 tail is rounded: `check` above)
         assert torch.equal(outs[1][:, D:], inputs["tail"])
     with pytest.raises(ValueError, match="tail"):
-        rssm_step.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep,
+        gru.gru_cell(*list(inputs.values())[:3], blocks, torch.bfloat16, keep,
                            inputs["tail"][:-1])
 
 
@@ -274,7 +275,7 @@ def test_latent_sample_with_a_head(dtype):
 
 def test_gru_update_rejects_bad_shapes():
     with pytest.raises(ValueError, match="blocks=3"):
-        rssm_step.gru_update(randn(2, 12), randn(2, 4), 3)
+        gru.gru_update(randn(2, 12), randn(2, 4), 3)
 
 
 # ---------------------------------------------------------------------------------- twohot
@@ -375,9 +376,9 @@ def test_mask_rows(N):
     keep = (torch.arange(N, device=DEVICE) % 3 != 1).float()[:, None]
     inputs = {"keep": keep, "a": randn(N, 40), "b": randn(N, 40, seed=2).bfloat16(),
               "c": randn(N, 3, 12, seed=3).transpose(1, 2)}
-    check(rssm_step.mask_rows, rssm_step.mask_rows_ref, inputs, grads=("a", "b", "c"))
+    check(resets.mask_rows, resets.mask_rows_ref, inputs, grads=("a", "b", "c"))
     with pytest.raises(ValueError, match="needs"):
-        rssm_step.mask_rows(keep[:-1], inputs["a"], inputs["b"], inputs["c"])
+        resets.mask_rows(keep[:-1], inputs["a"], inputs["b"], inputs["c"])
 
 
 # --------------------------------------------------------------------------- action_sample
