@@ -1,15 +1,14 @@
 """One training run's live objects: envs, agent, ring, limiter, actor and learner threads.
 
 `Run` builds them in order (bad flags and an unfitting replay fail before anything big is
-allocated), resumes from a checkpoint, captures the CUDA graphs, starts the two threads,
-pauses them for a save and stops them. The clocks that drive it are in loop.py.
+allocated), captures the CUDA graphs, starts the two threads and stops them; the save and
+resume protocol is saves.py's, the clocks that drive a run are loop.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import threading
 import time
 
@@ -20,8 +19,7 @@ from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
 from dreamer_fast.data.ring import RING_MARGIN, Ring, replay_capacity, replay_spec
-from dreamer_fast.data.store import (ChunkStore, DiskFull, ReplayFileError, atomic_write,
-                                     list_replay, read_manifest, remove_stale_temps)
+from dreamer_fast.data.store import ChunkStore, DiskFull, atomic_write
 from dreamer_fast.envs import make_env
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
@@ -33,6 +31,7 @@ from dreamer_fast.run import fastpath
 from dreamer_fast.run.graphs import GraphedPolicy, compile_steps, resolve_graphs
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import check_wandb
+from dreamer_fast.run import saves
 from dreamer_fast.run.replicas import Lockstep
 
 
@@ -210,127 +209,8 @@ class Run:
                  f"{time.perf_counter() - start:.1f}s")
 
     def resume(self) -> bool:
-        """Restore the last save point of cfg.logdir, if any (else start a fresh replay
-        folder); returns whether it resumed. Every problem is one ConfigError line."""
-        os.makedirs(self.cfg.logdir, exist_ok=True)
-        if self.rank == 0:  # each rank cleans its own replay folder (ChunkStore)
-            if note := checkpoint.recover_killed_save(self.cfg.logdir):
-                print(note, flush=True)
-            remove_stale_temps(self.cfg.logdir, depth=0, mine=True)
-        if self.world > 1:  # every rank looks for the checkpoint after rank 0 recovered it
-            D.control_all_gather(torch.zeros(1))
-        folder = checkpoint.replay_dir(self.cfg.logdir, self.rank, self.world)
-        file = checkpoint.find(self.cfg.logdir)
-        if file is None:
-            self._fresh(folder)
-            return False
-        ckpt = checkpoint.load_checkpoint(file, self.device)
-        checkpoint.check_compatible(ckpt, self.cfg, file)
-        checkpoint.check_world_size(ckpt, self.world, file)
-        self.agent.load_state_dict(ckpt["agent"])
-        self.agent.opt.load_state_dict(ckpt["opt"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        self.counters.update(ckpt["counters"])
-        self.counters["save_id"] = int(ckpt.get("save_id", self.counters.get("save_id", 0)))
-        self.run_id = ckpt.get("run_id")
-        if self.run_id is None:  # saved before the replay folder: one replay.pt
-            self.run_id = self._new_run_id()
-            if not checkpoint.restore_legacy(file, ckpt, self.limiter, self.ring, self.rank,
-                                             self.world):
-                self._empty_replay(file, f"no {checkpoint.REPLAY} beside {file}")
-            self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
-            self.store.create()
-            self.store.start_from_ring()
-        else:
-            self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
-            self._load_replay(file, folder)
-        who = f"[rank {self.rank}] " if self.world > 1 else ""
-        print(f"{who}resumed from {file} (run {self.run_id}, save {self.counters['save_id']}): "
-              f"{self.ring.inserted:,} agent steps, {self.counters['updates']:,} updates, "
-              f"replay {self.fill():.0%} full", flush=True)
-        return True
-
-    def _new_run_id(self) -> str:
-        """12 hex digits, rank 0's in a data-parallel world (every rank calls it)."""
-        rid = int.from_bytes(os.urandom(6), "big")
-        if self.world > 1:  # 48 bits are exact in a float64
-            rid = int(D.control_all_gather(torch.tensor([float(rid)], dtype=torch.float64))[0, 0])
-        return f"{rid:012x}"
-
-    def _fresh(self, folder: str) -> None:
-        """A new run: a new run id and replay folder. A replay folder left by a run that
-        never saved a checkpoint holds nothing resumable and is cleared; one with save points
-        but no checkpoint beside it is refused."""
-        self.run_id = self._new_run_id()
-        if os.path.exists(folder):
-            try:
-                info = list_replay(folder)
-            except ReplayFileError as e:
-                raise ConfigError(f"{folder} is in the way of a new run ({e}); move it away or "
-                                  "use a new --logdir") from None
-            if info["save_points"] == [1]:  # the first save never wrote its checkpoint
-                print(f"note: the first save was interrupted before its checkpoint was "
-                      f"written: nothing of run {info['manifest']['run_id']} was saved; "
-                      f"starting afresh (removing {folder})", flush=True)
-            elif info["save_points"]:
-                raise ConfigError(
-                    f"{folder} holds the replay of run {info['manifest']['run_id']} (save "
-                    f"points {info['save_points']}) but {self.cfg.logdir} has no "
-                    f"{checkpoint.CHECKPOINT}; put the checkpoint back to resume, or use a new "
-                    "--logdir")
-            else:
-                print(f"note: removing {folder}: the replay of a run that never saved a "
-                      "checkpoint", flush=True)
-            shutil.rmtree(folder)
-        self.store = ChunkStore(folder, self.ring, self.run_id, self.cfg.replay.keep_chunks)
-        self.store.create()
-
-    def _load_replay(self, file: str, folder: str) -> None:
-        """The replay, limiter (and with N > 1 processes this rank's RNG) of the checkpoint's
-        save point; a missing, foreign or unusable one is an error unless
-        --replay.resume-empty."""
-        save_id = self.counters["save_id"]
-        try:
-            manifest = read_manifest(folder)
-        except ReplayFileError as e:
-            return self._empty_replay(file, str(e))
-        if manifest.get("run_id") != self.run_id:
-            return self._empty_replay(file, f"{folder} holds the replay of run "
-                                      f"{manifest.get('run_id')}, not of this run "
-                                      f"({self.run_id}): files of two runs")
-        mine = self.store.manifest()
-        for key in ("num_streams", "capacity_per_stream", "chunk_steps", "keys"):
-            if manifest.get(key) != mine[key]:
-                return self._empty_replay(file, f"{folder}/manifest.json has {key} "
-                                          f"{manifest.get(key)}, this run needs {mine[key]}")
-        try:
-            meta = self.store.load(save_id)
-        except ReplayFileError as e:
-            return self._empty_replay(file, str(e))
-        self.limiter.load_state_dict(meta["limiter"])
-        if self.world > 1:
-            checkpoint.set_rng_state(checkpoint.rng_from_arrays(meta["rng"], meta["arrays"]))
-
-    def _empty_replay(self, file: str, why: str) -> None:
-        """Continue with an empty replay (--replay.resume-empty), or the error naming it."""
-        steps, updates = int(self.counters["steps"]), int(self.counters["updates"])
-        if not self.cfg.replay.resume_empty:
-            raise ConfigError(
-                f"the replay of {file} (save {self.counters['save_id']}, {steps:,} steps) "
-                f"cannot be restored: {why}. Rerun with --replay.resume-empty to continue "
-                f"with an empty replay keeping the weights and counts ({steps:,} steps, "
-                f"{updates:,} updates), or restore the replay folder")
-        print(f"warning: {why}; resuming with an empty replay (--replay.resume-empty): the "
-              f"counts stay at {steps:,} steps, {updates:,} updates", flush=True)
-        folder = self.store.path if self.store else checkpoint.replay_dir(
-            self.cfg.logdir, self.rank, self.world)
-        if os.path.exists(folder):
-            aside = f"{folder}.unused-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(folder, aside)
-            print(f"note: moved the unusable {folder} to {aside}", flush=True)
-        self.ring.reset_counts(-(-steps // self.world))
-        if self.store is not None:
-            self.store.create()
+        """Restore the last save point, if any (saves.resume)."""
+        return saves.resume(self)
 
     def fill(self) -> float:
         return min(1.0, self.ring.inserted / (self.ring.cap * self.ring.num_streams))
@@ -345,12 +225,8 @@ class Run:
             raise RuntimeError("replay writer thread failed") from self.writer_error
 
     def kept(self) -> str:
-        """What is on disk to resume from, for messages."""
-        if not self.counters.get("save_id"):
-            return f"nothing was saved (no checkpoint in {self.cfg.logdir} yet)"
-        return (f"{os.path.join(self.cfg.logdir, checkpoint.CHECKPOINT)} keeps save "
-                f"{self.counters['save_id']} at {int(self.counters['steps']):,} steps, "
-                f"{int(self.counters['updates']):,} updates")
+        """What is on disk to resume from, for messages (saves.kept)."""
+        return saves.kept(self)
 
     def nonfinite(self) -> list[str]:
         """Names of the losses that were ever non-finite, or ['parameters'] when only the
@@ -385,73 +261,8 @@ class Run:
                 return
 
     def save(self) -> bool:
-        """Save point counters['save_id'] + 1 (checkpoint.py): every rank its replay save
-        point, then rank 0 checkpoint.pt. The actor is paused only to copy the open replay
-        tails and the small state, the learner also to check the losses and copy the weights;
-        the files are written after, while training goes on.
-        Out of disk space it prints one line, removes its partial files and returns False
-        (the previous save point stays whole). Non-finite losses raise RunError, unsaved."""
-        save_id = int(self.counters["save_id"]) + 1
-        # Actor first (see learner.lock). The actor waits only for the replay's open tails and
-        # the small state; the learner also for the copy of the weights and optimizer state.
-        self.actor.lock.acquire()
-        self.learner.lock.acquire()
-        try:
-            try:
-                bad = self.nonfinite()
-                if bad and self.world == 1:
-                    raise RunError(self.nonfinite_message(bad))
-                steps = self.ring.inserted if self.world == 1 else max(self.global_steps,
-                                                                       self.ring.inserted)
-                counters = {**self.counters, "steps": steps, "updates": self.learner.updates,
-                            "elapsed_s": time.time() - self.t0, "save_id": save_id}
-                snap = self.store.snapshot()
-                limiter = self.limiter.state_dict()
-                rng = checkpoint.rng_state()
-            finally:
-                self.actor.lock.release()
-            payload = None
-            if self.rank == 0:
-                payload = {"run_id": self.run_id, "save_id": save_id,
-                           "config": checkpoint.config_json(self.cfg),
-                           "agent": checkpoint.cpu_copy(self.agent.state_dict()),
-                           "opt": checkpoint.cpu_copy(self.agent.opt.state_dict()),
-                           "limiter": limiter, "counters": counters, "rng": rng,
-                           "world_size": self.world}
-        finally:
-            self.learner.lock.release()
-        if self.world > 1:  # every rank stops, or none; no collective while paused (rule 1)
-            flags = D.control_all_gather(torch.tensor([bool(bad)], dtype=torch.float64))
-            if bool(flags.any()):
-                raise RunError(self.nonfinite_message(bad or ["losses on another rank"]))
-        rng_meta, rng_arrays = checkpoint.rng_arrays(rng)
-        error = None
-        try:
-            self.store.write_point(snap, save_id, {"limiter": limiter, "counters": counters,
-                                                   "rng": rng_meta, "arrays": rng_arrays})
-        except DiskFull as e:
-            error = e
-        if self.world > 1:  # rank 0 publishes only once every rank's save point is written
-            ok = D.control_all_gather(torch.tensor([error is None], dtype=torch.float64))
-            if error is None and not bool(ok.all()):
-                error = RuntimeError("another rank could not write its replay save point")
-        if error is None and self.rank == 0:
-            try:
-                checkpoint.write_checkpoint(self.cfg.logdir, payload)
-            except DiskFull as e:
-                error = e
-        if self.world > 1:  # the same outcome everywhere: the save ids stay equal across ranks
-            ok = D.control_all_gather(torch.tensor([error is None], dtype=torch.float64))
-            if error is None and not bool(ok.all()):
-                error = RuntimeError("rank 0 could not write the checkpoint")
-        if error is not None:
-            intact = " and is intact" if self.counters.get("save_id") else ""
-            print(f"save {save_id} failed: {error}; {self.kept()}{intact}; its partial files "
-                  "were removed; the next save tries again", flush=True)
-            return False
-        self.counters = counters
-        self.store.commit(save_id, snap["state"]["count"])
-        return True
+        """The next save point (saves.save): False when the disk is full."""
+        return saves.save(self)
 
     def stop(self, finished: bool, failed: bool = False) -> None:
         """Stop both threads; on a finished run the learner first catches up with the ratio.
