@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import append, environment  # noqa: E402
 from bench.throughput import IMAGE, VECTOR  # noqa: E402
+from dreamer_fast.agent import losses as agent_losses  # noqa: E402
 from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig  # noqa: E402
 from dreamer_fast.data.synthetic import ActSpace, make_batch  # noqa: E402
@@ -102,15 +103,21 @@ def _phased(counter: KernelCount, phase: str, fn):
     return wrapped
 
 
-def instrument(agent: Agent, counter: KernelCount) -> None:
-    """Charge the agent's parts to phases (instance attributes shadow the methods)."""
+LOSS_PHASES = {"world_losses": "world", "imag_loss": "actor-critic",
+               "repl_loss": "actor-critic"}
+"""The loss functions of agent/losses.py and the phase each is charged to."""
+
+
+def instrument(agent: Agent, counter: KernelCount) -> dict:
+    """Charge the agent's parts to phases (instance attributes shadow the methods; the loss
+    functions are wrapped in their module). Returns the functions to put back."""
     agent.enc.forward = _phased(counter, "observe", agent.enc.forward)
     agent.dyn.observe = _phased(counter, "observe", agent.dyn.observe)
-    agent._world_losses = _phased(counter, "world", agent._world_losses)
     agent.imagine = _phased(counter, "imagine", agent.imagine)
-    agent._imag_losses = _phased(counter, "actor-critic", agent._imag_losses)
-    agent._repval_loss = _phased(counter, "actor-critic", agent._repval_loss)
     agent.opt.step = _phased(counter, "optimizer", agent.opt.step)
+    originals = {name: getattr(agent_losses, name) for name in LOSS_PHASES}
+    for name, phase in LOSS_PHASES.items():
+        setattr(agent_losses, name, _phased(counter, phase, originals[name]))
     loss_backward = torch.Tensor.backward
 
     def backward(tensor, *args, **kwargs):
@@ -120,6 +127,7 @@ def instrument(agent: Agent, counter: KernelCount) -> None:
         finally:
             counter.phase = previous
     counter.backward = backward
+    return originals
 
 
 def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloat16") -> dict:
@@ -131,7 +139,7 @@ def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloa
                                                     cfg.batch_length + 1).items()}
     agent.train_step(batch)  # warm-up: optimizer state, lazily built buffers
     counter = KernelCount()
-    instrument(agent, counter)
+    losses = instrument(agent, counter)
     original = torch.Tensor.backward
     torch.Tensor.backward = counter.backward
     try:
@@ -140,6 +148,8 @@ def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloa
             agent.train_step(batch)
     finally:
         torch.Tensor.backward = original
+        for name, fn in losses.items():
+            setattr(agent_losses, name, fn)
     total = sum(counter.ops.values())
     return {"bench": "kernel-count", "workload": workload, "mode": mode, "kernels": total,
             "precision": precision,

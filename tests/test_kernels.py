@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
+from dreamer_fast.agent import imagine
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
 from dreamer_fast.kernels import (OPS, categorical, fused, get_ops, gru, norms, policy, resets,
@@ -665,8 +666,8 @@ def test_joined_rollout_equals_the_layered_one(discrete):
     rms_silu_cat) gives the layer-by-layer rollout's states and actions from the same noise."""
     agent, deter, stoch, noise = rollout_case(discrete, horizon=5, n=12)
     with torch.no_grad(), agent.deferral():
-        joined = agent._rollout_joined(deter, stoch, deter, noise)
-        layered = agent._rollout(deter, stoch, deter, noise)
+        joined = imagine.rollout_joined(agent, deter, stoch, deter, noise)
+        layered = imagine.rollout(agent, deter, stoch, deter, noise)
     for name, a, b in zip(("deters", "stochs", "actions"), joined, layered):
         assert len(a) == len(b)
         for t, (x, y) in enumerate(zip(a, b)):
@@ -680,11 +681,11 @@ def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one
     no sample can flip)."""
     agent, deter, stoch, noise = rollout_case(False, horizon=1, n=64)
     with torch.no_grad(), agent.deferral():
-        ref = agent._rollout(deter, stoch, deter, noise)
+        ref = imagine.rollout(agent, deter, stoch, deter, noise)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             low = deter.to(torch.bfloat16)
-            joined = agent._rollout_joined(deter, stoch, low, noise)
-            layered = agent._rollout(deter, stoch, low, noise)
+            joined = imagine.rollout_joined(agent, deter, stoch, low, noise)
+            layered = imagine.rollout(agent, deter, stoch, low, noise)
     for name, pick in (("next deter", lambda r: r[0][1]), ("action", lambda r: r[2][0])):
         err_joined = (pick(joined).double() - pick(ref).double()).abs().mean().item()
         err_layered = (pick(layered).double() - pick(ref).double()).abs().mean().item()

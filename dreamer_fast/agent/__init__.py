@@ -2,7 +2,8 @@
 
 nets (layers, fan-in init), deferred (the scans' weight gradients once per update, the GPU
 path; per thread), dists (symlog, twohot, categoricals), rssm (encoder, block-GRU RSSM,
-decoder), heads (reward, continue, actor, critic), losses (lambda-returns, return normaliser),
+decoder), heads (reward, continue, actor, critic), losses (the world-model, imagination and replay
+losses as free functions, the return normaliser), imagine (imagination's rollout schedules),
 optim (AGC -> LaProp), parallel (the gradient all-reduce and return all-gather the math needs
 as one replica of several), agent (the `Agent` with its pure step functions: policy_step,
 train_step, report_step).
