@@ -18,12 +18,14 @@ from __future__ import annotations
 import os
 import sys
 
-from dreamer_fast.config import ConfigError, choose, parse
+from dreamer_fast.config import ConfigError, parse
 
 
 def train(argv: list[str], prog: str = "dreamer-fast train") -> None:
     """Train, resume or train offline (`--offline`): the flags of `python run.py`."""
-    choice = choose(argv, _route, _suite)
+    from dreamer_fast.run.resolve import choose
+
+    choice = choose(argv)
     cfg = parse(argv, choice=choice, prog=prog)
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
         for note in choice.notes:
@@ -105,25 +107,3 @@ def run_py(argv: list[str]) -> None:
         main(["eval", *[a for a in argv if a != "--eval"]], "run.py --eval")
     else:
         main(["train", *argv], "run.py")
-
-
-def _route(env_id: str, pixels: bool) -> tuple[str, str]:
-    """The preset from the env's suite; an unknown id fails naming the closest ones."""
-    from dreamer_fast.envs import preset_for
-
-    try:
-        return preset_for(env_id, pixels)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
-def _suite(env_id: str) -> str | None:
-    """The env's suite, None for an id no suite knows (_route names the fix for those)."""
-    from dreamer_fast.envs import suite_of
-
-    try:
-        return suite_of(env_id)
-    except ValueError:
-        return None

@@ -1,18 +1,20 @@
 """Every setting of dreamer_fast, as typed tyro dataclasses, plus the named presets.
 
 Model size presets are `NetConfig` instances in `SIZES`; domain presets are full `Config`
-instances in `DOMAINS`. `parse(argv, route)` picks the domain from `--preset` or the env's
-suite (`route`, e.g. dreamer_fast.envs.preset_for), the size from the domain (or `--model`),
-then lets any field be overridden.
+instances in `DOMAINS`. `parse(argv, choice)` starts from the chosen domain and size and lets
+any field be overridden; run/resolve.py picks the domain from the env's suite (`choose`) and
+settles every "auto" (`resolve`, with the `settle_*` functions here, the one place each is
+decided).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import tyro
@@ -494,12 +496,6 @@ def _flag(argv: list[str], name: str) -> str | None:
     return value
 
 
-Route = Callable[[str, bool], tuple[str, str]]
-"""env id, pixels -> (domain preset, why): dreamer_fast.envs.preset_for (by suite, never name)."""
-Suite = Callable[[str], "str | None"]
-"""env id -> its suite ('atari', 'dmc', 'crafter', 'gymnasium'; None if unknown):
-dreamer_fast.envs.suite_of. Gives the control preset its DMC train ratio."""
-
 CPU_MODEL = "size1m"
 """The model a preset's GPU-sized model (deter >= LARGE_DETER) becomes without a GPU."""
 LARGE_DETER = 2048
@@ -518,58 +514,98 @@ class Choice:
     """The preset's train_ratio for this env's suite where it differs (control on DMC)."""
 
 
-def _has_cuda(device: str) -> bool:
+def settle_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'; a CUDA device asked for
+    where none is visible is a ConfigError."""
     if device == "auto":
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but no CUDA device is visible here; use "
+                          "--device auto or --device cpu")
+    return device
 
 
-def choose(argv: list[str], route: Route | None, suite: Suite | None = None) -> Choice:
-    """The domain preset (`--preset`, else from the env's suite by `route`) and the model
-    (`--model`, else the preset's; without a GPU a model of deter >= LARGE_DETER becomes
-    CPU_MODEL, so the first command runs where it is typed), with one line on each choice.
-    `suite` (the env's suite by id) gives the control preset its DMC train ratio."""
-    env = _flag(argv, "env") or Config.env
-    preset, notes = _flag(argv, "preset"), []
-    if preset is None:
-        if route is None:
-            raise ConfigError("no --preset given and no route to pick one from the env")
-        pixels = any(f"--env-opts.{name}" in argv or _flag(argv, f"env-opts.{name}") == "True"
-                     for name in ("pixels", "render-image"))
-        preset, why = route(env, pixels)
+def settle_graphs(graphs: str, device: str) -> str:
+    """'auto' -> 'on' with CUDA, 'off' elsewhere; 'on' off CUDA is a ConfigError."""
+    kind = device.split(":")[0]
+    if graphs not in ("auto", "on", "off"):
+        raise ConfigError(f"invalid config: graphs={graphs!r}; allowed: auto, on, off")
+    if graphs == "on" and kind != "cuda":
+        raise ConfigError(f"invalid config: graphs='on' needs a CUDA device, got {kind!r}; "
+                          "allowed there: auto or off")
+    return graphs if graphs != "auto" else ("on" if kind == "cuda" else "off")
+
+
+def settle_kernels(kernels: str, device: str) -> str:
+    """'auto' -> 'triton' on CUDA, 'fused' elsewhere; 'triton' off CUDA needs the Triton
+    interpreter (TRITON_INTERPRET=1), else a ConfigError."""
+    kind = device.split(":")[0]
+    if kernels == "auto":
+        return "triton" if kind == "cuda" else "fused"
+    if kernels == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("invalid config: agent.kernels='triton' on a non-CUDA device; allowed: "
+                          "fused, ref or auto (or set TRITON_INTERPRET=1 to run kernels "
+                          "interpreted)")
+    return kernels
+
+
+def settle_precision(precision: str, device: str) -> str:
+    """'auto' -> 'bfloat16' matmuls on CUDA, 'float32' elsewhere."""
+    if precision == "auto":
+        return "bfloat16" if device.split(":")[0] == "cuda" else "float32"
+    return precision
+
+
+def settle(cfg: "Config") -> "Config":
+    """cfg with every 'auto' of the machine settled: device, graphs, kernels, precision."""
+    device = settle_device(cfg.device)
+    agent = replace(cfg.agent, kernels=settle_kernels(cfg.agent.kernels, device),
+                    precision=settle_precision(cfg.agent.precision, device))
+    return replace(cfg, device=device, graphs=settle_graphs(cfg.graphs, device), agent=agent)
+
+
+def default_choice(argv: list[str], preset: str | None = None, why: str = "",
+           train_ratio: float | None = None, ratio_why: str = "") -> Choice:
+    """The Choice the defaults come from: the domain preset (`--preset`, else `preset`: the
+    env's, picked by run/resolve.choose, with `why`) and the model (`--model`, else the
+    preset's; without a GPU a model of deter >= LARGE_DETER becomes CPU_MODEL, so the first
+    command runs where it is typed), with one note on each choice made for the user."""
+    notes = []
+    flag = _flag(argv, "preset")
+    if flag is not None:
+        preset = flag
+    elif preset is None:
+        raise ConfigError("no --preset given and no env to pick one from")
+    else:
         notes.append(f"preset {preset} ({why}; --preset to change)")
     if preset not in DOMAINS:
         raise ConfigError(f"invalid config: preset={preset!r}; allowed: {', '.join(DOMAINS)}")
     model = _flag(argv, "model")
     if model is None:
         model = DOMAINS[preset].model
-        device = _flag(argv, "device") or Config.device
-        if SIZES[model].deter >= LARGE_DETER and not _has_cuda(device):
+        device = settle_device(_flag(argv, "device") or Config.device)
+        if SIZES[model].deter >= LARGE_DETER and not device.startswith("cuda"):
             notes.append(f"model {CPU_MODEL} instead of the preset's {model}: no GPU here, and "
                          f"a {model} update takes minutes on a CPU (--model {model} for the "
                          "paper's settings)")
             model = CPU_MODEL
     if model not in SIZES:
         raise ConfigError(f"invalid config: model={model!r}; allowed: {', '.join(SIZES)}")
-    ratio = None
-    if preset == "control" and suite is not None and suite(env) == "dmc":
-        ratio = CONTROL_DMC_RATIO
-        notes.append(f"train_ratio {ratio:g} (the control preset on DMC; --train-ratio to "
-                     "change)")
-    return Choice(preset, model, tuple(notes), ratio)
+    if train_ratio is not None and preset == "control":
+        notes.append(f"train_ratio {train_ratio:g} ({ratio_why}; --train-ratio to change)")
+    else:
+        train_ratio = None
+    return Choice(preset, model, tuple(notes), train_ratio)
 
 
-
-def parse(argv: list[str] | None = None, route: Route | None = None,
-          choice: Choice | None = None, prog: str | None = None) -> Config:
-    """Build the Config from command-line flags.
-
-    The domain preset comes from `--preset` or the env's suite (`route`), the model size from
-    `--model` or the domain (see `choose`); every field can then be overridden
-    (`--net.deter 1024`, `--agent.lam 0.9`).
-    """
+def parse(argv: list[str] | None = None, choice: Choice | None = None,
+          prog: str | None = None) -> Config:
+    """The user's Config from command-line flags: the defaults of `choice` (the preset and
+    model; run/resolve.choose picks them from the env, and without it `--preset` must be
+    given), with every field overridable (`--net.deter 1024`, `--agent.lam 0.9`). Its "auto"
+    values are settled by run/resolve.resolve."""
     argv = _normalise(sys.argv[1:] if argv is None else argv)
-    choice = choice or choose(argv, route)
+    choice = choice or default_choice(argv)
     env = _flag(argv, "env") or Config.env
     default = replace(DOMAINS[choice.preset], env=env, preset=choice.preset, model=choice.model,
                       net=SIZES[choice.model])

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig, choose
+from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig
 from dreamer_fast.config import parse as _parse
-from dreamer_fast.envs import preset_for, suite_of
+from dreamer_fast.run.resolve import choose
 
 
 def parse(argv):
-    return _parse(argv, route=preset_for)
+    return _parse(argv, choice=choose(argv))
 
 
 # id -> preset; every one keeps the env's own time limit (0: the registered one; Atari's
@@ -37,7 +37,7 @@ ROUTES = [
 @pytest.mark.parametrize("argv,preset", ROUTES,
                          ids=lambda a: " ".join(a) if isinstance(a, list) else a)
 def test_preset_from_suite_never_from_name(argv, preset):
-    choice = choose(argv, preset_for)
+    choice = choose(argv)
     cfg = _parse(argv, choice=choice)
     assert cfg.preset == preset and choice.notes[0].startswith(f"preset {preset} (")
     assert "--preset to change" in choice.notes[0]
@@ -46,20 +46,20 @@ def test_preset_from_suite_never_from_name(argv, preset):
 
 
 def test_notes_name_the_suite_and_the_cpu_model(monkeypatch):
-    choice = choose(["--env", "CartPole-v1"], preset_for)
+    choice = choose(["--env", "CartPole-v1"])
     assert choice.notes == ("preset control (Gymnasium, vector observations; --preset to "
                             "change)",)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    choice = choose(["--env", "Pong-v5", "--num-envs", "64"], preset_for)
+    choice = choose(["--env", "Pong-v5", "--num-envs", "64"])
     assert choice.model == "size1m" and "--model size200m for the paper's settings" in (
         choice.notes[1])
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    assert choose(["--env", "Pong-v5"], preset_for).model == "size200m"  # a GPU: the paper's
-    assert choose(["--env", "Pong-v5", "--device", "cuda"], preset_for).model == "size200m"
+    assert choose(["--env", "Pong-v5"]).model == "size200m"  # a GPU: the paper's
+    assert choose(["--env", "Pong-v5", "--device", "cuda"]).model == "size200m"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     # An explicit choice is kept, and so is a preset whose model is small already.
-    assert choose(["--env", "Pong-v5", "--model", "size12m"], preset_for).model == "size12m"
-    assert choose(["--env", "CartPole-v1"], preset_for).model == "size300k"
+    assert choose(["--env", "Pong-v5", "--model", "size12m"]).model == "size12m"
+    assert choose(["--env", "CartPole-v1"]).model == "size300k"
 
 
 def test_env_picks_domain_and_model(monkeypatch):
@@ -79,17 +79,15 @@ def test_env_picks_domain_and_model(monkeypatch):
 def test_control_preset_train_ratio_by_suite():
     # Gymnasium keeps the preset's 16; DMC under --preset control gets 32 and says so.
     assert parse(["--env", "CartPole-v1"]).train_ratio == 16
-    choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"], preset_for,
-                    suite_of)
+    choice = choose(["--env", "CartpoleBalance-v1", "--preset", "control"])
     assert choice.train_ratio == 32 and choice.notes == (
         "train_ratio 32 (the control preset on DMC; --train-ratio to change)",)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control"], choice=choice)
     assert (cfg.preset, cfg.model, cfg.train_ratio) == ("control", "size300k", 32)
     cfg = _parse(["--env", "CartpoleBalance-v1", "--preset", "control", "--train-ratio", "8"],
-                 choice=choose(["--env", "CartpoleBalance-v1", "--preset", "control"],
-                               preset_for, suite_of))
+                 choice=choose(["--env", "CartpoleBalance-v1", "--preset", "control"]))
     assert cfg.train_ratio == 8  # a flag still wins
-    assert choose(["--env", "CartPole-v1"], preset_for, suite_of).train_ratio is None
+    assert choose(["--env", "CartPole-v1"]).train_ratio is None
     assert parse(["--env", "CartpoleBalance-v1"]).train_ratio == 1024  # dmc_proprio: unchanged
 
 

@@ -152,7 +152,8 @@ def in_process(logdir, *flags, mode="save"):
     import dataclasses
 
     from dreamer_fast.config import parse
-    from dreamer_fast.run.session import Run, resolve
+    from dreamer_fast.run.resolve import resolve
+    from dreamer_fast.run.session import Run
 
     cfg = parse([*CARTPOLE, *flags, "--logdir", str(logdir)])
     run_ = Run(resolve(dataclasses.replace(cfg, device="cpu")))
@@ -361,7 +362,7 @@ def test_logdir_that_is_a_file_or_not_writable_is_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": TESTS})
     if "No module named" not in proc.stderr and "setpriv:" not in proc.stderr:
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {want}"
-    from dreamer_fast.run import session
+    from dreamer_fast.run import resolve as session
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -33,7 +33,7 @@ from dreamer_fast.run.weights import Policy, PolicyWeights
 from dreamer_fast.agent.agent import Agent, set_kernels
 from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig, parse
 from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, policy_fn, policy_inputs,
-                                     resolve_graphs, state_tensors, update_fn, warm_up)
+                                     state_tensors, update_fn, warm_up)
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 
 SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3, precision="float32",
@@ -212,11 +212,12 @@ def test_warm_up_is_undone():
 
 
 def test_graph_flags():
-    cpu = torch.device("cpu")
-    assert resolve_graphs("auto", cpu) is False and resolve_graphs("off", cpu) is False
-    assert resolve_graphs("auto", torch.device("cuda")) is True
+    from dreamer_fast.config import settle_graphs
+
+    assert settle_graphs("auto", "cpu") == "off" and settle_graphs("off", "cpu") == "off"
+    assert settle_graphs("auto", "cuda") == "on" and settle_graphs("auto", "cuda:1") == "on"
     with pytest.raises(ConfigError, match="graphs='on' needs a CUDA device"):
-        resolve_graphs("on", cpu)
+        settle_graphs("on", "cpu")
     cfg = parse(["--env", "CartPole-v1", "--preset", "debug", "--graphs", "off", "--compile"])
     assert cfg.graphs == "off" and cfg.compile is True
     with pytest.raises(SystemExit):

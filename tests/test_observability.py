@@ -276,7 +276,7 @@ def test_ctrl_c_of_a_dm_control_pixels_run_prints_no_egl_noise(tmp_path):
 def test_help_is_true():
     """--help names the preset and model choices, cites nothing outside the repository, and
     its replay shares are the code's."""
-    from dreamer_fast.run.session import REPLAY_RAM_SHARE
+    from dreamer_fast.run.resolve import REPLAY_RAM_SHARE
 
     code, out = cli("--help", timeout=120)
     assert code == 0

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 
 import torch
 from torch import nn
@@ -23,7 +22,8 @@ from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
 from dreamer_fast.agent import deferred, imagine
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
-from dreamer_fast.config import AgentConfig, ConfigError, NetConfig, match_keys
+from dreamer_fast.config import (AgentConfig, ConfigError, NetConfig, match_keys,
+                                 settle_kernels, settle_precision)
 from dreamer_fast.kernels import get_ops
 
 LOSSES = L.LOSSES
@@ -33,24 +33,6 @@ TRAINED = ("enc", "dyn", "dec", "rew", "con", "pol", "val")
 def select_keys(obs_space: dict, pattern: str, name: str) -> dict:
     """The entries of obs_space whose key matches `pattern` in full; ConfigError if none."""
     return {k: obs_space[k] for k in match_keys(obs_space, pattern, name)}
-
-
-def resolve_kernels(impl: str, device: torch.device) -> str:
-    """'auto' -> triton on CUDA, fused elsewhere; triton off CUDA needs TRITON_INTERPRET=1."""
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "fused"
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("invalid config: agent.kernels='triton' on a non-CUDA device; allowed: "
-                          "fused, ref or auto (or set TRITON_INTERPRET=1 to run kernels "
-                          "interpreted)")
-    return impl
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for matmuls/convs: 'auto' -> bfloat16 on CUDA, none elsewhere."""
-    if precision == "auto":
-        precision = "bfloat16" if device.type == "cuda" else "float32"
-    return torch.bfloat16 if precision == "bfloat16" else None
 
 
 def set_kernels(module: nn.Module, impl: str) -> None:
@@ -75,8 +57,11 @@ class Agent(nn.Module):
         super().__init__()
         device = torch.device(device)
         self.net, self.cfg, self.act_space = net, cfg, act_space
-        self.ops = ops = get_ops(resolve_kernels(cfg.kernels, device))
-        self.autocast_dtype = resolve_precision(cfg.precision, device)
+        # A run's config is concrete (run/resolve.py); "auto" (tests, benches) is settled by
+        # the same config.settle_* functions.
+        self.ops = ops = get_ops(settle_kernels(cfg.kernels, device.type))
+        precision = settle_precision(cfg.precision, device.type)
+        self.autocast_dtype = torch.bfloat16 if precision == "bfloat16" else None
         self.autocast_cache = True  # graphs.py turns it off: cached casts outlive no replay
         # The GPU path defers the scans' weight gradients to one GEMM per layer per update
         # (agent/deferred.py: about 4 kernels fewer per layer and step); the others

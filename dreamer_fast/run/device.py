@@ -8,12 +8,8 @@ import os
 import numpy as np
 import torch
 
-from dreamer_fast.config import Config
+from dreamer_fast.config import LARGE_DETER, Config
 from dreamer_fast.run import distributed as D
-
-
-LARGE_ON_CPU = 2048
-"""deter size (size12m and up) from which CPU training is too slow to be useful."""
 
 
 def set_cpu_threads(device: torch.device) -> None:
@@ -45,7 +41,7 @@ def keep_freed_memory() -> bool:
 
 
 def warn_large_on_cpu(cfg: Config) -> None:
-    if torch.device(cfg.device).type == "cpu" and cfg.net.deter >= LARGE_ON_CPU:
+    if torch.device(cfg.device).type == "cpu" and cfg.net.deter >= LARGE_DETER:
         print(f"warning: training model {cfg.model} (deter {cfg.net.deter}) on the CPU will be "
               "very slow; use a smaller one, e.g. --model size1m (or --model debug)", flush=True)
 

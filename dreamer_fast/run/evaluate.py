@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import ConfigError, EvalConfig
+from dreamer_fast.config import ConfigError, EvalConfig, settle, settle_device
 from dreamer_fast.envs import make_env, suite_of
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run.actor import policy_act
@@ -37,11 +37,12 @@ def load_agent(path: str, device: str = "auto"):
     if file is None:
         raise ConfigError(f"no checkpoint at {path!r} (expected a logdir holding "
                           f"{checkpoint.CHECKPOINT} or the file itself)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = settle_device(device)
     ckpt = checkpoint.load_checkpoint(file, device)
     cfg = checkpoint.config_from_dict(json.loads(ckpt["config"]))
-    cfg = dataclasses.replace(cfg, device=device)
+    # The run's machine choices (device, kernels, precision, graphs) are this machine's.
+    machine = dataclasses.replace(cfg.agent, kernels="auto", precision="auto")
+    cfg = settle(dataclasses.replace(cfg, device=device, graphs="auto", agent=machine))
     return cfg, file, ckpt
 
 

@@ -33,16 +33,6 @@ from dreamer_fast.config import ConfigError
 WARMUP = 3
 
 
-def resolve_graphs(mode: str, device: torch.device) -> bool:
-    """'auto' -> graphs on CUDA, none elsewhere; 'on' off CUDA is an error."""
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"invalid config: graphs={mode!r}; allowed: auto, on, off")
-    if mode == "on" and device.type != "cuda":
-        raise ConfigError(f"invalid config: graphs='on' needs a CUDA device, got "
-                          f"{device.type!r}; allowed there: auto or off")
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
-
-
 def state_tensors(module: torch.nn.Module, opt=None) -> list[torch.Tensor]:
     """Every tensor an update mutates in place: parameters, buffers, optimizer state."""
     out = [*module.parameters(), *module.buffers()]

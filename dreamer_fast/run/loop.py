@@ -31,7 +31,8 @@ from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.logger import Logger
 from dreamer_fast.run.replicas import check_replicas, ranks_str
-from dreamer_fast.run.session import Run, resolve
+from dreamer_fast.run.resolve import resolve
+from dreamer_fast.run.session import Run
 from dreamer_fast.run import estimate
 from dreamer_fast.run.evaluate import PeriodicEval
 from dreamer_fast.run.clocks import Every, clocks as make_clocks

@@ -35,12 +35,12 @@ from dreamer_fast.run import distributed as D
 from dreamer_fast.run.device import set_cpu_threads
 from dreamer_fast.run.evaluate import MAX_EVAL_ENVS, PeriodicEval, play
 from dreamer_fast.run import fastpath
-from dreamer_fast.run.graphs import compile_steps, resolve_graphs
+from dreamer_fast.run.graphs import compile_steps
 from dreamer_fast.run.learner import Learner
 from dreamer_fast.run.logger import Logger, format_duration
 from dreamer_fast.run.clocks import clocks as make_clocks
 from dreamer_fast.run.loop import StopSignals, evaluation
-from dreamer_fast.run.session import resolve
+from dreamer_fast.run.resolve import resolve
 from dreamer_fast.run.stats import HeldRate, report
 
 
@@ -79,7 +79,7 @@ class OfflineRun:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.world, self.rank = 1, 0
-        self.graphs = resolve_graphs(cfg.graphs, self.device)
+        self.graphs = cfg.graphs == "on"  # settled by run/resolve.resolve
         set_cpu_threads(self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)

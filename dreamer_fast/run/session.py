@@ -7,100 +7,26 @@ resume protocol is saves.py's, the clocks that drive a run are loop.py's.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import threading
 import time
 
 import numpy as np
 import torch
 
-from dreamer_fast.agent.agent import Agent
+from dreamer_fast.agent.agent import Agent, set_kernels
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
-from dreamer_fast.data.ring import RING_MARGIN, Ring, replay_capacity, replay_spec
-from dreamer_fast.data.store import ChunkStore, DiskFull, atomic_write
+from dreamer_fast.data.ring import Ring, replay_spec
+from dreamer_fast.data.store import ChunkStore, DiskFull
 from dreamer_fast.envs import make_env
-from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
+from dreamer_fast.run import fastpath, resolve, saves
 from dreamer_fast.run.actor import Actor
-from dreamer_fast.run.weights import PolicyWeights
-from dreamer_fast.run.device import set_cpu_threads, update_memory, warn_large_on_cpu
-from dreamer_fast.agent.agent import set_kernels
-from dreamer_fast.run import fastpath
-from dreamer_fast.run.graphs import GraphedPolicy, compile_steps, resolve_graphs
+from dreamer_fast.run.device import set_cpu_threads, warn_large_on_cpu
+from dreamer_fast.run.graphs import GraphedPolicy, compile_steps
 from dreamer_fast.run.learner import Learner
-from dreamer_fast.run.logger import check_wandb
-from dreamer_fast.run import saves
 from dreamer_fast.run.replicas import Lockstep
-
-
-CPU_REPLAY_STEPS = 200_000
-"""The automatic replay's ceiling on a CPU: a CPU trains tens of agent steps per second at
-best (2 cores: ~90/s on CartPole, a few per second from images), so a longer replay would
-hold memory the run does not reach in a day."""
-REPLAY_RAM_SHARE = {True: 0.75, False: 0.4}
-"""Share of the RAM left after the training memory an automatic replay may take, with a GPU
-(True) and on a CPU (False); the --replay.capacity help states both."""
-
-
-def resolve(cfg: Config) -> Config:
-    """Fill run-time defaults into a new Config: timestamped logdir, concrete device."""
-    now = time.time()
-    if cfg.logdir is None and D.world_size() > 1:  # one folder: rank 0's clock names it
-        now = float(D.control_all_gather(torch.tensor([now], dtype=torch.float64))[0, 0])
-    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(now))
-    name = (cfg.name or cfg.env).replace(":", "_").replace("/", "_")
-    logdir = cfg.logdir or os.path.join("logdir", f"{name}-{stamp}")
-    if cfg.track:
-        check_wandb()
-    # Before anything is built: a replay too small for one window per stream.
-    need = (cfg.agent.batch_length + 1 + RING_MARGIN) * cfg.num_envs
-    if 0 < cfg.replay.capacity < need:
-        raise ConfigError(
-            f"invalid config: replay.capacity={cfg.replay.capacity}; allowed: 0 (automatic) or "
-            f">= {need:,} ({cfg.num_envs} envs x (batch_length {cfg.agent.batch_length} + 1 + "
-            f"{RING_MARGIN} margin steps) per env stream)")
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but no CUDA device is visible here; use "
-                          "--device auto or --device cpu")
-    if D.rank() == 0:
-        check_logdir(logdir)
-    return dataclasses.replace(cfg, logdir=logdir, device=device)
-
-
-def check_logdir(logdir: str) -> None:
-    """A run folder this process can create and write, with room for a file, checked before
-    anything is built: else one ConfigError line naming the problem and the fix."""
-    if os.path.exists(logdir) and not os.path.isdir(logdir):
-        what = ("a checkpoint file" if os.path.basename(logdir) == checkpoint.CHECKPOINT
-                else "a file")
-        raise ConfigError(f"--logdir {logdir} is {what}, not a run folder: pass the folder "
-                          f"that holds it (--logdir {os.path.dirname(logdir) or '.'}) to resume "
-                          "that run, or a new folder for a new run")
-    probe = os.path.join(logdir, ".write-test")
-    made, folder = [], os.path.abspath(logdir)
-    while not os.path.exists(folder):  # the folders this check creates, and removes again
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    try:
-        os.makedirs(logdir, exist_ok=True)
-        atomic_write(probe, lambda f: f.write(b"x" * 4096), 4096)
-        os.remove(probe)
-        for folder in made:  # a run that fails before it starts leaves no folder behind
-            os.rmdir(folder)
-    except DiskFull as e:
-        raise ConfigError(f"no space left on the device of --logdir {logdir} ({e.free:,} bytes "
-                          "free): free some space, or use a --logdir on another disk") from None
-    except PermissionError:
-        raise ConfigError(f"cannot write to --logdir {logdir}: permission denied; use a folder "
-                          "you can write to (e.g. --logdir ~/runs/NAME)") from None
-    except OSError as e:
-        raise ConfigError(f"cannot write to --logdir {logdir}: {e.strerror or e}; use another "
-                          "--logdir") from None
+from dreamer_fast.run.weights import PolicyWeights
 
 
 class Run:
@@ -113,7 +39,7 @@ class Run:
         # cfg.steps counts every process's agent steps; each actor stops at its share.
         self.budget = -(-cfg.steps // self.world)
         self.global_steps = 0  # every rank's agent steps, as of the last control tick
-        self.graphs = resolve_graphs(cfg.graphs, self.device)  # bad flag: fail before any work
+        self.graphs = cfg.graphs == "on"  # settled by run/resolve.resolve
         set_cpu_threads(self.device)
         seed = cfg.seed + self.rank  # distinct acting noise, envs and replay sampling per rank
         torch.manual_seed(seed)
@@ -125,21 +51,7 @@ class Run:
             raise ConfigError(str(e)) from e
         spec = replay_spec(self.env, cfg.net)
         # Before anything big is allocated; the concrete capacity is what a resume compares.
-        T = cfg.agent.batch_length
-        local = D.local_world_size()
-        capacity = replay_capacity(
-            spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
-            # CPU: the page cache, the envs and the update's peaks need slack beyond the
-            # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
-            REPLAY_RAM_SHARE[self.device.type == "cuda"] / local,
-            reserve=update_memory(cfg, spec) * local, steps=self.budget,
-            minimum=cfg.num_envs * (T + 1 + RING_MARGIN),
-            ceiling=None if self.device.type == "cuda" else CPU_REPLAY_STEPS)
-        if self.world > 1:  # ranks measure free RAM at slightly different moments: agree
-            capacity = int(D.control_all_gather(
-                torch.tensor([capacity], dtype=torch.float64))[:, 0].min())
-        self.cfg = cfg = dataclasses.replace(
-            cfg, replay=dataclasses.replace(cfg.replay, capacity=capacity))
+        self.cfg = cfg = resolve.with_replay(cfg, spec, self.budget)
         warn_large_on_cpu(cfg)
         self.agent = Agent(self.env.obs_space, self.env.act_space, cfg.net, cfg.agent,
                            self.device)
