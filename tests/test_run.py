@@ -117,7 +117,7 @@ def test_unknown_env_and_oversized_replay_fail_at_once(tmp_path):
 def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch, capsys):
     import torch
 
-    from dreamer_fast.data import ring
+    from dreamer_fast.data import capacity as ring
     from dreamer_fast.config import ConfigError
 
     spec = {"image": ((3, 64, 64), torch.uint8), "deter": ((8192,), torch.bfloat16)}
@@ -151,7 +151,7 @@ def test_a_resume_warns_only_when_replay_and_training_exceed_the_ram(monkeypatch
     automatic replay's share of it): 7.0 + 5.2 GiB of 22.4 GiB available is no warning."""
     import torch
 
-    from dreamer_fast.data import ring
+    from dreamer_fast.data import capacity as ring
 
     spec = {"x": ((1024,), torch.uint8)}
     monkeypatch.setattr(ring, "mem_available", lambda: int(22.4 * 2**30))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreamer_fast.data import files as F
 from dreamer_fast.data import store as S
 from dreamer_fast.data.ring import Ring
 
@@ -158,23 +159,23 @@ def test_foreign_and_damaged_replay_files(tmp_path):
 
 def test_temp_files_removed_on_error_and_when_stale(tmp_path):
     path = str(tmp_path / "f.bin")
-    S.atomic_write(path, lambda f: f.write(b"old"))
+    F.atomic_write(path, lambda f: f.write(b"old"))
 
     def boom(f):
         f.write(b"partial")
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        S.atomic_write(path, boom)
+        F.atomic_write(path, boom)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
     def full(f):
         f.write(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(S.DiskFull, match=r"no space left on device writing .*f.bin \(needs "
+    with pytest.raises(F.DiskFull, match=r"no space left on device writing .*f.bin \(needs "
                                          r"about 0.5 MiB"):
-        S.atomic_write(path, full, needed=2**19)
+        F.atomic_write(path, full, needed=2**19)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
     dead = tmp_path / "checkpoint.pt.tmp999999999"  # no such process

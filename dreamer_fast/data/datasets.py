@@ -44,7 +44,8 @@ import torch
 
 from dreamer_fast.config import ConfigError
 from dreamer_fast.data import store
-from dreamer_fast.data.ring import RING_MARGIN, Ring, mem_available
+from dreamer_fast.data.capacity import mem_available
+from dreamer_fast.data.ring import RING_MARGIN, Ring
 
 STEP_FIELDS = ("action", "reward", "is_first", "is_last", "is_terminal")
 LATENT_KEYS = ("deter", "stoch")

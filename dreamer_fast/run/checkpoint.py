@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dreamer_fast.config import Config, ConfigError
-from dreamer_fast.data.store import atomic_write, pid_alive
+from dreamer_fast.data.files import atomic_write, pid_alive
 
 CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"

@@ -26,8 +26,8 @@ import torch
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data import datasets
-from dreamer_fast.data.ring import replay_spec
-from dreamer_fast.data.store import DiskFull
+from dreamer_fast.data.capacity import replay_spec
+from dreamer_fast.data.files import DiskFull
 from dreamer_fast.envs import make_env
 from dreamer_fast.envs.spaces import ObsConverter
 from dreamer_fast.run import checkpoint

@@ -25,8 +25,9 @@ import torch
 
 from dreamer_fast.config import (CONTROL_DMC_RATIO, Choice, Config, ConfigError, _flag,
                                  default_choice, settle)
-from dreamer_fast.data.ring import RING_MARGIN, replay_capacity
-from dreamer_fast.data.store import DiskFull, atomic_write
+from dreamer_fast.data.capacity import replay_capacity
+from dreamer_fast.data.ring import RING_MARGIN
+from dreamer_fast.data.files import DiskFull, atomic_write
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.device import update_memory

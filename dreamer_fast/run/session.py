@@ -16,8 +16,10 @@ import torch
 from dreamer_fast.agent.agent import Agent, set_kernels
 from dreamer_fast.config import Config, ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
-from dreamer_fast.data.ring import Ring, replay_spec
-from dreamer_fast.data.store import ChunkStore, DiskFull
+from dreamer_fast.data.capacity import replay_spec
+from dreamer_fast.data.ring import Ring
+from dreamer_fast.data.files import DiskFull
+from dreamer_fast.data.store import ChunkStore
 from dreamer_fast.envs import make_env
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run import fastpath, resolve, saves
