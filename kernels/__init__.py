@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import categorical, fused, gru, norms, policy, resets, returns, twohot
+from . import categorical, fused, gru, kl, norms, policy, resets, returns, twohot
 
 IMPLS = ("ref", "triton", "fused")
 OPS = ("rms_silu", "gru_update", "twohot_loss", "twohot_mean", "latent_sample", "kl_free",
        "lambda_return", "mask_rows", "action_sample", "gru_cell", "rms_silu_cat",
        "rms_silu_add")
 _MODULES = {"rms_silu": norms, "gru_update": gru, "twohot_loss": twohot,
-            "twohot_mean": twohot, "latent_sample": categorical, "kl_free": categorical,
+            "twohot_mean": twohot, "latent_sample": categorical, "kl_free": kl,
             "lambda_return": returns, "mask_rows": resets, "action_sample": policy,
             "gru_cell": gru, "rms_silu_cat": norms,
             "rms_silu_add": norms}

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
-from dreamer_fast.agent import imagine
+from dreamer_fast.agent import imagine as schedules
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.config import SIZES, AgentConfig
-from dreamer_fast.kernels import (OPS, categorical, fused, get_ops, gru, norms, policy, resets,
-                                  returns, twohot)
+from dreamer_fast.kernels import (OPS, categorical, fused, get_ops, gru, kl, norms, policy,
+                                  resets, returns, twohot)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -496,8 +496,8 @@ def test_kl_free(shape, dtype):
     near = (post.double() + randn(*shape, scale=0.01, seed=7).double()).to(dtype)
     rows = torch.arange(post[..., 0, 0].numel(), device=DEVICE).reshape(shape[:-2])
     prior = torch.where((rows % 2 == 1)[..., None, None], near, prior)
-    check(lambda q, p: categorical.kl_free(q, p, 0.01, 1.0),
-          lambda q, p: categorical.kl_free_ref(q, p, 0.01, 1.0),
+    check(lambda q, p: kl.kl_free(q, p, 0.01, 1.0),
+          lambda q, p: kl.kl_free_ref(q, p, 0.01, 1.0),
           {"post": post, "prior": prior}, grads=("post", "prior"))
 
 
@@ -506,11 +506,11 @@ def test_kl_free_gradient_routing():
     post = randn(7, 16, 5, scale=3.0).transpose(1, 2)
     prior = randn(7, 5, 16, scale=3.0, seed=6)
     (q, p), _ = leaves(post, prior)
-    dyn, _ = categorical.kl_free(q, p, 0.01, 1.0)
+    dyn, _ = kl.kl_free(q, p, 0.01, 1.0)
     dyn.sum().backward()
     assert q.grad.abs().max() == 0 and p.grad.abs().max() > 0
     (q, p), _ = leaves(post, prior)
-    _, rep = categorical.kl_free(q, p, 0.01, 1.0)
+    _, rep = kl.kl_free(q, p, 0.01, 1.0)
     rep.sum().backward()
     assert p.grad.abs().max() == 0 and q.grad.abs().max() > 0
 
@@ -666,8 +666,8 @@ def test_joined_rollout_equals_the_layered_one(discrete):
     rms_silu_cat) gives the layer-by-layer rollout's states and actions from the same noise."""
     agent, deter, stoch, noise = rollout_case(discrete, horizon=5, n=12)
     with torch.no_grad(), agent.deferral():
-        joined = imagine.rollout_joined(agent, deter, stoch, deter, noise)
-        layered = imagine.rollout(agent, deter, stoch, deter, noise)
+        joined = schedules.rollout_joined(agent, deter, stoch, deter, noise)
+        layered = schedules.rollout(agent, deter, stoch, deter, noise)
     for name, a, b in zip(("deters", "stochs", "actions"), joined, layered):
         assert len(a) == len(b)
         for t, (x, y) in enumerate(zip(a, b)):
@@ -681,11 +681,11 @@ def test_joined_rollout_under_bfloat16_is_as_close_to_float32_as_the_layered_one
     no sample can flip)."""
     agent, deter, stoch, noise = rollout_case(False, horizon=1, n=64)
     with torch.no_grad(), agent.deferral():
-        ref = imagine.rollout(agent, deter, stoch, deter, noise)
+        ref = schedules.rollout(agent, deter, stoch, deter, noise)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             low = deter.to(torch.bfloat16)
-            joined = imagine.rollout_joined(agent, deter, stoch, low, noise)
-            layered = imagine.rollout(agent, deter, stoch, low, noise)
+            joined = schedules.rollout_joined(agent, deter, stoch, low, noise)
+            layered = schedules.rollout(agent, deter, stoch, low, noise)
     for name, pick in (("next deter", lambda r: r[0][1]), ("action", lambda r: r[2][0])):
         err_joined = (pick(joined).double() - pick(ref).double()).abs().mean().item()
         err_layered = (pick(layered).double() - pick(ref).double()).abs().mean().item()

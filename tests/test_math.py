@@ -10,7 +10,8 @@ import torch
 
 from dreamer_fast.agent.dists import BoundedNormal, OneHotCategorical, symexp, symlog
 from dreamer_fast.agent.losses import lambda_return, percentile_scale
-from dreamer_fast.kernels.categorical import kl_free_ref, latent_sample_ref, unimix_logprobs
+from dreamer_fast.kernels.categorical import latent_sample_ref, unimix_logprobs
+from dreamer_fast.kernels.kl import kl_free_ref
 from dreamer_fast.kernels.twohot import symexp_bins, twohot_loss_ref, twohot_mean_ref
 
 E1 = math.e - 1
