@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
-from dreamer_fast.config import ConfigError, parse
+from dreamer_fast.config import ConfigError
+from dreamer_fast.flags import parse
 
 
 def train(argv: list[str], prog: str = "dreamer-fast train") -> None:
@@ -42,7 +43,7 @@ def train(argv: list[str], prog: str = "dreamer-fast train") -> None:
 
 def evaluate(argv: list[str], prog: str = "dreamer-fast eval") -> None:
     """Evaluate a run's checkpoint: the flags of `python run.py --eval`."""
-    from dreamer_fast.config import parse_eval
+    from dreamer_fast.flags import parse_eval
     from dreamer_fast.run.evaluate import evaluate as run_eval
 
     if run_eval(parse_eval(argv, prog))["interrupted"]:

@@ -16,7 +16,8 @@ import os
 import sys
 import warnings
 
-from dreamer_fast.config import ConfigError, ExportConfig, parse_export
+from dreamer_fast.config import ConfigError, ExportConfig
+from dreamer_fast.flags import parse_export
 from dreamer_fast.data import datasets
 
 

@@ -51,7 +51,7 @@ def test_dockerfile_base_egl_and_default_command():
     assert "MUJOCO_GL=egl" in env and "graphics" in env  # EGL rendering on NVIDIA
     cmd = json.loads(next(arg for op, arg in steps if op == "CMD"))
     assert cmd == readme_main_job()  # the default command is the README's main job
-    from dreamer_fast.config import parse
+    from dreamer_fast.flags import parse
     from dreamer_fast.run.resolve import choose
 
     argv = cmd[2:]
@@ -151,7 +151,7 @@ def test_trainjob_manifest_has_what_the_runtime_needs():
     assert isinstance(trainer["numNodes"], int) and trainer["numNodes"] >= 1
     assert int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) >= 1
     assert all(isinstance(a, str) for a in trainer["args"])  # k8s args are strings
-    from dreamer_fast.config import parse
+    from dreamer_fast.flags import parse
     from dreamer_fast.run.resolve import choose
 
     cfg = parse(trainer["args"], choice=choose(trainer["args"]))

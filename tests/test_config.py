@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig
-from dreamer_fast.config import parse as _parse
+from dreamer_fast.flags import parse as _parse
 from dreamer_fast.run.resolve import choose
 
 

@@ -151,7 +151,7 @@ def in_process(logdir, *flags, mode="save"):
     'live': started and trained for a few updates; 'save': that, then saved and stopped."""
     import dataclasses
 
-    from dreamer_fast.config import parse
+    from dreamer_fast.flags import parse
     from dreamer_fast.run.resolve import resolve
     from dreamer_fast.run.session import Run
 

@@ -31,7 +31,8 @@ from capture import (CaptureCheck, agent_to_stand_in, fake, module_to_stand_in, 
 from dreamer_fast.run.actor import policy_act
 from dreamer_fast.run.weights import Policy, PolicyWeights
 from dreamer_fast.agent.agent import Agent, set_kernels
-from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig, parse
+from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig
+from dreamer_fast.flags import parse
 from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, policy_fn, policy_inputs,
                                      state_tensors, update_fn, warm_up)
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch

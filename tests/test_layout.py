@@ -15,10 +15,11 @@ ALLOWED = {
     "agent": {"config", "agent", "kernels"},
     "envs": {"config", "envs"},
     "data": {"config", "data", "envs.base", "envs.spaces"},
-    "export": {"config", "data", "envs"},
-    "run": {"config", "agent", "envs", "data", "run"},
+    "export": {"config", "flags", "data", "envs"},
+    "run": {"config", "flags", "agent", "envs", "data", "run"},
     "plot": set(),  # reads run folders' files only
-    "cli": {"config", "envs", "data", "export", "plot", "run"},  # the command line's words
+    "flags": {"config"},  # the command line's flags -> a Config
+    "cli": {"config", "flags", "envs", "data", "export", "plot", "run"},  # the command line
 }
 
 

@@ -81,7 +81,8 @@ def test_start_estimate_counts_the_update_and_says_when_a_run_needs_days():
     import torch
 
     from dreamer_fast.agent.agent import Agent
-    from dreamer_fast.config import AgentConfig, parse
+    from dreamer_fast.config import AgentConfig
+    from dreamer_fast.flags import parse
     from dreamer_fast.data.synthetic import ActSpace
     from dreamer_fast.run import estimate
     from dreamer_fast.run.stats import feasibility_note

@@ -3,7 +3,7 @@ config, before anything heavy is built.
 
     choose(argv)            the domain preset from the env's suite (never its name) and the
                             model (the preset's; size1m without a GPU), one note each
-    config.parse(argv, ..)  the user's config: the preset's defaults with every flag applied
+    flags.parse(argv, ..)   the user's config: the preset's defaults with every flag applied
     resolve(cfg)            every "auto" settled (device, graphs, kernels, precision, by
                             config.py's settle_* functions, the one place each is decided),
                             the logdir named and checked, the replay's minimum checked
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from dreamer_fast.config import (CONTROL_DMC_RATIO, Choice, Config, ConfigError, _flag,
-                                 default_choice, settle)
+from dreamer_fast.config import CONTROL_DMC_RATIO, Config, ConfigError, settle
+from dreamer_fast.flags import Choice, _flag, default_choice
 from dreamer_fast.data.capacity import replay_capacity
 from dreamer_fast.data.ring import RING_MARGIN
 from dreamer_fast.data.files import DiskFull, atomic_write
