@@ -30,7 +30,7 @@ from dreamer_fast.data.ring import RING_MARGIN
 from dreamer_fast.data.files import DiskFull, atomic_write
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
-from dreamer_fast.run.device import update_memory
+from dreamer_fast.run.estimate import update_memory
 from dreamer_fast.run.logger import check_wandb
 
 CPU_REPLAY_STEPS = 200_000
