@@ -1,12 +1,14 @@
-"""A run saved by an older layout of the package still loads and trains on (checkpoint keys are
-module attribute names; moving modules must not change them). The fixture is a tiny CartPole
-run saved by commit 66b07c6, before the package split (tests/fixtures/ckpt-66b07c6/README.md)."""
+"""Runs saved by older layouts of the package still load and train on (checkpoint keys are
+module attribute names; moving modules must not change them). The fixtures are tiny CartPole
+runs: one saved by commit 66b07c6, before the package split (one replay.pt), and one by
+4f677bc, before the restructuring of 2026-12-04 (a replay folder); their READMEs say how."""
 
 import dataclasses
 import json
 import pathlib
 import shutil
 
+import pytest
 import torch
 
 from dreamer_fast.data.store import list_replay, load_stream
@@ -14,7 +16,8 @@ from dreamer_fast.run import checkpoint
 from dreamer_fast.run.loop import train
 from dreamer_fast.run.session import Run
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "ckpt-66b07c6"
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+OLD = [pytest.param(FIXTURES / name, id=name) for name in ("ckpt-66b07c6", "ckpt-4f677bc")]
 
 
 def saved_config(logdir):
@@ -23,9 +26,10 @@ def saved_config(logdir):
     return ckpt, dataclasses.replace(cfg, logdir=str(logdir), device="cpu")
 
 
-def test_old_checkpoint_restores_exactly(tmp_path):
+@pytest.mark.parametrize("fixture", OLD)
+def test_old_checkpoint_restores_exactly(tmp_path, fixture):
     logdir = tmp_path / "run"
-    shutil.copytree(FIXTURE, logdir)
+    shutil.copytree(fixture, logdir)
     ckpt, cfg = saved_config(logdir)
     run = Run(cfg)
     try:
@@ -40,9 +44,10 @@ def test_old_checkpoint_restores_exactly(tmp_path):
         run.env.close()
 
 
-def test_old_checkpoint_trains_on(tmp_path):
+@pytest.mark.parametrize("fixture", OLD)
+def test_old_checkpoint_trains_on(tmp_path, fixture):
     logdir = tmp_path / "run"
-    shutil.copytree(FIXTURE, logdir)
+    shutil.copytree(fixture, logdir)
     _, cfg = saved_config(logdir)
     train(dataclasses.replace(cfg, steps=360))
     final = checkpoint.load_checkpoint(str(logdir / checkpoint.CHECKPOINT))
