@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.flags import parse
 
 

@@ -3,19 +3,17 @@
 Model size presets are `NetConfig` instances in `SIZES`; domain presets are full `Config`
 instances in `DOMAINS`. flags.py turns the command line into a Config (the chosen domain and
 size, any field overridden); run/resolve.py picks the domain from the env's suite (`choose`)
-and settles every "auto" (`resolve`, with the `settle_*` functions here, the one place each is
-decided).
+and settles every "auto" (`resolve`, with machine.py's `settle_*` functions, the one place each
+is decided).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-import torch
+from dreamer_fast.checks import require, require_positive
 
 
 Preset = Literal["atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter", "control",
@@ -23,41 +21,6 @@ Preset = Literal["atari", "atari100k", "dmc_proprio", "dmc_vision", "crafter", "
 Model = Literal["debug", "size300k", "size1m", "size12m", "size25m", "size50m", "size100m",
                 "size200m", "size400m"]
 DOMAIN_NAMES: tuple[str, ...] = get_args(Preset)
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and what is allowed."""
-
-
-class RunError(ConfigError):
-    """A run stopped for a reason its one-line message names, with what was kept and what to
-    do (non-finite losses or env data, a final save without disk space)."""
-
-
-def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid config: {name}={value!r}; allowed: {allowed}")
-
-
-def match_keys(keys, pattern: str, name: str) -> list[str]:
-    """The keys that `pattern` (a regex) matches in full, in their order; ConfigError naming
-    the field `name` for a bad regex or when none matches (--env-opts.obs-keys,
-    --agent.enc-keys, --agent.dec-keys)."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"invalid config: {name}={pattern!r} is not a regex ({e})") from None
-    out = [k for k in keys if regex.fullmatch(k)]
-    if not out:
-        raise ConfigError(f"invalid config: {name}={pattern!r} matches none of the "
-                          f"observation keys {sorted(keys)}")
-    return out
-
-
-def _positive(obj, prefix: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(value > 0, f"{prefix}{name}", value, "a positive number")
 
 
 @dataclass(frozen=True)
@@ -114,19 +77,19 @@ class NetConfig:
     multiply-adds; the same parameters."""
 
     def __post_init__(self):
-        _positive(self, "net.", ("deter", "hidden", "stoch", "classes", "blocks", "depth",
+        require_positive(self, "net.", ("deter", "hidden", "stoch", "classes", "blocks", "depth",
                                  "units", "bins"))
         for name in ("enc_layers", "dec_layers", "rew_layers", "con_layers", "actor_layers",
                      "critic_layers", "prior_layers", "post_layers", "dyn_layers"):
-            _check(getattr(self, name) >= 0, f"net.{name}", getattr(self, name), "an int >= 0")
-        _check(self.deter % self.blocks == 0, "net.deter", self.deter,
+            require(getattr(self, name) >= 0, f"net.{name}", getattr(self, name), "an int >= 0")
+        require(self.deter % self.blocks == 0, "net.deter", self.deter,
                f"a multiple of net.blocks={self.blocks}")
-        _check(self.depth * 4 % self.blocks == 0, "net.depth", self.depth,
+        require(self.depth * 4 % self.blocks == 0, "net.depth", self.depth,
                f"a value with 4*depth divisible by net.blocks={self.blocks}")
-        _check(self.bins % 2 == 1 and self.bins >= 3, "net.bins", self.bins, "an odd int >= 3")
+        require(self.bins % 2 == 1 and self.bins >= 3, "net.bins", self.bins, "an odd int >= 3")
         for name in ("unimix", "actor_unimix"):
-            _check(0.0 <= getattr(self, name) < 1.0, f"net.{name}", getattr(self, name), "[0, 1)")
-        _check(0 < self.minstd < self.maxstd, "net.minstd/maxstd", (self.minstd, self.maxstd),
+            require(0.0 <= getattr(self, name) < 1.0, f"net.{name}", getattr(self, name), "[0, 1)")
+        require(0 < self.minstd < self.maxstd, "net.minstd/maxstd", (self.minstd, self.maxstd),
                "0 < minstd < maxstd")
 
 
@@ -173,7 +136,7 @@ class LossScales:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _check(getattr(self, f.name) >= 0, f"agent.loss.{f.name}", getattr(self, f.name),
+            require(getattr(self, f.name) >= 0, f"agent.loss.{f.name}", getattr(self, f.name),
                    "a float >= 0")
 
 
@@ -197,10 +160,10 @@ class OptimConfig:
     """Momentum on the normalised update."""
 
     def __post_init__(self):
-        _positive(self, "agent.optim.", ("lr", "agc", "pmin", "eps"))
-        _check(self.warmup >= 0, "agent.optim.warmup", self.warmup, "an int >= 0")
+        require_positive(self, "agent.optim.", ("lr", "agc", "pmin", "eps"))
+        require(self.warmup >= 0, "agent.optim.warmup", self.warmup, "an int >= 0")
         for name in ("beta2", "momentum"):
-            _check(0.0 <= getattr(self, name) < 1.0, f"agent.optim.{name}", getattr(self, name),
+            require(0.0 <= getattr(self, name) < 1.0, f"agent.optim.{name}", getattr(self, name),
                    "[0, 1)")
 
 
@@ -252,16 +215,16 @@ class AgentConfig:
     """Optimizer."""
 
     def __post_init__(self):
-        _positive(self, "agent.", ("batch_size", "batch_length", "imag_horizon", "horizon",
+        require_positive(self, "agent.", ("batch_size", "batch_length", "imag_horizon", "horizon",
                                    "retnorm_limit"))
         for name in ("lam", "slow_rate", "retnorm_rate"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"agent.{name}", getattr(self, name),
+            require(0.0 <= getattr(self, name) <= 1.0, f"agent.{name}", getattr(self, name),
                    "[0, 1]")
-        _check(0 <= self.perclo < self.perchi <= 100, "agent.perclo/perchi",
+        require(0 <= self.perclo < self.perchi <= 100, "agent.perclo/perchi",
                (self.perclo, self.perchi), "0 <= perclo < perchi <= 100")
-        _check(self.kernels in ("auto", "triton", "fused", "ref"), "agent.kernels", self.kernels,
+        require(self.kernels in ("auto", "triton", "fused", "ref"), "agent.kernels", self.kernels,
                "auto, triton, ref")
-        _check(self.precision in ("auto", "bfloat16", "float32"), "agent.precision",
+        require(self.precision in ("auto", "bfloat16", "float32"), "agent.precision",
                self.precision, "auto, bfloat16, float32")
 
     @property
@@ -303,12 +266,12 @@ class EnvConfig:
     `image`, e.g. for an env whose observations are vectors only."""
 
     def __post_init__(self):
-        _positive(self, "env_opts.", ("repeat", "image_size"))
-        _check(self.image_size % 16 == 0, "env_opts.image_size", self.image_size,
+        require_positive(self, "env_opts.", ("repeat", "image_size"))
+        require(self.image_size % 16 == 0, "env_opts.image_size", self.image_size,
                "a multiple of 16 (the CNN halves it 4 times), e.g. 64")
-        _check(0.0 <= self.sticky <= 1.0, "env_opts.sticky", self.sticky, "[0, 1]")
+        require(0.0 <= self.sticky <= 1.0, "env_opts.sticky", self.sticky, "[0, 1]")
         for name in ("noops", "time_limit", "batch_size"):
-            _check(getattr(self, name) >= 0, f"env_opts.{name}", getattr(self, name),
+            require(getattr(self, name) >= 0, f"env_opts.{name}", getattr(self, name),
                    "an int >= 0")
 
 
@@ -331,7 +294,7 @@ class ReplayConfig:
     chunks that have left the in-memory replay."""
 
     def __post_init__(self):
-        _check(self.capacity >= 0, "replay.capacity", self.capacity,
+        require(self.capacity >= 0, "replay.capacity", self.capacity,
                "an int >= 0 (0 = automatic)")
 
 
@@ -408,15 +371,15 @@ class Config:
     many steps (dataset steps x train_ratio / (batch_size x batch_length))."""
 
     def __post_init__(self):
-        _check(bool(self.env), "env", self.env, "a non-empty environment id")
-        _check(self.updates >= 0, "updates", self.updates, "an int >= 0")
-        _check(self.updates == 0 or self.offline is not None, "updates", self.updates,
+        require(bool(self.env), "env", self.env, "a non-empty environment id")
+        require(self.updates >= 0, "updates", self.updates, "an int >= 0")
+        require(self.updates == 0 or self.offline is not None, "updates", self.updates,
                "0 without --offline (an online run stops at --steps)")
-        _positive(self, "", ("num_envs", "steps", "train_ratio", "log_every", "report_every",
+        require_positive(self, "", ("num_envs", "steps", "train_ratio", "log_every", "report_every",
                              "save_every"))
-        _check(self.preset is None or self.preset in DOMAIN_NAMES, "preset", self.preset,
+        require(self.preset is None or self.preset in DOMAIN_NAMES, "preset", self.preset,
                ", ".join(DOMAIN_NAMES))
-        _check(self.model is None or self.model in SIZES, "model", self.model, ", ".join(SIZES))
+        require(self.model is None or self.model in SIZES, "model", self.model, ", ".join(SIZES))
 
     @property
     def updates_per_step(self) -> float:
@@ -431,22 +394,14 @@ _DMC = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 _GYM = EnvConfig(repeat=1, image_size=64, sticky=0.0, noops=0, time_limit=0)
 """Gymnasium envs: no action repeat, the env's own registered time limit."""
 CONTROL_DMC_RATIO = 32.0
-"""train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16). The
-official configs set the train ratio per suite too. Measured (bench/learning.py, 2-core CPU,
-DMC CartpoleBalance-v1, target 800 in 45 min): at 32 it met 800 in 3 of 4 runs (42.1 min
-at 80.5k steps; on a machine twice as fast 14.9 min at 56.5k and 37.7 min at 140k; the
-fourth stood at 501 at 45 min); at 64 it met at 41.3 min (32k steps) in one run and stood at
-534 and 409 at 45 min in two others (final checkpoints evaluated at 805 and 708: the 10
-training episodes a score averages are 10,000 agent steps, 12 minutes at 64 and 5 at 32); at
-16 it reached 479 at 124k steps (45 min). DMC's continuous control wants more updates per
-step than CartPole, whose window spans 5,000 agent steps (1.7 minutes at ratio 16). Action
-repeat 2 (the paper's DMC setting) with ratio 64 plateaued at 488 (eval 497) and is not
-used."""
+"""train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16; the official
+configs set it per suite too). Measured by bench/learning.py on 2 CPU cores, DMC
+CartpoleBalance-v1, target 800 in 45 min: 3 of 4 runs met it at 32, 1 of 3 at 64, none at 16
+(bench/results/learning-history.jsonl)."""
 CONTROL_STEPS = 200_000
-"""Step budget of the control preset (about 70 minutes at its ~50 agent steps/s on 2 CPU
-cores). Measured (bench/learning.py, 2-core CPU, train_ratio 16): CartPole-v1 475 at ~24k
-and ~28k steps in two of three seeds, Acrobot-v1 -100 at ~26k; DMC CartpoleBalance-v1 (ratio
-32 there: CONTROL_DMC_RATIO) 800 at 56k-140k."""
+"""Step budget of the control preset: about 70 minutes at its ~50 agent steps/s on 2 CPU
+cores, several times what CartPole-v1, Acrobot-v1 and CartpoleBalance-v1 took to reach their
+targets (bench/results/summary-learning.md)."""
 
 DOMAINS: dict[str, Config] = {
     "atari": Config(env="Pong-v5", num_envs=16, steps=51_000_000, train_ratio=32.0,
@@ -483,63 +438,6 @@ DOMAINS: dict[str, Config] = {
 """Domain presets, each a full Config."""
 
 
-CPU_MODEL = "size1m"
-"""The model a preset's GPU-sized model (deter >= LARGE_DETER) becomes without a GPU."""
-LARGE_DETER = 2048
-"""deter from which (size12m and up) a CPU update takes minutes: measured 77 s per size12m
-image update and 1.3 s per size1m vector update on 2 cores (bench/learner.py)."""
-
-
-def settle_device(device: str) -> str:
-    """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'; a CUDA device asked for
-    where none is visible is a ConfigError."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but no CUDA device is visible here; use "
-                          "--device auto or --device cpu")
-    return device
-
-
-def settle_graphs(graphs: str, device: str) -> str:
-    """'auto' -> 'on' with CUDA, 'off' elsewhere; 'on' off CUDA is a ConfigError."""
-    kind = device.split(":")[0]
-    if graphs not in ("auto", "on", "off"):
-        raise ConfigError(f"invalid config: graphs={graphs!r}; allowed: auto, on, off")
-    if graphs == "on" and kind != "cuda":
-        raise ConfigError(f"invalid config: graphs='on' needs a CUDA device, got {kind!r}; "
-                          "allowed there: auto or off")
-    return graphs if graphs != "auto" else ("on" if kind == "cuda" else "off")
-
-
-def settle_kernels(kernels: str, device: str) -> str:
-    """'auto' -> 'triton' on CUDA, 'fused' elsewhere; 'triton' off CUDA needs the Triton
-    interpreter (TRITON_INTERPRET=1), else a ConfigError."""
-    kind = device.split(":")[0]
-    if kernels == "auto":
-        return "triton" if kind == "cuda" else "fused"
-    if kernels == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("invalid config: agent.kernels='triton' on a non-CUDA device; allowed: "
-                          "fused, ref or auto (or set TRITON_INTERPRET=1 to run kernels "
-                          "interpreted)")
-    return kernels
-
-
-def settle_precision(precision: str, device: str) -> str:
-    """'auto' -> 'bfloat16' matmuls on CUDA, 'float32' elsewhere."""
-    if precision == "auto":
-        return "bfloat16" if device.split(":")[0] == "cuda" else "float32"
-    return precision
-
-
-def settle(cfg: "Config") -> "Config":
-    """cfg with every 'auto' of the machine settled: device, graphs, kernels, precision."""
-    device = settle_device(cfg.device)
-    agent = replace(cfg.agent, kernels=settle_kernels(cfg.agent.kernels, device),
-                    precision=settle_precision(cfg.agent.precision, device))
-    return replace(cfg, device=device, graphs=settle_graphs(cfg.graphs, device), agent=agent)
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluate a trained run: python run.py --eval --logdir DIR [--episodes 10] [--greedy].
@@ -570,8 +468,8 @@ class EvalConfig:
     """Import the module the checkpoint's `module:Id` env names without repeating it (--env)."""
 
     def __post_init__(self):
-        _check(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")
-        _check(self.videos >= 0, "videos", self.videos, "an int >= 0")
+        require(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")
+        require(self.videos >= 0, "videos", self.videos, "an int >= 0")
 
 
 @dataclass(frozen=True)

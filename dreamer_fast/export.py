@@ -16,7 +16,9 @@ import os
 import sys
 import warnings
 
-from dreamer_fast.config import ConfigError, ExportConfig
+from dreamer_fast.config import ExportConfig
+
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.flags import parse_export
 from dreamer_fast.data import datasets
 

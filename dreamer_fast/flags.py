@@ -10,8 +10,10 @@ from dataclasses import dataclass, replace
 
 import tyro
 
-from dreamer_fast.config import (CPU_MODEL, DOMAINS, LARGE_DETER, SIZES, Config, ConfigError,
-                                 EvalConfig, ExportConfig, settle_device)
+from dreamer_fast.config import DOMAINS, SIZES, Config, EvalConfig, ExportConfig
+
+from dreamer_fast.checks import ConfigError
+from dreamer_fast.machine import CPU_MODEL, LARGE_DETER, settle_device
 
 
 def _flag(argv: list[str], name: str) -> str | None:

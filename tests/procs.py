@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data.store import ReplayFileError
 
 NOT_YET = (OSError, RuntimeError, EOFError, KeyError, ConfigError, ReplayFileError)

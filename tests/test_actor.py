@@ -13,7 +13,8 @@ from dreamer_fast.run import checkpoint
 from dreamer_fast.run.actor import Actor, policy_act
 from dreamer_fast.run.weights import PolicyWeights
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import SIZES, AgentConfig, Config, ConfigError
+from dreamer_fast.config import SIZES, AgentConfig, Config
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.envs.base import ActSpace
 from dreamer_fast.run.learner import annotate
 from dreamer_fast.data.limiter import RateLimiter

@@ -8,7 +8,8 @@ import torch
 
 from dreamer_fast.data.synthetic import IMAGE, VECTOR, ActSpace, make_batch
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import SIZES, AgentConfig, ConfigError
+from dreamer_fast.config import SIZES, AgentConfig
+from dreamer_fast.checks import ConfigError
 
 SMALL = AgentConfig(batch_size=2, batch_length=8, imag_horizon=3)
 

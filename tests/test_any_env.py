@@ -19,7 +19,8 @@ import image_envs  # noqa: F401  (registers the test envs)
 from dreamer_fast.agent.agent import Agent
 from dreamer_fast.agent.nets import StridedConv, StridedConvT
 from dreamer_fast.agent.rssm import Decoder, Encoder, Keys, mlp_input
-from dreamer_fast.config import SIZES, AgentConfig, ConfigError, EnvConfig, OptimConfig
+from dreamer_fast.config import SIZES, AgentConfig, EnvConfig, OptimConfig
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data.synthetic import ActSpace, make_batch
 from dreamer_fast.envs import make_env, preset_for
 from dreamer_fast.envs.spaces import ObsConverter, resize_area

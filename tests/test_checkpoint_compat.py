@@ -14,7 +14,7 @@ import torch
 from dreamer_fast.data.store import list_replay, load_stream
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run.loop import train
-from dreamer_fast.run.session import Run
+from dreamer_fast.run.session import open_run
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 OLD = [pytest.param(FIXTURES / name, id=name) for name in ("ckpt-66b07c6", "ckpt-4f677bc")]
@@ -31,7 +31,7 @@ def test_old_checkpoint_restores_exactly(tmp_path, fixture):
     logdir = tmp_path / "run"
     shutil.copytree(fixture, logdir)
     ckpt, cfg = saved_config(logdir)
-    run = Run(cfg)
+    run = open_run(cfg)
     try:
         assert run.resume()
         state = run.agent.state_dict()

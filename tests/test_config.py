@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from dreamer_fast.config import DOMAINS, SIZES, Config, ConfigError, NetConfig
+from dreamer_fast.config import DOMAINS, SIZES, Config, NetConfig
+
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.flags import parse as _parse
 from dreamer_fast.run.resolve import choose
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data.store import list_replay
 from dreamer_fast.run import checkpoint
 from procs import wait_for
@@ -152,11 +152,10 @@ def in_process(logdir, *flags, mode="save"):
     import dataclasses
 
     from dreamer_fast.flags import parse
-    from dreamer_fast.run.resolve import resolve
-    from dreamer_fast.run.session import Run
+    from dreamer_fast.run.session import open_run
 
     cfg = parse([*CARTPOLE, *flags, "--logdir", str(logdir)])
-    run_ = Run(resolve(dataclasses.replace(cfg, device="cpu")))
+    run_ = open_run(dataclasses.replace(cfg, device="cpu"))
     try:
         run_.resume()
     finally:

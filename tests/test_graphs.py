@@ -31,7 +31,8 @@ from capture import (CaptureCheck, agent_to_stand_in, fake, module_to_stand_in, 
 from dreamer_fast.run.actor import policy_act
 from dreamer_fast.run.weights import Policy, PolicyWeights
 from dreamer_fast.agent.agent import Agent, set_kernels
-from dreamer_fast.config import SIZES, AgentConfig, ConfigError, OptimConfig
+from dreamer_fast.config import SIZES, AgentConfig, OptimConfig
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.flags import parse
 from dreamer_fast.run.graphs import (GraphedPolicy, GraphedTrainStep, policy_fn, policy_inputs,
                                      state_tensors, update_fn, warm_up)
@@ -213,7 +214,7 @@ def test_warm_up_is_undone():
 
 
 def test_graph_flags():
-    from dreamer_fast.config import settle_graphs
+    from dreamer_fast.machine import settle_graphs
 
     assert settle_graphs("auto", "cpu") == "off" and settle_graphs("off", "cpu") == "off"
     assert settle_graphs("auto", "cuda") == "on" and settle_graphs("auto", "cuda:1") == "on"

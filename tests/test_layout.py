@@ -8,18 +8,20 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "dreamer_fast"
 
-# Which of the package's parts each part may import (config.py is shared by all).
+# Which of the package's parts each part may import (config.py and checks.py are shared by all).
 ALLOWED = {
-    "config": set(),
+    "checks": set(),  # the errors and value checks every part raises
+    "config": {"checks"},
+    "machine": {"config", "checks"},  # each "auto" the device decides, settled once
     "kernels": {"kernels"},  # kernels/ (installed as dreamer_fast.kernels) imports none of it
-    "agent": {"config", "agent", "kernels"},
-    "envs": {"config", "envs"},
-    "data": {"config", "data", "envs.base", "envs.spaces"},
-    "export": {"config", "flags", "data", "envs"},
-    "run": {"config", "flags", "agent", "envs", "data", "run"},
+    "agent": {"config", "checks", "machine", "agent", "kernels"},
+    "envs": {"config", "checks", "envs"},
+    "data": {"config", "checks", "data", "envs.base", "envs.spaces"},
+    "export": {"config", "checks", "flags", "data", "envs"},
+    "run": {"config", "checks", "machine", "flags", "agent", "envs", "data", "run"},
     "plot": set(),  # reads run folders' files only
-    "flags": {"config"},  # the command line's flags -> a Config
-    "cli": {"config", "flags", "envs", "data", "export", "plot", "run"},  # the command line
+    "flags": {"config", "checks", "machine"},  # the command line's flags -> a Config
+    "cli": {"config", "checks", "flags", "envs", "data", "export", "plot", "run"},  # the command line
 }
 
 

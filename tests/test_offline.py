@@ -15,7 +15,7 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data import datasets
 from dreamer_fast.data import store as S
 from dreamer_fast.data.ring import Ring

@@ -118,7 +118,7 @@ def test_replay_capacity_auto_fits_ram_and_keeps_saved(monkeypatch, capsys):
     import torch
 
     from dreamer_fast.data import capacity as ring
-    from dreamer_fast.config import ConfigError
+    from dreamer_fast.checks import ConfigError
 
     spec = {"image": ((3, 64, 64), torch.uint8), "deter": ((8192,), torch.bfloat16)}
     per_step = 3 * 64 * 64 + 2 * 8192

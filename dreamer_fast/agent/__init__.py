@@ -8,7 +8,8 @@ optim (AGC -> LaProp), parallel (the gradient all-reduce and return all-gather t
 as one replica of several), agent (the `Agent` with its pure step functions: policy_step,
 train_step, report_step).
 
-May import: torch, numpy, `dreamer_fast.config` and the top-level `kernels` package. Imports
-nothing of `envs`, `data` or `run`: the algorithm knows no threads, envs, files or devices
-beyond the tensors it is given. Module attribute names here are checkpoint keys: keep them.
+May import: torch, numpy, `dreamer_fast.config` and `.checks`, `dreamer_fast.machine` (a
+library caller's "auto" kernels and precision) and the `kernels` package. Imports nothing of
+`envs`, `data` or `run`: the algorithm knows no threads, envs, files or devices beyond the
+tensors it is given. Module attribute names here are checkpoint keys: keep them.
 """

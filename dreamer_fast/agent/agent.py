@@ -22,8 +22,9 @@ from dreamer_fast.agent.heads import Actor, ContinueHead, TwohotHead
 from dreamer_fast.agent import deferred, imagine
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.agent.rssm import RSSM, Decoder, Encoder
-from dreamer_fast.config import (AgentConfig, ConfigError, NetConfig, match_keys,
-                                 settle_kernels, settle_precision)
+from dreamer_fast.config import AgentConfig, NetConfig
+from dreamer_fast.checks import ConfigError, match_keys
+from dreamer_fast.machine import settle_kernels, settle_precision
 from dreamer_fast.kernels import get_ops
 
 LOSSES = L.LOSSES
@@ -58,7 +59,7 @@ class Agent(nn.Module):
         device = torch.device(device)
         self.net, self.cfg, self.act_space = net, cfg, act_space
         # A run's config is concrete (run/resolve.py); "auto" (tests, benches) is settled by
-        # the same config.settle_* functions.
+        # the same machine.settle_* functions.
         self.ops = ops = get_ops(settle_kernels(cfg.kernels, device.type))
         precision = settle_precision(cfg.precision, device.type)
         self.autocast_dtype = torch.bfloat16 if precision == "bfloat16" else None

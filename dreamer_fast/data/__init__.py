@@ -7,7 +7,7 @@ writers' temp files), datasets (fixed datasets for offline training: replay
 folders and Minari), synthetic (random batches in the learner's input layout, for tests and
 benches).
 
-May import: torch, numpy, `dreamer_fast.config`, `dreamer_fast.envs.base` (the step format)
+May import: torch, numpy, `dreamer_fast.config` and `.checks`, `dreamer_fast.envs.base` (the step format)
 and `dreamer_fast.envs.spaces` (the observation and action space rules).
 Imports nothing of `agent` or `run`.
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 
 
 def replay_spec(env, net) -> dict:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data import store
 from dreamer_fast.data.capacity import mem_available
 from dreamer_fast.data.ring import RING_MARGIN, Ring

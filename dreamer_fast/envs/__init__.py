@@ -10,7 +10,7 @@ Suites, picked from the id:
     a synchronous Gymnasium vector env.
 
 May import: numpy, gymnasium, envpool, dm_control, opencv (cv2), crafter and
-`dreamer_fast.config`. Imports nothing of `agent`, `data` or `run`.
+`dreamer_fast.config` and `.checks`. Imports nothing of `agent`, `data` or `run`.
 """
 
 from __future__ import annotations

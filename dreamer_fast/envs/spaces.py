@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from dreamer_fast.config import match_keys
+from dreamer_fast.checks import match_keys
 from dreamer_fast.envs.base import ActSpace, BoxAction, ObsSpace, check_obs_space
 
 

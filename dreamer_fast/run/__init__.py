@@ -6,5 +6,5 @@ tick records, the report, the start line), actor, learner, graphs (CUDA graphs a
 the hot steps), distributed and replicas (torch.distributed process group, lockstep learners),
 device (CPU threads, allocator), checkpoint, logger, evaluate.
 
-May import everything else in the package: config, agent, envs, data, kernels.
+May import everything else in the package: config, checks, machine, flags, agent, envs, data, kernels.
 """

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import torch
 
-from dreamer_fast.config import RunError
+from dreamer_fast.checks import RunError
 from dreamer_fast.envs.base import STEP_KEYS
 from dreamer_fast.run.clocks import Timer
 from dreamer_fast.run.weights import PolicyWeights

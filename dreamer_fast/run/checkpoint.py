@@ -31,7 +31,9 @@ import random
 import numpy as np
 import torch
 
-from dreamer_fast.config import Config, ConfigError
+from dreamer_fast.config import Config
+
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.data.files import atomic_write, pid_alive
 
 CHECKPOINT = "checkpoint.pt"

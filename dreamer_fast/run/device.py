@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from dreamer_fast.config import LARGE_DETER, Config
+from dreamer_fast.config import Config
+from dreamer_fast.machine import LARGE_DETER
 from dreamer_fast.run import distributed as D
 
 

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import ConfigError, EvalConfig, settle, settle_device
+from dreamer_fast.config import EvalConfig
+from dreamer_fast.checks import ConfigError
+from dreamer_fast.machine import settle, settle_device
 from dreamer_fast.envs import make_env, suite_of
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run.actor import policy_act

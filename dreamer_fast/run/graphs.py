@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from dreamer_fast.config import ConfigError
+from dreamer_fast.checks import ConfigError
 
 WARMUP = 3
 

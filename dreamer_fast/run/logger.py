@@ -37,7 +37,7 @@ def check_wandb() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        from dreamer_fast.config import ConfigError
+        from dreamer_fast.checks import ConfigError
 
         raise ConfigError("--track logs to Weights & Biases, which is not installed: pip "
                           "install wandb (or pip install -e '.[wandb]'), or drop --track") from None

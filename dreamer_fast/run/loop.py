@@ -26,13 +26,14 @@ import threading
 import numpy as np
 import torch
 
-from dreamer_fast.config import Config, RunError
+from dreamer_fast.config import Config
+
+from dreamer_fast.checks import RunError
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.logger import Logger
 from dreamer_fast.run.replicas import check_replicas, ranks_str
-from dreamer_fast.run.resolve import resolve
-from dreamer_fast.run.session import Run
+from dreamer_fast.run.session import Run, open_run
 from dreamer_fast.run import estimate
 from dreamer_fast.run.evaluate import PeriodicEval
 from dreamer_fast.run.clocks import Every, clocks as make_clocks
@@ -87,7 +88,7 @@ def train(cfg: Config) -> None:
     run = None
     try:
         with StopSignals() as signals:
-            run = Run(resolve(cfg))
+            run = open_run(cfg)
             signals.kept = run.kept
             _train(run, signals)
     finally:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent
-from dreamer_fast.config import Config, ConfigError, RunError
+from dreamer_fast.config import Config
+from dreamer_fast.checks import ConfigError, RunError
 from dreamer_fast.data import datasets
 from dreamer_fast.data.capacity import replay_spec
 from dreamer_fast.data.files import DiskFull
@@ -202,7 +203,7 @@ def train_offline(cfg: Config) -> None:
     if D.world_size() > 1:
         raise ConfigError("--offline trains in one process; run it with python, not torchrun")
     with StopSignals() as signals:
-        run = OfflineRun(resolve(cfg))
+        run = OfflineRun(resolve(cfg, None))
         signals.kept = run.kept
         cfg = run.cfg
         resumed = run.resume()

@@ -4,11 +4,11 @@ config, before anything heavy is built.
     choose(argv)            the domain preset from the env's suite (never its name) and the
                             model (the preset's; size1m without a GPU), one note each
     flags.parse(argv, ..)   the user's config: the preset's defaults with every flag applied
-    resolve(cfg)            every "auto" settled (device, graphs, kernels, precision, by
-                            config.py's settle_* functions, the one place each is decided),
-                            the logdir named and checked, the replay's minimum checked
-    with_replay(cfg, ...)   the replay capacity, from the env's spaces and the machine's
-                            memory (Run calls it once the env exists)
+    resolve(cfg, spec)      every "auto" settled (device, graphs, kernels, precision, by
+                            machine.py's settle_* functions, the one place each is decided),
+                            the logdir named and checked, and the replay capacity sized from
+                            what the env's spaces store per step (`spec`) and the machine's
+                            memory (session.open_run builds the env, then calls it once)
 
 The result is what config.json holds and the start line prints; nothing downstream decides any
 of it again (the run reads cfg.device, cfg.graphs, cfg.agent.kernels and cfg.agent.precision
@@ -23,8 +23,11 @@ import time
 
 import torch
 
-from dreamer_fast.config import CONTROL_DMC_RATIO, Config, ConfigError, settle
+from dreamer_fast.config import CONTROL_DMC_RATIO, Config
+
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.flags import Choice, _flag, default_choice
+from dreamer_fast.machine import settle
 from dreamer_fast.data.capacity import replay_capacity
 from dreamer_fast.data.ring import RING_MARGIN
 from dreamer_fast.data.files import DiskFull, atomic_write
@@ -68,10 +71,12 @@ def choose(argv: list[str]) -> Choice:
     return default_choice(argv, preset, why, ratio, "the control preset on DMC")
 
 
-def resolve(cfg: Config) -> Config:
-    """cfg with every "auto" settled and the logdir named and checked (before anything is
-    built: a bad flag, a replay too small for one window per stream, a logdir that is a file
-    or cannot be written each fail in one line)."""
+def resolve(cfg: Config, spec: dict | None) -> Config:
+    """The run's frozen, concrete config: every "auto" settled, the logdir named and checked,
+    the replay capacity sized from `spec` (data/capacity.replay_spec of the env; None for an
+    offline run, whose replay is its dataset). Only the env exists when it runs: a bad flag, a
+    replay too small for one window per stream, a logdir that is a file or cannot be written
+    each fail in one line before the agent or the replay is allocated."""
     cfg = settle(cfg)
     now = time.time()
     if cfg.logdir is None and D.world_size() > 1:  # one folder: rank 0's clock names it
@@ -89,14 +94,16 @@ def resolve(cfg: Config) -> Config:
             f"{RING_MARGIN} margin steps) per env stream)")
     if D.rank() == 0:
         check_logdir(logdir)
-    return dataclasses.replace(cfg, logdir=logdir)
+    cfg = dataclasses.replace(cfg, logdir=logdir)
+    return cfg if spec is None else _with_replay(cfg, spec)
 
 
-def with_replay(cfg: Config, spec: dict, budget: int) -> Config:
+def _with_replay(cfg: Config, spec: dict) -> Config:
     """cfg with its replay capacity concrete: the saved one on a resume, else automatic (the
-    official 5M steps, or what fits in the RAM left after the training memory, at most the
-    run's `budget` steps, and at most CPU_REPLAY_STEPS on a CPU), or the user's if it fits.
-    Every rank of a data-parallel world takes the smallest."""
+    official 5M steps, or what fits in the RAM left after the training memory, at most this
+    process's share of --steps, and at most CPU_REPLAY_STEPS on a CPU), or the user's if it
+    fits. Every rank of a data-parallel world takes the smallest."""
+    budget = -(-cfg.steps // D.world_size())  # each actor stops at its share
     cuda = cfg.device.startswith("cuda")
     local = D.local_world_size()
     capacity = replay_capacity(

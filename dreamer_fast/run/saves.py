@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dreamer_fast.config import ConfigError, RunError
+from dreamer_fast.checks import ConfigError, RunError
 from dreamer_fast.data.files import DiskFull, remove_stale_temps
 from dreamer_fast.data.store import ChunkStore, ReplayFileError, list_replay, read_manifest
 from dreamer_fast.run import checkpoint

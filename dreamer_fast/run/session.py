@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from dreamer_fast.agent.agent import Agent, set_kernels
-from dreamer_fast.config import Config, ConfigError, RunError
+from dreamer_fast.config import Config
+from dreamer_fast.checks import ConfigError, RunError
 from dreamer_fast.data.limiter import RateLimiter
 from dreamer_fast.data.capacity import replay_spec
 from dreamer_fast.data.ring import Ring
@@ -31,11 +32,27 @@ from dreamer_fast.run.replicas import Lockstep
 from dreamer_fast.run.weights import PolicyWeights
 
 
+def open_run(cfg: Config) -> "Run":
+    """This process's env, then the one resolve step (its spaces size the replay), then the
+    Run of that concrete config. An unknown env id or bad env options are one ConfigError."""
+    rank = D.rank()
+    try:
+        env = make_env(cfg.env, cfg.num_envs, cfg.env_opts, cfg.seed + rank * cfg.num_envs)
+    except ValueError as e:  # unknown env id (names the closest ids), bad env options
+        raise ConfigError(str(e)) from e
+    try:
+        return Run(resolve.resolve(cfg, replay_spec(env, cfg.net)), env)
+    except BaseException:
+        env.close()
+        raise
+
+
 class Run:
     """The live objects of one training run and what the clocks do with them."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, env):
+        """cfg: concrete (run/resolve.resolve), with env's spec; env: this process's envs."""
+        self.cfg, self.env = cfg, env
         self.device = torch.device(cfg.device)
         self.world, self.rank = D.world_size(), D.rank()
         # cfg.steps counts every process's agent steps; each actor stops at its share.
@@ -46,14 +63,7 @@ class Run:
         seed = cfg.seed + self.rank  # distinct acting noise, envs and replay sampling per rank
         torch.manual_seed(seed)
         np.random.seed(seed)
-        try:
-            self.env = make_env(cfg.env, cfg.num_envs, cfg.env_opts,
-                                cfg.seed + self.rank * cfg.num_envs)
-        except ValueError as e:  # unknown env id (names the closest ids), bad env options
-            raise ConfigError(str(e)) from e
-        spec = replay_spec(self.env, cfg.net)
-        # Before anything big is allocated; the concrete capacity is what a resume compares.
-        self.cfg = cfg = resolve.with_replay(cfg, spec, self.budget)
+        spec = replay_spec(env, cfg.net)
         warn_large_on_cpu(cfg)
         self.agent = Agent(self.env.obs_space, self.env.act_space, cfg.net, cfg.agent,
                            self.device)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dreamer_fast.config import RunError
+from dreamer_fast.checks import RunError
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run import fastpath
 from dreamer_fast.run.logger import Logger, format_duration, format_progress, openloop_frames
