@@ -210,6 +210,27 @@ def fastpath() -> str:
             + table(["device", "workload", "chosen", "checks", "command", "commit"], body))
 
 
+def packed() -> str:
+    body = []
+    for r in latest(rows("packed"), lambda r: (device(r), r["workload"], r["seeds"], r["mode"])):
+        solo = next((o for o in rows("packed") if o["mode"] == "solo-fused" and o["workload"] ==
+                     r["workload"] and o["seeds"] == r["seeds"] and o["time"] <= r["time"]
+                     and o["commit"] == r["commit"] and device(o) == device(r)), None)
+        ratio = f"{r['seed_updates_per_s'] / solo['seed_updates_per_s']:.2f}x" if solo else "-"
+        body.append([device(r), r["workload"], r["seeds"], r["mode"],
+                     f"{r['batch']}x{r['length']}", f"{r['p50']:.3f}",
+                     f"{r['seed_updates_per_s']:.2f}", ratio,
+                     f"`python bench/packed.py --workloads {r['workload']} --seeds {r['seeds']}`",
+                     commit(r)])
+    return ("N seeds' learner updates as one vmapped update (packed-ref) against one seed's "
+            "solo update (solo-fused: the CPU fast path; solo-ref: the reference ops the "
+            "packed update runs) and one solo update of N times the batch (batch-ref: what "
+            "batching alone gives). Aggregate seed-updates per second, and its ratio to "
+            "solo-fused.\n\n"
+            + table(["device", "workload", "seeds", "mode", "batch", "s / call",
+                     "seed-updates/s", "vs solo-fused", "command", "commit"], body))
+
+
 BENCHES = {"learning": ("Learning", learning), "throughput": ("Throughput", throughput),
            "kernel-count": ("Kernels per update", kernel_count),
            "kernels": ("Kernels against their references", kernels),
@@ -217,7 +238,8 @@ BENCHES = {"learning": ("Learning", learning), "throughput": ("Throughput", thro
            "peer": ("Peer on the same machine", peer), "cnn": ("The CNN alone", cnn),
            "offline": ("Offline training", offline), "saves": ("Saves", saves),
            "eval-gap": ("Evaluation against training returns", eval_gap),
-           "fastpath": ("The start's fast-path check", fastpath)}
+           "fastpath": ("The start's fast-path check", fastpath),
+           "packed": ("Packed seeds: one update for N seeds", packed)}
 
 PAGE_HEAD = """# Benchmarks
 

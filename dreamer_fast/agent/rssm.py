@@ -75,6 +75,8 @@ class Encoder(nn.Module):
     strided: stride-2 convolutions instead of stride 1 + 2x2 max-pool (the official
     `enc.simple.strided`)."""
 
+    memory_format = CHANNELS_LAST  # packed seeds (vmap) set contiguous_format on theirs
+
     def __init__(self, obs_space: dict, units: int, depth: int, enc_layers: int, ops,
                  strided: bool = False):
         super().__init__()
@@ -109,7 +111,7 @@ class Encoder(nn.Module):
             x = x.reshape(-1, *x.shape[-3:]).float() / 255.0 - 0.5
             # Channels-last maps: convs run ~2x faster on CPU (bench/throughput.py) and the
             # channel norm reads contiguous rows.
-            x = self.cnn(x.contiguous(memory_format=CHANNELS_LAST))
+            x = self.cnn(x.contiguous(memory_format=self.memory_format))
             outs.append(x.permute(0, 2, 3, 1).reshape(*lead, -1))
         return torch.cat(outs, -1)
 
@@ -336,6 +338,8 @@ class Decoder(nn.Module):
     strided: fractionally strided (transposed) convolutions instead of nearest 2x upsampling
     + stride-1 convolution (the official `dec.simple.strided`)."""
 
+    memory_format = CHANNELS_LAST  # packed seeds (vmap) set contiguous_format on theirs
+
     def __init__(self, obs_space: dict, deter: int, latent: int, units: int, depth: int,
                  blocks: int, dec_layers: int, ops, strided: bool = False):
         super().__init__()
@@ -385,7 +389,7 @@ class Decoder(nn.Module):
         a = self.proj_deter(deter).reshape(-1, G, r, r, C // G).permute(0, 1, 4, 2, 3)
         a = a.reshape(-1, C, r, r)
         b = self.proj_stoch(stoch).reshape(-1, r, r, C).permute(0, 3, 1, 2)
-        x = self.proj_norm((a + b).contiguous(memory_format=CHANNELS_LAST))
+        x = self.proj_norm((a + b).contiguous(memory_format=self.memory_format))
         up = (lambda y: y) if self.strided else upsample2
         for i in range(0, len(self.stages), 2):
             x = self.stages[i + 1](self.stages[i](up(x)))
