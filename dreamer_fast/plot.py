@@ -3,8 +3,10 @@
     python -m dreamer_fast.plot LOGDIR [LOGDIR ...] [--out curves.png] [--key episode/return]
 
 Runs of one name (`--name` at training, else the env id; `--group-by logdir` plots each run
-alone) are pooled: their mean on a common axis, with the min-max spread shaded. Needs
-matplotlib (`pip install matplotlib`). Imports nothing else of the package.
+alone) are pooled: their mean on a common axis, with a 95% bootstrap interval of that mean
+shaded (`--band minmax`: the min-max spread), and the IQM of the runs' last values with its
+stratified bootstrap interval printed (Agarwal et al. 2021; scores.py). Needs matplotlib
+(`pip install matplotlib`). Imports nothing else of the package but scores.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import sys
 
 import numpy as np
+
+from dreamer_fast.scores import mean_interval, summary
 
 
 class PlotError(ValueError):
@@ -51,16 +55,24 @@ def load_run(logdir: str, key: str) -> dict:
             "values": np.array([r[key] for r in rows], float)}
 
 
-def pooled(runs: list[dict], axis: str, points: int = 200):
-    """(x, mean, lo, hi) of the runs on a common grid up to the shortest run's end."""
+def pooled(runs: list[dict], axis: str, points: int = 200, band: str = "ci"):
+    """(x, mean, lo, hi) of the runs on a common grid up to the shortest run's end; lo-hi is
+    the 95% bootstrap interval of the mean (band 'ci') or the runs' min-max (band 'minmax')."""
     end = min(r[axis][-1] for r in runs)
     start = max(r[axis][0] for r in runs)
     x = np.linspace(start, end, points) if end > start else np.array([start])
     ys = np.stack([np.interp(x, r[axis], r["values"]) for r in runs])
-    return x, ys.mean(0), ys.min(0), ys.max(0)
+    lo, hi = mean_interval(ys) if band == "ci" else (ys.min(0), ys.max(0))
+    return x, ys.mean(0), lo, hi
 
 
-def plot(runs: list[dict], key: str, out: str, group_by: str = "name") -> dict:
+def final_scores(runs: list[dict]) -> dict:
+    """scores.summary of the runs' last logged values (each run's own end)."""
+    return summary([r["values"][-1] for r in runs])
+
+
+def plot(runs: list[dict], key: str, out: str, group_by: str = "name",
+         band: str = "ci") -> dict:
     """Draws the two panels to `out`; returns {group: number of runs}."""
     try:
         import matplotlib
@@ -81,8 +93,9 @@ def plot(runs: list[dict], key: str, out: str, group_by: str = "name") -> dict:
                 ax.plot(r[axis], r["values"], color=color, label=label,
                         marker="o" if len(r["values"]) == 1 else None)  # one point: a dot
             else:
-                x, mean, lo, hi = pooled(members, axis)
-                ax.plot(x, mean, color=color, label=f"{label} (mean of {len(members)})",
+                x, mean, lo, hi = pooled(members, axis, band=band)
+                what = "95% CI" if band == "ci" else "min-max"
+                ax.plot(x, mean, color=color, label=f"{label} (mean of {len(members)}, {what})",
                         marker="o" if len(x) == 1 else None)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
     axes[0].set_xlabel("agent steps")
@@ -106,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="metric to plot (default episode/return; e.g. eval/return)")
     parser.add_argument("--group-by", choices=["name", "logdir"], default="name",
                         help="pool runs of one name (default) or plot each run alone")
+    parser.add_argument("--band", choices=["ci", "minmax"], default="ci",
+                        help="shade around a pooled mean: its 95%% bootstrap interval (default) "
+                             "or the runs' min-max spread")
     args = parser.parse_args(argv)
     runs = []
     for logdir in args.logdirs:  # a folder without the key is skipped, saying why
@@ -117,11 +133,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: no run folder among the {len(args.logdirs)} given has {args.key!r} "
                  "rows (skipped above); nothing to plot")
     try:
-        groups = plot(runs, args.key, args.out, args.group_by)
+        groups = plot(runs, args.key, args.out, args.group_by, args.band)
     except PlotError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}: " + ", ".join(f"{k} ({n} run{'s' * (n > 1)})"
                                             for k, n in groups.items()))
+    by_name: dict[str, list[dict]] = {}
+    for r in runs:
+        by_name.setdefault(r["name"], []).append(r)
+    for name, members in by_name.items():
+        if len(members) > 1:
+            s = final_scores(members)
+            print(f"{name}: last {args.key} over {s['runs']} runs: IQM {s['iqm']:.1f} "
+                  f"[{s['iqm_lo']:.1f}, {s['iqm_hi']:.1f}] (95% stratified bootstrap), "
+                  f"mean {s['mean']:.1f}")
 
 
 if __name__ == "__main__":

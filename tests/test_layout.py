@@ -19,7 +19,8 @@ ALLOWED = {
     "data": {"config", "checks", "data", "envs.base", "envs.spaces"},
     "export": {"config", "checks", "flags", "data", "envs"},
     "run": {"config", "checks", "machine", "flags", "agent", "envs", "data", "run"},
-    "plot": set(),  # reads run folders' files only
+    "scores": set(),  # IQM and bootstrap intervals across seeds (numpy only)
+    "plot": {"scores"},  # reads run folders' files only
     "flags": {"config", "checks", "machine"},  # the command line's flags -> a Config
     "cli": {"config", "checks", "flags", "envs", "data", "export", "plot", "run"},  # the command line
 }

@@ -182,9 +182,10 @@ def test_plot_pools_runs_of_one_name(tmp_path):
     _fake_run(tmp_path / "b", "mine", "CartPole-v1", [5, 5, 5])
     runs = [load_run(str(tmp_path / d), "episode/return") for d in ("a1", "a2", "b")]
     assert runs[0]["minutes"].tolist() == [0.0, 1.0, 2.0] and runs[2]["name"] == "mine"
-    x, mean, lo, hi = pooled(runs[:2], "steps", points=3)
-    assert x.tolist() == [100, 200, 300] and mean.tolist() == [20, 30, 40]
-    assert lo.tolist() == [10, 20, 30] and hi.tolist() == [30, 40, 50]
+    for band in ("minmax", "ci"):  # two runs: the mean's 95% interval spans them too
+        x, mean, lo, hi = pooled(runs[:2], "steps", points=3, band=band)
+        assert x.tolist() == [100, 200, 300] and mean.tolist() == [20, 30, 40]
+        assert lo.tolist() == [10, 20, 30] and hi.tolist() == [30, 40, 50]
     out = tmp_path / "curves.png"
     assert plot(runs, "episode/return", str(out)) == {"CartPole-v1": 2, "mine": 1}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
