@@ -105,15 +105,21 @@ def throughput() -> str:
 def kernel_count() -> str:
     body = []
     items = [{"precision": "float32", **r} for r in rows("kernel-count")]  # older rows: fp32
-    for r in latest(items, lambda r: (r["workload"], r["mode"], r["precision"])):
+    for r in latest(items, lambda r: (r["workload"], r["mode"], r["precision"],
+                                      r.get("seeds", 1))):
         target = f"<= {r['target']:,}" if r.get("target") and r["mode"] == "triton" else "-"
-        body.append([r["workload"], r["mode"], r["precision"], f"{r['kernels']:,}", target,
+        seeds = r.get("seeds", 1)
+        mode = "ref" if r["mode"] == "packed-ref" else r["mode"]
+        body.append([r["workload"], r["mode"], seeds, r["precision"], f"{r['kernels']:,}",
+                     f"{r['kernels'] / seeds:,.0f}", target,
                      f"`python bench/kernel_count.py --workloads {r['workload']} --modes "
-                     f"{r['mode']} --precision {r['precision']}`", commit(r)])
+                     f"{mode} --precision {r['precision']}"
+                     + (f" --seeds {seeds}`" if seeds > 1 else "`"), commit(r)])
     return ("Kernels one update launches (B16 x T64, H15), counted on the CPU: every dispatched "
-            "op that launches a kernel on a GPU, a Triton op once.\n\n"
-            + table(["workload", "mode", "precision", "kernels", "target", "command", "commit"],
-                    body))
+            "op that launches a kernel on a GPU, a Triton op once. packed-ref: one update of "
+            "N seeds (agent/packed.py).\n\n"
+            + table(["workload", "mode", "seeds", "precision", "kernels", "per seed", "target",
+                     "command", "commit"], body))
 
 
 def kernels() -> str:
