@@ -35,12 +35,15 @@ def environment() -> dict:
 
 
 def git_commit() -> tuple[str, bool]:
-    """(HEAD's hash or 'unknown', whether tracked files differ from it)."""
+    """(HEAD's hash or 'unknown', whether tracked files other than bench/results differ
+    from it)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=here).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # The result files themselves do not make the code dirty (rows append to them).
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                     "--", ":/", ":(exclude,top)bench/results"],
                                     capture_output=True, text=True, cwd=here).stdout.strip())
     except OSError:
         return "unknown", False
