@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -86,6 +87,10 @@ class _FunctionRules(TorchFunctionMode):
 
 
 class _DispatchRules(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.constants = weakref.WeakSet()  # Python numbers vmap made tensors (0-d, CPU)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
@@ -106,13 +111,18 @@ class _DispatchRules(TorchDispatchMode):
             self.fail(4, "a non-default generator", where)
         if name in COPIES:
             src = args[1] if name == "copy_" else args[0]
+            if not isinstance(src, torch.Tensor):  # vmap (packed seeds) lifting a Python
+                out = func(*args, **kwargs)  # number: a constant, passed to the kernels
+                self.constants.add(out)  # as a scalar, as outside vmap
+                return out
             dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
             dst = torch.device(dst)
             if src.device.type == "cpu" and dst.type != "cpu":
                 self.fail(2, "host-to-device copy", where)
             if src.device.type != "cpu" and dst.type == "cpu":
                 self.fail(1, "device-to-host copy", where)
-        elif "cpu" in devices and len(devices) > 1:
+        elif "cpu" in {t.device.type for t in tensors if t not in self.constants} and len(
+                devices) > 1:
             self.fail(2, "a CPU tensor mixed into a device op (copied or baked in as a "
                          "constant at capture)", where)
         try:
@@ -238,9 +248,11 @@ def python_state(obj, seen=None, prefix="") -> dict:
         if k in ("_parameters", "_buffers", "_forward_pre_hooks", "_forward_hooks",
                  "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
             continue
-        if isinstance(v, torch.Tensor) or (isinstance(v, list) and v and
-                                           isinstance(v[0], torch.Tensor)):
-            continue
+        if isinstance(v, torch.Tensor) or (isinstance(v, (list, dict)) and v and all(
+                isinstance(x, torch.Tensor) or (isinstance(x, tuple) and all(
+                    isinstance(y, torch.Tensor) for y in x))
+                for x in (v.values() if isinstance(v, dict) else v))):
+            continue  # tensors, lists and dicts of them: device state, not Python state
         if isinstance(v, dict) and k == "_modules":
             for name, m in v.items():
                 out.update(python_state(m, seen, f"{prefix}{name}."))

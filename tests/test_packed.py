@@ -4,6 +4,7 @@ tolerance of tests/test_kernels.py (float32: 1e-4 relative on losses, 1e-5 on pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -167,3 +168,37 @@ def test_packing_refuses_what_it_cannot_pack():
     b, _ = seeds(obs, act, 1, imag_horizon=4)
     with pytest.raises(ConfigError, match="one config"):
         PackedAgents(a + b)
+
+
+@pytest.mark.parametrize("device", ["cpu", "stand-in"])
+@pytest.mark.parametrize("space", SPACES)
+def test_the_packed_update_is_capture_safe(space, device):
+    """The packed update does nothing a CUDA graph capture rejects (tests/capture.py's
+    rules: no host reads, no host-to-device copies, no reseeding or syncs) and changes no
+    Python state, traced after a warm-up as run/graphs.py captures the solo update; on the
+    stand-in (fake meta tensors for the GPU) a tensor left on the host shows too. What the
+    CPU cannot check: that vmap's batched kernels capture on a real GPU."""
+    from capture import CaptureCheck, fake, python_state, stand_in
+
+    obs, act = SPACES[space]
+    agents, batches = seeds(obs, act, 2)
+    packed = PackedAgents(agents)
+    batch = stack(batches)
+    if device == "stand-in":
+        for group in (packed.trained, packed.frozen, packed.buffers):
+            for k in group:
+                group[k] = fake(group[k])
+        opt = packed.opt
+        opt.params = list(packed.trained.values())
+        opt.count, opt.lr = fake(opt.count), fake(opt.lr)
+        opt.nu, opt.mu = [fake(t) for t in opt.nu], [fake(t) for t in opt.mu]
+        packed.slow = [(packed.frozen[k], packed.trained[k.replace(".slowval.", ".val.")])
+                       for k in packed.frozen if ".slowval." in k]
+        batch = {k: fake(v) for k, v in batch.items()}
+    with stand_in() if device == "stand-in" else contextlib.nullcontext():
+        packed.train_step(batch)  # warm-up, as before a capture
+        before = python_state(packed)
+        with CaptureCheck():
+            metrics, latents = packed.train_step(batch)
+        assert python_state(packed) == before
+    assert latents["deter"].shape[:2] == (2, 2) and metrics["loss/policy"].shape == (2,)

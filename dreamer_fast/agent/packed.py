@@ -15,6 +15,10 @@ seed dimension (vmap maps the loss per seed; the optimizer's clipping norms are 
 optim.LaProp(seeds=N)). Randomness: 'different' draws independent noise per seed (training);
 'same' gives every seed the noise a solo update would draw from the same generator, which is
 how tests/test_packed.py proves that seed i packed equals seed i alone.
+
+Capture: the update does nothing a CUDA graph capture rejects (tests/test_packed.py traces it
+under tests/capture.py's rules on the CPU and on fake tensors standing in for the GPU); run/
+graphs.py does not capture it yet, and no run trains packed yet (no --seeds flag).
 """
 
 from __future__ import annotations
