@@ -13,6 +13,8 @@
 #   fastpath   the run's start check: graph+triton vs the eager reference (bench/fastpath.py)
 #   learners   size1m-vec and size12m-img, eager / graph / graph+triton (bench/throughput.py)
 #   kcount     kernels per update, reference vs Triton (bench/kernel_count.py)
+#   packed     packed seeds: one vmapped update of 4 and 16 size1m-vec seeds against solo
+#              updates and the batching ceiling (bench/packed.py)
 #   policy     matmul peak and the 64-env policy step
 #   kernels    each Triton op vs its reference (bench/kernels.py, no inductor compiles)
 #   size200m   the paper's model, graph+triton
@@ -135,6 +137,8 @@ if [ $rehearse = 1 ]; then
         --modes eager graph+triton --iters 1 --burnin 0 --out "$(res throughput)"
     stage kcount 40 "$PY" bench/kernel_count.py --workloads size1m-vec --modes ref \
         --out "$(res kernel-count)"
+    stage packed 30 "$PY" bench/packed.py --workloads learner-control-vec --seeds 2 \
+        --iters 1 --burnin 0 --out "$(res packed)"
     stage policy 30 "$PY" bench/throughput.py --workloads matmul-peak --iters 1 --burnin 0 \
         --out "$(res throughput)"
     stage kernels 40 "$PY" bench/kernels.py --sizes size12m --cases rms_silu-obs-hidden \
@@ -153,6 +157,8 @@ else
         learner-size12m-img --modes eager graph graph+triton --iters 10 --burnin 2 \
         --price 2.5 --out "$(res throughput)"
     stage kcount 35 "$PY" bench/kernel_count.py --modes ref triton --out "$(res kernel-count)"
+    stage packed 45 "$PY" bench/packed.py --workloads learner-size1m-vec --seeds 4 16 \
+        --iters 5 --burnin 1 --out "$(res packed)"
     stage policy 30 "$PY" bench/throughput.py --workloads matmul-peak policy-64envs \
         --modes eager graph graph+triton --iters 20 --burnin 3 --out "$(res throughput)"
     stage kernels 30 "$PY" bench/kernels.py --sizes size12m --impls triton eager triton-graph \

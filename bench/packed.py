@@ -2,11 +2,12 @@
 (agent/packed.py) against N solo updates, and against one solo update of an N-times larger
 batch (what batching alone can give).
 
-    python bench/packed.py [--workloads learner-control-vec learner-size1m-vec] [--seeds 4]
+    python bench/packed.py [--workloads learner-control-vec learner-size1m-vec] [--seeds 4 16]
 
-Rows go to bench/results/packed-<device>.jsonl the moment each is measured: workload, mode
-(solo-fused: today's CPU fast path; solo-ref: the reference ops the packed update runs;
-packed-ref: the vmapped update of N seeds; batch-ref: one solo update of N x B sequences),
+Rows go to bench/results/packed-<device>.jsonl (or --out) the moment each is measured:
+workload, mode (solo-fused on a CPU, solo-triton on CUDA: one seed's eager update on the
+device's fast kernels; solo-ref: the reference ops the packed update runs; packed-ref: the
+vmapped update of N seeds; batch-ref: one solo update of N x B sequences),
 seeds, p20/p50/p80 seconds per call, and the aggregate seed-updates per second (N / p50 for
 packed-ref and batch-ref, 1 / p50 for the solo modes). The learner alone: no envs, no actor,
 with the learner's CPU threads of a run (half the cores: run/device.set_cpu_threads).
@@ -35,35 +36,40 @@ WORKLOADS = ("learner-control-vec", "learner-size1m-vec")
 
 
 def agent_cfg(workload: str, kernels: str, batch_size: int = 16) -> AgentConfig:
+    """The workload's agent settings, float32 (the packed update's precision) everywhere."""
     extra = LEARNER_AGENT.get(workload, {})
     return AgentConfig(batch_size=batch_size, kernels=kernels, precision="float32", **extra)
 
 
-def measure(workload: str, seeds: int, iters: int, burnin: int) -> list[dict]:
+def measure(workload: str, seeds: int, iters: int, burnin: int, device: str = "cpu",
+            path: str | None = None) -> list[dict]:
     net, obs, act, _ = LEARNER[workload]
     base = agent_cfg(workload, "ref")
     B, L = base.batch_size, base.batch_length + 1
-    batches = [make_batch(obs, act, net, B=B, L=L, seed=i) for i in range(seeds)]
+    batches = [{k: v.to(device) for k, v in make_batch(obs, act, net, B=B, L=L, seed=i).items()}
+               for i in range(seeds)]
+    fast = "triton" if device.startswith("cuda") else "fused"
     cases = {}
-    for kernels in ("fused", "ref"):
+    for kernels in (fast, "ref"):
         torch.manual_seed(0)
-        solo = Agent(obs, act, net, agent_cfg(workload, kernels))
+        solo = Agent(obs, act, net, agent_cfg(workload, kernels), device)
         cases[f"solo-{kernels}"] = (1, lambda a=solo: a.train_step(batches[0]))
     agents = []
     for i in range(seeds):
         torch.manual_seed(i)
-        agents.append(Agent(obs, act, net, base))
+        agents.append(Agent(obs, act, net, base, device))
     packed = PackedAgents(agents)
     stacked = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
     cases["packed-ref"] = (seeds, lambda: packed.train_step(stacked))
-    big = Agent(obs, act, net, replace(base, batch_size=B * seeds))
+    big = Agent(obs, act, net, replace(base, batch_size=B * seeds), device)
     wide = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     cases["batch-ref"] = (seeds, lambda: big.train_step(wide))
     rows, env = [], environment()
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                        f"packed-{'cuda' if torch.cuda.is_available() else 'cpu'}.jsonl")
+    kind = ("cpu" if device == "cpu" else torch.cuda.get_device_name().split()[-1].lower())
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"packed-{kind}.jsonl")
     for mode, (per_call, fn) in cases.items():
-        times, warm_s = time_calls(fn, iters, burnin, "cpu")
+        times, warm_s = time_calls(fn, iters, burnin, device)
         stats = percentiles(times)
         row = {"bench": "packed", "workload": workload, "mode": mode, "seeds": seeds,
                "batch": B * (seeds if mode == "batch-ref" else 1), "length": L - 1,
@@ -73,9 +79,9 @@ def measure(workload: str, seeds: int, iters: int, burnin: int) -> list[dict]:
         rows.append(row)
         print(f"{workload} {mode:10s} seeds {seeds}: {stats['p50']:.3f} s/call, "
               f"{row['seed_updates_per_s']:.2f} seed-updates/s", flush=True)
-    solo = next(r for r in rows if r["mode"] == "solo-fused")["seed_updates_per_s"]
+    solo = next(r for r in rows if r["mode"] == f"solo-{fast}")["seed_updates_per_s"]
     for r in rows:
-        print(f"  {r['mode']:10s} {r['seed_updates_per_s'] / solo:.2f}x one solo fused seed")
+        print(f"  {r['mode']:11s} {r['seed_updates_per_s'] / solo:.2f}x one solo {fast} seed")
     return rows
 
 
@@ -85,11 +91,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[4])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--burnin", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results file (default per device)")
     args = parser.parse_args()
-    set_cpu_threads(torch.device("cpu"))  # as a run's learner: half the cores
+    set_cpu_threads(torch.device(args.device))  # on a CPU, as a run's learner: half the cores
     for workload in args.workloads:
         for seeds in args.seeds:
-            measure(workload, seeds, args.iters, args.burnin)
+            measure(workload, seeds, args.iters, args.burnin, args.device, args.out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def row_line(row: dict) -> str | None:
                                      f"{c['loss_rtol']:.0e}/{c['delta_cos']:.3f}")
                           for r, c in row.get("checks", {}).items())
         return f"{bench:<11} {what:<24} -> {row['mode']:<12} {row['seconds']:.0f}s {checks}"
+    if bench == "packed":
+        return (f"{bench:<11} {what:<24} {row['mode']:<12} x{row['seeds']:<3} p50 "
+                f"{row['p50']:.4f}s {row['seed_updates_per_s']:.2f} seed-upd/s")
     if "kernels" in row and "phases" in row:
         return f"kernelcount {what:<24} {row['mode']:<12} {row['kernels']:,} kernels"
     return None

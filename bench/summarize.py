@@ -219,7 +219,8 @@ def fastpath() -> str:
 def packed() -> str:
     body = []
     for r in latest(rows("packed"), lambda r: (device(r), r["workload"], r["seeds"], r["mode"])):
-        solo = next((o for o in rows("packed") if o["mode"] == "solo-fused" and o["workload"] ==
+        solo = next((o for o in rows("packed") if o["mode"] in ("solo-fused", "solo-triton")
+                     and o["workload"] ==
                      r["workload"] and o["seeds"] == r["seeds"] and o["time"] <= r["time"]
                      and o["commit"] == r["commit"] and device(o) == device(r)), None)
         ratio = f"{r['seed_updates_per_s'] / solo['seed_updates_per_s']:.2f}x" if solo else "-"
@@ -229,12 +230,12 @@ def packed() -> str:
                      f"`python bench/packed.py --workloads {r['workload']} --seeds {r['seeds']}`",
                      commit(r)])
     return ("N seeds' learner updates as one vmapped update (packed-ref) against one seed's "
-            "solo update (solo-fused: the CPU fast path; solo-ref: the reference ops the "
-            "packed update runs) and one solo update of N times the batch (batch-ref: what "
-            "batching alone gives). Aggregate seed-updates per second, and its ratio to "
-            "solo-fused.\n\n"
+            "solo update (solo-fused / solo-triton: the device's fast kernels, eager; "
+            "solo-ref: the reference ops the packed update runs) and one solo update of N "
+            "times the batch (batch-ref: what batching alone gives). Aggregate seed-updates "
+            "per second, and its ratio to the solo fast kernels.\n\n"
             + table(["device", "workload", "seeds", "mode", "batch", "s / call",
-                     "seed-updates/s", "vs solo-fused", "command", "commit"], body))
+                     "seed-updates/s", "vs solo fast", "command", "commit"], body))
 
 
 BENCHES = {"learning": ("Learning", learning), "throughput": ("Throughput", throughput),

@@ -13,7 +13,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preflight", "tests", "fastpath", "learners", "kcount", "policy", "kernels",
+STAGES = ("preflight", "tests", "fastpath", "learners", "kcount", "packed", "policy", "kernels",
           "size200m", "e2e")
 
 
@@ -38,7 +38,7 @@ def test_rehearsal_runs_every_stage_and_returns_what_a_remote_call_can_carry(tmp
     rows = {f: [json.loads(line) for line in (out / f).read_text().splitlines()]
             for f in files if f.endswith(".jsonl")}
     assert {f.split("-cpu")[0] for f in rows} == {"fastpath", "throughput", "kernel-count",
-                                                  "kernels"}
+                                                  "kernels", "packed"}
     commits = {r["commit"] for rs in rows.values() for r in rs}
     assert len(commits) == 1 and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commits.pop())
     fast = rows["fastpath-cpu-rehearsal.jsonl"][0]
@@ -49,6 +49,8 @@ def test_rehearsal_runs_every_stage_and_returns_what_a_remote_call_can_carry(tmp
     # One line per result row in the summary, after one per stage.
     assert sum(line.startswith("stage ") for line in summary) == len(STAGES)
     assert any(line.startswith("throughput  e2e-pong-64") for line in summary)
+    assert any(re.match(r"packed +learner-control-vec +packed-ref +x2 +p50", line)
+               for line in summary)
     assert took < 180, f"the rehearsal took {took:.0f}s (budget 110s plus start-up)"
 
 
