@@ -22,9 +22,9 @@ dtype casts it launches count too):
     losses), imagine (the H-step rollout), actor-critic (returns and losses on imagined
     trajectories, replay value loss), backward, optimizer (LaProp + AGC + slow critic).
 
-  * packed seeds (`--seeds N`, N > 1, mode `ref`, float32): one update of N agents by
-    agent/packed.py (torch.func.vmap over the reference ops); the row's `kernels` is the whole
-    update's, `per_seed` that over N. Not split into phases.
+  * packed seeds (`--seeds N`, N > 1, modes `ref` / `fused`, float32): one update of N
+    agents by agent/packed.py (torch.func.vmap over those ops); the row's `kernels` is the
+    whole update's, `per_seed` that over N. Not split into phases.
 
 Rows (device, versions, commit, workload, mode, seeds, total, per phase, the most frequent
 ops) are appended to bench/results/kernel-count-<device>.jsonl; docs/benchmarks.md shows the
@@ -167,12 +167,12 @@ def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloa
             torch.cuda.is_available()}
 
 
-def count_packed(workload: str, seeds: int, device: str = "cpu") -> dict:
-    """count() of one packed update of `seeds` agents (reference ops, float32)."""
+def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu") -> dict:
+    """count() of one packed update of `seeds` agents (mode ref or fused, float32)."""
     from dreamer_fast.agent.packed import PackedAgents
 
     net, obs, act = WORKLOADS[workload]
-    cfg = AgentConfig(kernels="ref", precision="float32")
+    cfg = AgentConfig(kernels=mode, precision="float32")
     agents = []
     for i in range(seeds):
         torch.manual_seed(i)
@@ -187,7 +187,8 @@ def count_packed(workload: str, seeds: int, device: str = "cpu") -> dict:
         counter.phase = "packed"
         packed.train_step(batch)
     total = sum(counter.ops.values())
-    return {"bench": "kernel-count", "workload": workload, "mode": "packed-ref", "seeds": seeds,
+    return {"bench": "kernel-count", "workload": workload, "mode": f"packed-{mode}",
+            "seeds": seeds,
             "kernels": total, "per_seed": total / seeds, "precision": "float32",
             "B": cfg.batch_size, "T": cfg.batch_length, "H": cfg.imag_horizon,
             "phases": dict(counter.phases), "top_ops": dict(counter.ops.most_common(25)),
@@ -203,7 +204,8 @@ def main() -> None:
                         help="autocast dtype of matmuls/convs (bfloat16: what a GPU runs by "
                         "default, casts included; CPU autocast runs it here)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="N > 1: count one packed update of N seeds (mode ref, float32)")
+                        help="N > 1: count one packed update of N seeds (modes ref, fused; "
+                        "float32)")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--by-phase", action="store_true", help="print each phase's top ops")
     parser.add_argument("--no-record", action="store_true")
@@ -213,13 +215,14 @@ def main() -> None:
     kind = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"kernel-count-{kind}.jsonl")
-    if args.seeds > 1 and (args.modes != ["ref"] or args.precision != "float32"):
-        parser.error("--seeds N > 1 counts the packed update: use --modes ref --precision "
-                     "float32")
+    if args.seeds > 1 and (set(args.modes) - {"ref", "fused"} or args.precision != "float32"):
+        parser.error("--seeds N > 1 counts the packed update: use --modes ref and/or fused "
+                     "--precision float32")
     for workload in args.workloads:
         for mode in args.modes:
-            row = {**env, **(count_packed(workload, args.seeds, args.device) if args.seeds > 1
-                             else count(workload, mode, args.device, args.precision))}
+            row = {**env, **(count_packed(workload, mode, args.seeds, args.device)
+                             if args.seeds > 1 else
+                             count(workload, mode, args.device, args.precision))}
             phases = ", ".join(f"{k} {v:,}" for k, v in row["phases"].items())
             top = ", ".join(f"{k} {v:,}" for k, v in list(row["top_ops"].items())[:args.top])
             print(f"{workload:<12} {mode:<7} {args.precision:<8} {row['kernels']:>7,} kernels"

@@ -6,10 +6,10 @@ batch (what batching alone can give).
 
 Rows go to bench/results/packed-<device>.jsonl (or --out) the moment each is measured:
 workload, mode (solo-fused on a CPU, solo-triton on CUDA: one seed's eager update on the
-device's fast kernels; solo-ref: the reference ops the packed update runs; packed-ref: the
-vmapped update of N seeds; batch-ref: one solo update of N x B sequences),
+device's fast kernels; solo-ref: the reference ops; packed-ref and, on a CPU, packed-fused:
+the vmapped update of N seeds on those ops; batch-ref: one solo update of N x B sequences),
 seeds, p20/p50/p80 seconds per call, and the aggregate seed-updates per second (N / p50 for
-packed-ref and batch-ref, 1 / p50 for the solo modes). The learner alone: no envs, no actor,
+the packed modes and batch-ref, 1 / p50 for the solo modes). The learner alone: no envs, no actor,
 with the learner's CPU threads of a run (half the cores: run/device.set_cpu_threads).
 """
 
@@ -54,13 +54,14 @@ def measure(workload: str, seeds: int, iters: int, burnin: int, device: str = "c
         torch.manual_seed(0)
         solo = Agent(obs, act, net, agent_cfg(workload, kernels), device)
         cases[f"solo-{kernels}"] = (1, lambda a=solo: a.train_step(batches[0]))
-    agents = []
-    for i in range(seeds):
-        torch.manual_seed(i)
-        agents.append(Agent(obs, act, net, base, device))
-    packed = PackedAgents(agents)
     stacked = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
-    cases["packed-ref"] = (seeds, lambda: packed.train_step(stacked))
+    for kernels in ("ref",) if device.startswith("cuda") else ("ref", "fused"):
+        agents = []
+        for i in range(seeds):
+            torch.manual_seed(i)
+            agents.append(Agent(obs, act, net, agent_cfg(workload, kernels), device))
+        packed = PackedAgents(agents)
+        cases[f"packed-{kernels}"] = (seeds, lambda p=packed: p.train_step(stacked))
     big = Agent(obs, act, net, replace(base, batch_size=B * seeds), device)
     wide = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     cases["batch-ref"] = (seeds, lambda: big.train_step(wide))

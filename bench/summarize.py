@@ -109,15 +109,15 @@ def kernel_count() -> str:
                                       r.get("seeds", 1))):
         target = f"<= {r['target']:,}" if r.get("target") and r["mode"] == "triton" else "-"
         seeds = r.get("seeds", 1)
-        mode = "ref" if r["mode"] == "packed-ref" else r["mode"]
+        mode = r["mode"].removeprefix("packed-")
         body.append([r["workload"], r["mode"], seeds, r["precision"], f"{r['kernels']:,}",
                      f"{r['kernels'] / seeds:,.0f}", target,
                      f"`python bench/kernel_count.py --workloads {r['workload']} --modes "
                      f"{mode} --precision {r['precision']}"
                      + (f" --seeds {seeds}`" if seeds > 1 else "`"), commit(r)])
     return ("Kernels one update launches (B16 x T64, H15), counted on the CPU: every dispatched "
-            "op that launches a kernel on a GPU, a Triton op once. packed-ref: one update of "
-            "N seeds (agent/packed.py).\n\n"
+            "op that launches a kernel on a GPU, a Triton op once. packed-ref / packed-fused: "
+            "one update of N seeds (agent/packed.py).\n\n"
             + table(["workload", "mode", "seeds", "precision", "kernels", "per seed", "target",
                      "command", "commit"], body))
 
@@ -229,7 +229,8 @@ def packed() -> str:
                      f"{r['seed_updates_per_s']:.2f}", ratio,
                      f"`python bench/packed.py --workloads {r['workload']} --seeds {r['seeds']}`",
                      commit(r)])
-    return ("N seeds' learner updates as one vmapped update (packed-ref) against one seed's "
+    return ("N seeds' learner updates as one vmapped update (packed-ref, packed-fused) "
+            "against one seed's "
             "solo update (solo-fused / solo-triton: the device's fast kernels, eager; "
             "solo-ref: the reference ops the packed update runs) and one solo update of N "
             "times the batch (batch-ref: what batching alone gives). Aggregate seed-updates "

@@ -6,6 +6,10 @@ each op saves only what its backward needs and the backward runs in few passes, 
 where it can. Same signatures as the references (`kernels/*_ref`); tests/test_kernels.py
 checks values and gradients against them. `get_ops("fused")`; `--agent.kernels auto` picks it
 on CPU.
+
+Each Function keeps forward and setup_context apart and lets PyTorch generate its vmap rule
+(`generate_vmap_rule`), so torch.func transforms (packed seeds: agent/packed.py) run them: the
+tensors backward needs leave forward as extra outputs, marked non-differentiable.
 """
 
 from __future__ import annotations
@@ -28,21 +32,29 @@ class _RmsSilu(torch.autograd.Function):
     Saves xhat, r (one value per row) and y.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, scale, eps):
+    def forward(x, scale, eps):
         xf = _upcast(x)
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_()
                         .div_(xf.shape[-1]).add_(eps))
-        sf = _upcast(scale)
         xhat = xf * r
-        y = xhat * sf
-        ctx.save_for_backward(xhat, r, sf, y)
-        ctx.dtypes = (x.dtype, scale.dtype)
-        return F.silu(y).to(x.dtype)
+        y = xhat * _upcast(scale)
+        return F.silu(y).to(x.dtype), xhat, r, y
 
     @staticmethod
-    def backward(ctx, grad):
-        xhat, r, sf, y = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        x, scale, _ = inputs
+        _, xhat, r, y = output
+        ctx.save_for_backward(xhat, r, scale, y)
+        ctx.mark_non_differentiable(xhat, r, y)
+        ctx.dtypes = (x.dtype, scale.dtype)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        xhat, r, scale, y = ctx.saved_tensors
+        sf = _upcast(scale)
         gy = torch.ops.aten.silu_backward(_upcast(grad), y)
         lead = tuple(range(gy.dim() - 1))
         dscale = (gy * xhat).sum(lead) if ctx.needs_input_grad[1] else None
@@ -55,7 +67,7 @@ class _RmsSilu(torch.autograd.Function):
 
 def rms_silu_fused(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """SiLU(RMSNorm(x)) over the last axis (as kernels.norms.rms_silu_ref)."""
-    return _RmsSilu.apply(x, scale, eps)
+    return _RmsSilu.apply(x, scale, eps)[0]
 
 
 # ---------------------------------------------------------------------------- twohot
@@ -80,8 +92,10 @@ class _TwohotLoss(torch.autograd.Function):
     materialising the log-softmax); d x = g * ((w_b + w_a) * softmax(x) - w_b e_b - w_a e_a).
     Saves the logits, one log-sum-exp per row and the two bins and weights."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, target):
+    def forward(logits, target):
         x = _upcast(logits)
         bins = symexp_bins(x.shape[-1], x.device).to(x.dtype)
         t = target.to(x.dtype)
@@ -92,13 +106,20 @@ class _TwohotLoss(torch.autograd.Function):
         loss = (lse - x_below).mul_(w_below).add_((lse - x_above).mul_(w_above))
         # A NaN target gives a NaN loss, as in the reference (the search would place it last).
         loss = torch.where(torch.isnan(t), t, loss)
-        ctx.save_for_backward(x, lse, below, above, w_below, w_above)
-        ctx.dtype = logits.dtype
-        return loss
+        return loss, lse, below, above, w_below, w_above
 
     @staticmethod
-    def backward(ctx, grad):
-        x, lse, below, above, w_below, w_above = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        logits, _ = inputs
+        _, lse, below, above, w_below, w_above = output
+        ctx.save_for_backward(logits, lse, below, above, w_below, w_above)
+        ctx.mark_non_differentiable(lse, below, above, w_below, w_above)
+        ctx.dtype = logits.dtype
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        logits, lse, below, above, w_below, w_above = ctx.saved_tensors
+        x = _upcast(logits)
         g = _upcast(grad)
         dx = (x - lse.unsqueeze(-1)).exp_().mul_((g * (w_below + w_above)).unsqueeze(-1))
         dx.scatter_add_(-1, below.unsqueeze(-1), (-g * w_below).unsqueeze(-1))
@@ -112,7 +133,7 @@ def twohot_loss_fused(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     a target that requires grad takes the reference."""
     if target.requires_grad and torch.is_grad_enabled():
         return twohot_loss_ref(logits, target)
-    return _TwohotLoss.apply(logits, target)
+    return _TwohotLoss.apply(logits, target)[0]
 
 
 class _TwohotMean(torch.autograd.Function):
@@ -120,8 +141,10 @@ class _TwohotMean(torch.autograd.Function):
     paired with its mirror first: sum_{i>0} (e_{m+i} - e_{m-i}) b_{m+i} (the bins are exactly
     antisymmetric), so uniform logits give exactly 0; d x = g * p * (b - mean)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits):
+    def forward(logits):
         x = _upcast(logits)
         K = x.shape[-1]
         m = (K - 1) // 2
@@ -130,14 +153,20 @@ class _TwohotMean(torch.autograd.Function):
         total = e.sum(-1)
         pairs = torch.sub(e[..., m + 1:], e[..., :m].flip(-1))
         mean = (pairs @ bins[m + 1:]).addcmul_(e[..., m], bins[m]).div_(total)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(e, total, mean, bins)
-        ctx.dtype = logits.dtype
-        return mean
+        return mean, e, total
 
     @staticmethod
-    def backward(ctx, grad):
-        e, total, mean, bins = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        mean, e, total = output
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e, total, mean)
+        ctx.mark_non_differentiable(e, total)
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        e, total, mean = ctx.saved_tensors
+        bins = symexp_bins(e.shape[-1], e.device).to(e.dtype)
         scale = _upcast(grad).div(total).unsqueeze_(-1)
         dx = (bins - mean.unsqueeze(-1)).mul_(e).mul_(scale)
         return dx.to(ctx.dtype)
@@ -146,4 +175,4 @@ class _TwohotMean(torch.autograd.Function):
 def twohot_mean_fused(logits: torch.Tensor) -> torch.Tensor:
     """Expected raw value of a symexp twohot head (as kernels.twohot.twohot_mean_ref): one
     exp pass and a matrix-vector product instead of a softmax and three elementwise passes."""
-    return _TwohotMean.apply(logits)
+    return _TwohotMean.apply(logits)[0]

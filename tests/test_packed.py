@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,8 +37,9 @@ def stack(batches):
     return {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+@pytest.mark.parametrize("kernels", ["ref", "fused"])
 @pytest.mark.parametrize("space", SPACES)
-def test_one_packed_update_computes_each_seeds_own_gradients(space):
+def test_one_packed_update_computes_each_seeds_own_gradients(space, kernels):
     """From the same state and noise, the vmapped gradients of 3 seeds (different weights,
     different batches) equal each seed's solo gradients, tensor by tensor (1e-4 of the
     tensor's largest entry; measured: 3e-6, the rounding of batched matmuls and convs), and
@@ -47,7 +49,7 @@ def test_one_packed_update_computes_each_seeds_own_gradients(space):
     5e-3 of its largest entry away from ATen's on some batches, solo as well as vmapped
     (its summation order), which would hide a real difference."""
     obs, act = SPACES[space]
-    agents, batches = seeds(obs, act, 3)
+    agents, batches = seeds(obs, act, 3, kernels=kernels)
     packed = PackedAgents([copy.deepcopy(a) for a in agents], randomness="same")
     torch.manual_seed(5)
     with torch.backends.mkldnn.flags(enabled=False):
@@ -105,8 +107,9 @@ def test_the_packed_optimizer_steps_each_seed_as_its_own():
             torch.testing.assert_close(q[i], p, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_seed_i_packed_equals_seed_i_alone(space):
+@pytest.mark.parametrize("space,kernels", [("vector-discrete", "ref"),
+                                           ("image+vector-continuous", "fused")])
+def test_seed_i_packed_equals_seed_i_alone(space, kernels):
     """Three updates of 3 packed seeds against each seed's own three solo updates, at the
     presets' learning-rate warmup, compared as test_kernels compares the fast path with the
     references after its updates (parameters to 1e-5, losses to 1e-4). With a large step
@@ -114,7 +117,7 @@ def test_seed_i_packed_equals_seed_i_alone(space):
     are nearly sign(g), so a gradient entry that is zero up to rounding moves a full step
     either way, and a latent sample at a class boundary can flip."""
     obs, act = SPACES[space]
-    agents, batches = seeds(obs, act, 3)
+    agents, batches = seeds(obs, act, 3, kernels=kernels)
     solo = [copy.deepcopy(a) for a in agents]
     packed = PackedAgents(agents, randomness="same")
     solo_metrics = [[] for _ in solo]
@@ -162,8 +165,11 @@ def test_a_nan_in_one_seed_stays_in_that_seed():
 
 def test_packing_refuses_what_it_cannot_pack():
     obs, act = SPACES["vector-discrete"]
-    with pytest.raises(ConfigError, match="kernels='ref'"):
-        PackedAgents(seeds(obs, act, 2, kernels="fused")[0])
+    with pytest.raises(ConfigError, match="kernels='ref' or 'fused'"):
+        agents = seeds(obs, act, 2, kernels="fused")[0]
+        for a in agents:  # as an agent of kernels='triton' would be
+            a.ops = SimpleNamespace(**{**vars(a.ops), "impl": "triton"})
+        PackedAgents(agents)
     a, _ = seeds(obs, act, 1)
     b, _ = seeds(obs, act, 1, imag_horizon=4)
     with pytest.raises(ConfigError, match="one config"):

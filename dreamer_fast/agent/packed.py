@@ -6,8 +6,9 @@ code (agent.py, losses.py, imagine.py) unchanged, so the packed update cannot dr
 solo one; batched layers would need a seed dimension in every layer, reduction and loss.
 Measured on 2 CPU cores (bench/packed.py, size300k, B16 x T16): the vmapped update of 4 seeds
 costs about what one solo update of a 4x larger batch costs, i.e. it reaches what batching
-alone can give. vmap needs plain PyTorch ops, so the packed update runs the reference kernels
-(agent.kernels='ref'); the fused ops' hand-written autograd Functions have no vmap rules yet.
+alone can give. vmap needs PyTorch ops: the packed update runs the reference ops or the CPU
+fast path's fused ops (kernels/fused.py generates their vmap rules); the Triton ops have no
+vmap rules yet.
 
 Independence: every tensor of seed i (parameters, optimizer moments, return normaliser,
 non-finite flags) is row i of a stacked tensor, and nothing in the update reduces over the
@@ -57,16 +58,16 @@ class _Loss(nn.Module):
 class PackedAgents:
     """N agents of one config, trained together: `train_step` is one vmapped update.
 
-    agents: N Agents with the same spaces and config, kernels 'ref', float32 (their tensors
+    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32 (their tensors
     are copied; `unpack` writes seed i back into a solo Agent, e.g. to save or evaluate it).
     """
 
     def __init__(self, agents: list[Agent],
                  randomness: Literal["different", "same"] = "different"):
         first = agents[0]
-        if first.ops.impl != "ref":
-            raise ConfigError(f"packed seeds need agent.kernels='ref' (vmap runs plain PyTorch "
-                              f"ops), got {first.ops.impl!r}")
+        if first.ops.impl not in ("ref", "fused"):
+            raise ConfigError(f"packed seeds need agent.kernels='ref' or 'fused' (the Triton "
+                              f"ops have no vmap rules yet), got {first.ops.impl!r}")
         if first.autocast_dtype is not None:
             raise ConfigError("packed seeds train in float32 for now (agent.precision=float32)")
         for a in agents[1:]:
