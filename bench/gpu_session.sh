@@ -14,7 +14,8 @@
 #   learners   size1m-vec and size12m-img, eager / graph / graph+triton (bench/throughput.py)
 #   kcount     kernels per update, reference vs Triton (bench/kernel_count.py)
 #   packed     packed seeds: one vmapped update of 4 and 16 size1m-vec seeds against solo
-#              updates and the batching ceiling (bench/packed.py)
+#              updates and the batching ceiling (bench/packed.py); next in importance after
+#              the first-contact stages (the packed-seeds issue), so before policy and e2e
 #   policy     matmul peak and the 64-env policy step
 #   kernels    each Triton op vs its reference (bench/kernels.py, no inductor compiles)
 #   size200m   the paper's model, graph+triton
@@ -157,8 +158,8 @@ else
         learner-size12m-img --modes eager graph graph+triton --iters 10 --burnin 2 \
         --price 2.5 --out "$(res throughput)"
     stage kcount 35 "$PY" bench/kernel_count.py --modes ref triton --out "$(res kernel-count)"
-    stage packed 45 "$PY" bench/packed.py --workloads learner-size1m-vec --seeds 4 16 \
-        --iters 5 --burnin 1 --out "$(res packed)"
+    stage packed 35 "$PY" bench/packed.py --workloads learner-size1m-vec --seeds 4 16 \
+        --iters 3 --burnin 1 --out "$(res packed)"
     stage policy 30 "$PY" bench/throughput.py --workloads matmul-peak policy-64envs \
         --modes eager graph graph+triton --iters 20 --burnin 3 --out "$(res throughput)"
     stage kernels 30 "$PY" bench/kernels.py --sizes size12m --impls triton eager triton-graph \

@@ -219,10 +219,11 @@ def fastpath() -> str:
 def packed() -> str:
     body = []
     for r in latest(rows("packed"), lambda r: (device(r), r["workload"], r["seeds"], r["mode"])):
-        solo = next((o for o in rows("packed") if o["mode"] in ("solo-fused", "solo-triton")
-                     and o["workload"] ==
-                     r["workload"] and o["seeds"] == r["seeds"] and o["time"] <= r["time"]
-                     and o["commit"] == r["commit"] and device(o) == device(r)), None)
+        solo = next((o for o in reversed(rows("packed"))  # the latest solo row before r
+                     if o["mode"] in ("solo-fused", "solo-triton")
+                     and o["workload"] == r["workload"] and o["seeds"] == r["seeds"]
+                     and o["time"] <= r["time"] and o["commit"] == r["commit"]
+                     and device(o) == device(r)), None)
         ratio = f"{r['seed_updates_per_s'] / solo['seed_updates_per_s']:.2f}x" if solo else "-"
         body.append([device(r), r["workload"], r["seeds"], r["mode"],
                      f"{r['batch']}x{r['length']}", f"{r['p50']:.3f}",

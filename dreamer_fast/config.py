@@ -397,7 +397,8 @@ CONTROL_DMC_RATIO = 32.0
 """train_ratio of the control preset on an EnvPool DMC id (Gymnasium ids keep 16; the official
 configs set it per suite too). Measured by bench/learning.py on 2 CPU cores, DMC
 CartpoleBalance-v1, target 800 in 45 min: 3 of 4 runs met it at 32, 1 of 3 at 64, none at 16
-(bench/results/learning-history.jsonl)."""
+(bench/results/learning-history.jsonl, the ratio in each run's tag, and
+learning-CartpoleBalance-v1--run24.json)."""
 CONTROL_STEPS = 200_000
 """Step budget of the control preset: about 70 minutes at its ~50 agent steps/s on 2 CPU
 cores, several times what CartPole-v1, Acrobot-v1 and CartpoleBalance-v1 took to reach their

@@ -4,8 +4,9 @@
 
 Runs of one name (`--name` at training, else the env id; `--group-by logdir` plots each run
 alone) are pooled: their mean on a common axis, with a 95% bootstrap interval of that mean
-shaded (`--band minmax`: the min-max spread), and the IQM of the runs' last values with its
-stratified bootstrap interval printed (Agarwal et al. 2021; scores.py). Needs matplotlib
+shaded (`--band minmax`: the min-max spread), and the IQM of the runs' values at their
+common last step with its stratified bootstrap interval printed (Agarwal et al. 2021;
+scores.py). Needs matplotlib
 (`pip install matplotlib`). Imports nothing else of the package but scores.py.
 """
 
@@ -66,9 +67,12 @@ def pooled(runs: list[dict], axis: str, points: int = 200, band: str = "ci"):
     return x, ys.mean(0), lo, hi
 
 
-def final_scores(runs: list[dict]) -> dict:
-    """scores.summary of the runs' last logged values (each run's own end)."""
-    return summary([r["values"][-1] for r in runs])
+def final_scores(runs: list[dict]) -> tuple[float, dict]:
+    """(step, scores.summary of the runs' values there): the common end of the runs' step
+    axes (the shortest run's last step), as the pooled curve ends, so a young run is never
+    pooled with finished ones."""
+    end = min(r["steps"][-1] for r in runs)
+    return end, summary([float(np.interp(end, r["steps"], r["values"])) for r in runs])
 
 
 def plot(runs: list[dict], key: str, out: str, group_by: str = "name",
@@ -142,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in runs:
         by_name.setdefault(r["name"], []).append(r)
     for name, members in by_name.items():
-        if len(members) > 1:
-            s = final_scores(members)
-            print(f"{name}: last {args.key} over {s['runs']} runs: IQM {s['iqm']:.1f} "
-                  f"[{s['iqm_lo']:.1f}, {s['iqm_hi']:.1f}] (95% stratified bootstrap), "
-                  f"mean {s['mean']:.1f}")
+        if len(members) > 1 and args.group_by == "name":
+            end, s = final_scores(members)
+            print(f"{name}: {args.key} at step {end:,.0f} over {s['runs']} runs: IQM "
+                  f"{s['iqm']:.1f} [{s['iqm_lo']:.1f}, {s['iqm_hi']:.1f}] (95% stratified "
+                  f"bootstrap), mean {s['mean']:.1f}")
 
 
 if __name__ == "__main__":

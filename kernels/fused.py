@@ -37,7 +37,8 @@ class _RmsSilu(torch.autograd.Function):
     @staticmethod
     def forward(x, scale, eps):
         xf = _upcast(x)
-        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_()
+        # square() out of place: vmap has no batching rule for pow_ (a per-seed loop)
+        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square()
                         .div_(xf.shape[-1]).add_(eps))
         xhat = xf * r
         y = xhat * _upcast(scale)
@@ -49,6 +50,7 @@ class _RmsSilu(torch.autograd.Function):
         _, xhat, r, y = output
         ctx.save_for_backward(xhat, r, scale, y)
         ctx.mark_non_differentiable(xhat, r, y)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the helper outputs
         ctx.dtypes = (x.dtype, scale.dtype)
 
     @staticmethod
@@ -114,6 +116,7 @@ class _TwohotLoss(torch.autograd.Function):
         _, lse, below, above, w_below, w_above = output
         ctx.save_for_backward(logits, lse, below, above, w_below, w_above)
         ctx.mark_non_differentiable(lse, below, above, w_below, w_above)
+        ctx.set_materialize_grads(False)
         ctx.dtype = logits.dtype
 
     @staticmethod
@@ -152,7 +155,7 @@ class _TwohotMean(torch.autograd.Function):
         e = (x - x.amax(-1, keepdim=True)).exp_()
         total = e.sum(-1)
         pairs = torch.sub(e[..., m + 1:], e[..., :m].flip(-1))
-        mean = (pairs @ bins[m + 1:]).addcmul_(e[..., m], bins[m]).div_(total)
+        mean = (pairs @ bins[m + 1:]).addcmul(e[..., m], bins[m]).div_(total)  # (as above)
         return mean, e, total
 
     @staticmethod
@@ -161,6 +164,7 @@ class _TwohotMean(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(e, total, mean)
         ctx.mark_non_differentiable(e, total)
+        ctx.set_materialize_grads(False)
         ctx.dtype = inputs[0].dtype
 
     @staticmethod

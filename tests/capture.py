@@ -248,11 +248,18 @@ def python_state(obj, seen=None, prefix="") -> dict:
         if k in ("_parameters", "_buffers", "_forward_pre_hooks", "_forward_hooks",
                  "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
             continue
-        if isinstance(v, torch.Tensor) or (isinstance(v, (list, dict)) and v and all(
+        if isinstance(v, torch.Tensor):
+            continue  # device state, not Python state
+        if isinstance(v, (list, dict)) and v and all(
                 isinstance(x, torch.Tensor) or (isinstance(x, tuple) and all(
                     isinstance(y, torch.Tensor) for y in x))
-                for x in (v.values() if isinstance(v, dict) else v))):
-            continue  # tensors, lists and dicts of them: device state, not Python state
+                for x in (v.values() if isinstance(v, dict) else v)):
+            # Containers of device state: their values may change, but not which tensors
+            # they hold (a graph replays on the tensors it captured).
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            out[prefix + k] = repr([(key, id(x) if isinstance(x, torch.Tensor) else
+                                     tuple(id(y) for y in x)) for key, x in items])
+            continue
         if isinstance(v, dict) and k == "_modules":
             for name, m in v.items():
                 out.update(python_state(m, seen, f"{prefix}{name}."))

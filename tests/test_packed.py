@@ -174,6 +174,9 @@ def test_packing_refuses_what_it_cannot_pack():
     b, _ = seeds(obs, act, 1, imag_horizon=4)
     with pytest.raises(ConfigError, match="one config"):
         PackedAgents(a + b)
+    c, _ = seeds(obs, ActSpace(True, 5), 1)
+    with pytest.raises(ConfigError, match="one config and one env"):
+        PackedAgents(a + c)
 
 
 @pytest.mark.parametrize("device", ["cpu", "stand-in"])

@@ -68,8 +68,19 @@ def test_the_plot_command_prints_the_iqm_of_pooled_runs(tmp_path, capsys):
         (folder / "metrics.jsonl").write_text("".join(
             json.dumps({"step": 100 * (k + 1), "time": 60.0 * k, "episode/return": v}) + "\n"
             for k, v in enumerate([10.0, last])))
-    main([*(str(tmp_path / f"seed{i}") for i in range(4)), "--out", str(tmp_path / "c.png")])
+    young = tmp_path / "young"  # one log point: pooled at the common end (step 100)
+    young.mkdir()
+    (young / "config.json").write_text(json.dumps({"env": "CartPole-v1"}))
+    (young / "metrics.jsonl").write_text(
+        json.dumps({"step": 100, "time": 0.0, "episode/return": 10.0}) + "\n")
+    seeds = [str(tmp_path / f"seed{i}") for i in range(4)]
+    main([*seeds, "--out", str(tmp_path / "c.png")])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     lo, hi = stratified_bootstrap([100.0, 200.0, 300.0, 5000.0])
-    assert line == (f"CartPole-v1: last episode/return over 4 runs: IQM 250.0 [{lo:.1f}, "
-                    f"{hi:.1f}] (95% stratified bootstrap), mean 1400.0")
+    assert line == (f"CartPole-v1: episode/return at step 200 over 4 runs: IQM 250.0 "
+                    f"[{lo:.1f}, {hi:.1f}] (95% stratified bootstrap), mean 1400.0")
+    main([*seeds, str(young), "--out", str(tmp_path / "c.png")])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "CartPole-v1: episode/return at step 100 over 5 runs: IQM 10.0 ")
+    main([*seeds, "--out", str(tmp_path / "c.png"), "--group-by", "logdir"])
+    assert "IQM" not in capsys.readouterr().out  # nothing pooled, nothing to summarise

@@ -4,11 +4,14 @@ leading seed dimension.
 Why torch.func.vmap over the agent, and not batched layers: vmap runs the agent's own loss
 code (agent.py, losses.py, imagine.py) unchanged, so the packed update cannot drift from the
 solo one; batched layers would need a seed dimension in every layer, reduction and loss.
-Measured on 2 CPU cores (bench/packed.py, size300k, B16 x T16): the vmapped update of 4 seeds
-costs about what one solo update of a 4x larger batch costs, i.e. it reaches what batching
-alone can give. vmap needs PyTorch ops: the packed update runs the reference ops or the CPU
-fast path's fused ops (kernels/fused.py generates their vmap rules); the Triton ops have no
-vmap rules yet.
+Measured on 2 CPU cores (bench/packed.py, bench/results/summary-packed.md): the vmapped update
+of N seeds costs 20-35% more than one solo update of an N times larger batch, the most that
+batching could give, so on a CPU packing gains little; the GPU, where small updates are bound
+by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.2 times the
+kernels of one solo update with the same ops: bench/kernel_count.py --seeds). vmap needs
+PyTorch ops: the packed update runs the reference ops or the CPU fast path's fused ops
+(kernels/fused.py generates their vmap rules). The Triton ops cannot run under torch.func yet:
+the autograd that torch.library.register_autograd generates has no setup_context.
 
 Independence: every tensor of seed i (parameters, optimizer moments, return normaliser,
 non-finite flags) is row i of a stacked tensor, and nothing in the update reduces over the
@@ -58,8 +61,9 @@ class _Loss(nn.Module):
 class PackedAgents:
     """N agents of one config, trained together: `train_step` is one vmapped update.
 
-    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32 (their tensors
-    are copied; `unpack` writes seed i back into a solo Agent, e.g. to save or evaluate it).
+    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32
+    (their tensors are copied; `unpack` writes seed i back into a solo Agent, e.g. to save or
+    evaluate it).
     """
 
     def __init__(self, agents: list[Agent],
@@ -67,11 +71,12 @@ class PackedAgents:
         first = agents[0]
         if first.ops.impl not in ("ref", "fused"):
             raise ConfigError(f"packed seeds need agent.kernels='ref' or 'fused' (the Triton "
-                              f"ops have no vmap rules yet), got {first.ops.impl!r}")
+                              f"ops cannot run under torch.func yet), got {first.ops.impl!r}")
         if first.autocast_dtype is not None:
             raise ConfigError("packed seeds train in float32 for now (agent.precision=float32)")
+        space = lambda a: (a.obs_space, a.act_space.discrete, a.act_space.size)
         for a in agents[1:]:
-            if a.cfg != first.cfg or a.net != first.net or a.obs_space != first.obs_space:
+            if a.cfg != first.cfg or a.net != first.net or space(a) != space(first):
                 raise ConfigError("packed seeds need one config and one env: every seed's "
                                   "agent must have the same spaces, net and agent settings")
         counts = {float(a.opt.count) for a in agents}
@@ -85,14 +90,12 @@ class PackedAgents:
         for module in self.template.modules():  # vmap cannot clone into channels-last
             if hasattr(module, "memory_format"):
                 module.memory_format = torch.contiguous_format
-        trained = {f"agent.{n}" for m in TRAINED
-                   for n, _ in getattr(first, m).named_parameters(prefix=m)}
+        # In Agent.trained_parameters' order, which the optimizer moments follow.
+        trained = [n for m in TRAINED for n, _ in getattr(first, m).named_parameters(prefix=m)]
         named = [dict(a.named_parameters()) for a in agents]
         stack = lambda dicts, name: torch.stack([d[name].detach() for d in dicts])
-        self.trained = {f"agent.{k}": stack(named, k) for k in named[0]
-                        if f"agent.{k}" in trained}
-        self.frozen = {f"agent.{k}": stack(named, k) for k in named[0]
-                       if f"agent.{k}" not in trained}
+        self.trained = {f"agent.{k}": stack(named, k) for k in trained}
+        self.frozen = {f"agent.{k}": stack(named, k) for k in named[0] if k not in trained}
         bufs = [dict(a.named_buffers()) for a in agents]
         self.buffers = {f"agent.{k}": stack(bufs, k) for k in bufs[0]}
         self.opt = LaProp(list(self.trained.values()), first.cfg.optim, seeds=self.n)
