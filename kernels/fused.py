@@ -108,21 +108,24 @@ class _TwohotLoss(torch.autograd.Function):
         loss = (lse - x_below).mul_(w_below).add_((lse - x_above).mul_(w_above))
         # A NaN target gives a NaN loss, as in the reference (the search would place it last).
         loss = torch.where(torch.isnan(t), t, loss)
-        return loss, lse, below, above, w_below, w_above
+        # The upcast logits for backward when upcasting made a copy (bf16 logits); float32
+        # logits are saved as they are (an output may not be an input).
+        upcast = x if x is not logits else torch.empty(0, dtype=x.dtype, device=x.device)
+        return loss, lse, below, above, w_below, w_above, upcast
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, _ = inputs
-        _, lse, below, above, w_below, w_above = output
-        ctx.save_for_backward(logits, lse, below, above, w_below, w_above)
-        ctx.mark_non_differentiable(lse, below, above, w_below, w_above)
+        _, lse, below, above, w_below, w_above, upcast = output
+        x = upcast if upcast.numel() or not logits.numel() else logits
+        ctx.save_for_backward(x, lse, below, above, w_below, w_above)
+        ctx.mark_non_differentiable(lse, below, above, w_below, w_above, upcast)
         ctx.set_materialize_grads(False)
         ctx.dtype = logits.dtype
 
     @staticmethod
     def backward(ctx, grad, *_):
-        logits, lse, below, above, w_below, w_above = ctx.saved_tensors
-        x = _upcast(logits)
+        x, lse, below, above, w_below, w_above = ctx.saved_tensors
         g = _upcast(grad)
         dx = (x - lse.unsqueeze(-1)).exp_().mul_((g * (w_below + w_above)).unsqueeze(-1))
         dx.scatter_add_(-1, below.unsqueeze(-1), (-g * w_below).unsqueeze(-1))
