@@ -24,6 +24,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad: packed seeds) is running this code."""
+    return torch._C._are_functorch_transforms_active()
+
+
 class _RmsSilu(torch.autograd.Function):
     """y = x * r * scale with r = 1/sqrt(mean(x^2) + eps); out = silu(y).
 
@@ -62,7 +67,9 @@ class _RmsSilu(torch.autograd.Function):
         dscale = (gy * xhat).sum(lead) if ctx.needs_input_grad[1] else None
         a = gy.mul_(sf)
         m = torch.linalg.vecdot(a, xhat).unsqueeze_(-1).div_(-xhat.shape[-1])
-        dx = a.addcmul_(xhat, m).mul_(r)
+        # In place, except under vmap (packed seeds), which has no batching rule for addcmul_
+        # and would loop per seed; the same kernel either way.
+        dx = (torch.addcmul(a, xhat, m) if _transformed() else a.addcmul_(xhat, m)).mul_(r)
         return (dx.to(ctx.dtypes[0]),
                 dscale.to(ctx.dtypes[1]) if dscale is not None else None, None)
 
@@ -80,8 +87,8 @@ def _twohot_weights(bins: torch.Tensor, target: torch.Tensor):
     end bin, each weighs 1/2). A binary search instead of K comparisons per row."""
     K = bins.shape[0]
     above = torch.searchsorted(bins, target.contiguous(), right=True)
-    below = (above - 1).clamp_(0, K - 1)
-    above = above.clamp_(max=K - 1)
+    below = (above - 1).clamp(0, K - 1)  # out of place: vmap loops per seed over clamp_
+    above = above.clamp(max=K - 1)
     equal = below == above
     dist_below = torch.where(equal, 1.0, (bins[below] - target).abs())
     dist_above = torch.where(equal, 1.0, (bins[above] - target).abs())
