@@ -5,10 +5,10 @@ Why torch.func.vmap over the agent, and not batched layers: vmap runs the agent'
 code (agent.py, losses.py, imagine.py) unchanged, so the packed update cannot drift from the
 solo one; batched layers would need a seed dimension in every layer, reduction and loss.
 Measured on 2 CPU cores (bench/packed.py, bench/results/summary-packed.md): the vmapped update
-of N seeds costs 20-35% more than one solo update of an N times larger batch, the most that
+of N seeds costs 7-51% more than one solo update of an N times larger batch, the most that
 batching could give, so on a CPU packing gains little; the GPU, where small updates are bound
-by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.2 times the
-kernels of one solo update with the same ops: bench/kernel_count.py --seeds). vmap needs
+by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.1-1.2 times
+the kernels of one solo update with the same ops: bench/kernel_count.py --seeds). vmap needs
 PyTorch ops: the packed update runs the reference ops or the CPU fast path's fused ops
 (kernels/fused.py generates their vmap rules). The Triton ops cannot run under torch.func yet:
 the autograd that torch.library.register_autograd generates has no setup_context.
