@@ -58,6 +58,21 @@ def _gru_index(BLOCK: tl.constexpr, total, D, Dg):
 
 
 @triton.jit
+def _gru_grads(dout, r, c_in, u, h, dgates_ptr, ddeter_ptr, row, j, gj, D, Dg, mask):
+    """Store the gate and state gradients of out = u * tanh(r * c_in) + (1 - u) * h, given
+    d out (both GRU backward kernels: gru_update's and gru_cell's)."""
+    c = _tanh(r * c_in)
+    dpre = dout * u * (1.0 - c * c)  # gradient of the tanh's input r * c_in
+    dg = dgates_ptr + row * 3 * D + gj
+    ty = dgates_ptr.dtype.element_ty
+    tl.store(dg, (dpre * c_in * r * (1.0 - r)).to(ty), mask=mask)
+    tl.store(dg + Dg, (dpre * r).to(ty), mask=mask)
+    tl.store(dg + 2 * Dg, (dout * (c - h) * u * (1.0 - u)).to(ty), mask=mask)
+    tl.store(ddeter_ptr + row * D + j, (dout * (1.0 - u)).to(ddeter_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def _gru_fwd_kernel(gates_ptr, deter_ptr, out_ptr, total, D, Dg, sg_r, sg_c, sd_r, sd_c,
                     BLOCK: tl.constexpr):
     mask, row, j, gj = _gru_index(BLOCK, total, D, Dg)
@@ -81,15 +96,7 @@ def _gru_bwd_kernel(dout_ptr, gates_ptr, deter_ptr, dgates_ptr, ddeter_ptr, tota
     u = tl.sigmoid(tl.load(g + 2 * Dg * sg_c, mask=mask, other=0.0).to(tl.float32) - 1.0)
     h = tl.load(deter_ptr + row * sd_r + j * sd_c, mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + row * so_r + j * so_c, mask=mask, other=0.0).to(tl.float32)
-    c = _tanh(r * c_in)
-    dpre = dout * u * (1.0 - c * c)  # gradient of the tanh's input r * c_in
-    dg = dgates_ptr + row * 3 * D + gj
-    ty = dgates_ptr.dtype.element_ty
-    tl.store(dg, (dpre * c_in * r * (1.0 - r)).to(ty), mask=mask)
-    tl.store(dg + Dg, (dpre * r).to(ty), mask=mask)
-    tl.store(dg + 2 * Dg, (dout * (c - h) * u * (1.0 - u)).to(ty), mask=mask)
-    tl.store(ddeter_ptr + row * D + j, (dout * (1.0 - u)).to(ddeter_ptr.dtype.element_ty),
-             mask=mask)
+    _gru_grads(dout, r, c_in, u, h, dgates_ptr, ddeter_ptr, row, j, gj, D, Dg, mask)
 
 
 _GRU_BLOCK = 1024
@@ -266,15 +273,7 @@ def _gru_cell_bwd_kernel(dout_ptr, dlow_ptr, dmout_ptr, dmlow_ptr, dmlow2_ptr, k
         dm += tl.load(dmlow2_ptr + row * sm2_r + j * sm2_c, mask=mask,
                       other=0.0).to(tl.float32)
         dout += dm * tl.load(keep_ptr + row * sk, mask=mask, other=0.0).to(tl.float32)
-    c = _tanh(r * c_in)
-    dpre = dout * u * (1.0 - c * c)
-    dg = dgates_ptr + row * 3 * D + gj
-    ty = dgates_ptr.dtype.element_ty
-    tl.store(dg, (dpre * c_in * r * (1.0 - r)).to(ty), mask=mask)
-    tl.store(dg + Dg, (dpre * r).to(ty), mask=mask)
-    tl.store(dg + 2 * Dg, (dout * (c - h) * u * (1.0 - u)).to(ty), mask=mask)
-    tl.store(ddeter_ptr + row * D + j, (dout * (1.0 - u)).to(ddeter_ptr.dtype.element_ty),
-             mask=mask)
+    _gru_grads(dout, r, c_in, u, h, dgates_ptr, ddeter_ptr, row, j, gj, D, Dg, mask)
 
 
 def _gru_cell_outputs(deter, dtype, n, tail=None):
