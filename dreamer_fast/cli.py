@@ -35,6 +35,10 @@ def train(argv: list[str], prog: str = "dreamer-fast train") -> None:
         from dreamer_fast.run.offline import train_offline
 
         train_offline(cfg)
+    elif cfg.seeds > 1:
+        from dreamer_fast.run.packed_loop import train as train_packed
+
+        train_packed(cfg)
     else:
         from dreamer_fast.run.loop import train as train_online
 

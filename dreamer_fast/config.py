@@ -323,6 +323,10 @@ class Config:
     """Replayed steps per agent step; updates per agent step = ratio / (batch_size*length)."""
     seed: int = 0
     """Random seed."""
+    seeds: int = 1
+    """Independent runs packed into this one process (seeds seed, seed+1, ...): each its own
+    agent, envs, replay and logs under <logdir>/seed<i>/, all trained by one vmapped update
+    (float32, fused or reference ops; one process). The logdir's own log pools them."""
     logdir: str | None = None
     """Run folder; default logdir/<name>-<timestamp>. Rerun with the same one to resume."""
     name: str | None = None
@@ -380,6 +384,17 @@ class Config:
         require(self.preset is None or self.preset in DOMAIN_NAMES, "preset", self.preset,
                ", ".join(DOMAIN_NAMES))
         require(self.model is None or self.model in SIZES, "model", self.model, ", ".join(SIZES))
+        require(self.seeds >= 1, "seeds", self.seeds, "an int >= 1")
+        if self.seeds > 1:  # what the packed update cannot run yet
+            for bad, flag, fix in (
+                    (self.offline is not None, "--offline", "train each seed offline alone"),
+                    (self.compile, "--compile", "leave out --compile"),
+                    (self.agent.kernels == "triton", "--agent.kernels triton",
+                     "use --agent.kernels fused or ref (or auto)"),
+                    (self.agent.precision == "bfloat16", "--agent.precision bfloat16",
+                     "use --agent.precision float32 (or auto)")):
+                require(not bad, "seeds", self.seeds, f"1 with {flag} (packed seeds do not "
+                        f"support it yet); {fix}, or run the seeds one by one")
 
     @property
     def updates_per_step(self) -> float:
@@ -467,10 +482,15 @@ class EvalConfig:
     name. Not needed for registered ids (Gymnasium, EnvPool, crafter)."""
     trust_env_module: bool = False
     """Import the module the checkpoint's `module:Id` env names without repeating it (--env)."""
+    seed_index: int | None = None
+    """A packed run's logdir (--seeds N): evaluate seed i only (its folder seed<i>); default
+    every seed, then their IQM and its bootstrap interval."""
 
     def __post_init__(self):
         require(self.episodes >= 1, "episodes", self.episodes, "an int >= 1")
         require(self.videos >= 0, "videos", self.videos, "an int >= 0")
+        require(self.seed_index is None or self.seed_index >= 0, "seed_index",
+                self.seed_index, "an int >= 0")
 
 
 @dataclass(frozen=True)

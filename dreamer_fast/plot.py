@@ -3,7 +3,8 @@
     python -m dreamer_fast.plot LOGDIR [LOGDIR ...] [--out curves.png] [--key episode/return]
 
 Runs of one name (`--name` at training, else the env id; `--group-by logdir` plots each run
-alone) are pooled: their mean on a common axis, with a 95% bootstrap interval of that mean
+alone), and the seeds of a packed run (`--seeds N`: its folder stands for its seed<i> folders),
+are pooled: their mean on a common axis, with a 95% bootstrap interval of that mean
 shaded (`--band minmax`: the min-max spread), and the IQM of the runs' values at their
 common last step with its stratified bootstrap interval printed (Agarwal et al. 2021;
 scores.py). Needs matplotlib
@@ -54,6 +55,21 @@ def load_run(logdir: str, key: str) -> dict:
     return {"logdir": logdir, "name": name, "steps": np.array([r["step"] for r in rows], float),
             "minutes": (np.array([r["time"] for r in rows]) - t0) / 60.0,
             "values": np.array([r[key] for r in rows], float)}
+
+
+def expand(logdirs: list[str]) -> list[str]:
+    """Run folders, a packed run's (trained with --seeds N) replaced by its seed<i> folders:
+    N runs of one name, pooled like runs trained one by one."""
+    out = []
+    for logdir in logdirs:
+        seeds = 1
+        try:
+            with open(os.path.join(logdir, "config.json")) as f:
+                seeds = int(json.load(f).get("seeds", 1))
+        except (OSError, ValueError):
+            pass
+        out += [os.path.join(logdir, f"seed{i}") for i in range(seeds)] if seeds > 1 else [logdir]
+    return out
 
 
 def pooled(runs: list[dict], axis: str, points: int = 200, band: str = "ci"):
@@ -128,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                              "or the runs' min-max spread")
     args = parser.parse_args(argv)
     runs = []
-    for logdir in args.logdirs:  # a folder without the key is skipped, saying why
+    for logdir in expand(args.logdirs):  # a folder without the key is skipped, saying why
         try:
             runs.append(load_run(logdir, args.key))
         except PlotError as e:

@@ -18,7 +18,7 @@ ALLOWED = {
     "envs": {"config", "checks", "envs"},
     "data": {"config", "checks", "data", "envs.base", "envs.spaces"},
     "export": {"config", "checks", "flags", "data", "envs"},
-    "run": {"config", "checks", "machine", "flags", "agent", "envs", "data", "run"},
+    "run": {"config", "checks", "machine", "flags", "agent", "envs", "data", "run", "scores"},
     "scores": set(),  # IQM and bootstrap intervals across seeds (numpy only)
     "plot": {"scores"},  # reads run folders' files only
     "flags": {"config", "checks", "machine"},  # the command line's flags -> a Config

@@ -194,7 +194,7 @@ def test_the_packed_update_is_capture_safe(space, device):
     packed = PackedAgents(agents)
     batch = stack(batches)
     if device == "stand-in":
-        for group in (packed.trained, packed.frozen, packed.buffers):
+        for group in (packed.trained, packed.frozen, packed.buffers_):
             for k in group:
                 group[k] = fake(group[k])
         opt = packed.opt

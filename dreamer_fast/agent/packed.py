@@ -97,7 +97,7 @@ class PackedAgents:
         self.trained = {f"agent.{k}": stack(named, k) for k in trained}
         self.frozen = {f"agent.{k}": stack(named, k) for k in named[0] if k not in trained}
         bufs = [dict(a.named_buffers()) for a in agents]
-        self.buffers = {f"agent.{k}": stack(bufs, k) for k in bufs[0]}
+        self.buffers_ = {f"agent.{k}": stack(bufs, k) for k in bufs[0]}
         self.opt = LaProp(list(self.trained.values()), first.cfg.optim, seeds=self.n)
         self.opt.count.copy_(first.opt.count)
         for i, a in enumerate(agents):
@@ -122,7 +122,7 @@ class PackedAgents:
         flags updated in place, as the solo loss does). batch: as Agent.train_step's with a
         leading seed dim N. Returns ({trained name: (N, *shape)}, (metrics {name: (N,)},
         latents {deter (N, B, T, D) bf16, stoch (N, B, T, S) int16}))."""
-        return self._grads(self.trained, self.frozen, self.buffers, batch)
+        return self._grads(self.trained, self.frozen, self.buffers_, batch)
 
     def train_step(self, batch: dict[str, torch.Tensor]):
         """One update of every seed (see grads): the optimizer per seed, then the slow
@@ -137,15 +137,36 @@ class PackedAgents:
                                  self.cfg.slow_rate)
         return metrics, latents
 
+    @property
+    def device(self) -> torch.device:
+        return self.opt.count.device
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every stacked parameter (trained, then frozen: the slow critics)."""
+        return [*self.trained.values(), *self.frozen.values()]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.buffers_.values())
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+
+    def tensors(self, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """The stacked tensors {agent.<module>.<name>: (N, ...)} (parameters and buffers) of
+        the modules named by `prefixes` (all when empty), e.g. the policy's enc, dyn, pol."""
+        every = {**self.trained, **self.frozen, **self.buffers_}
+        return {k: v for k, v in every.items()
+                if not prefixes or k.split(".")[1] in prefixes}
+
     def nonfinite(self) -> torch.Tensor:
         """(N,) bool: seed i had a non-finite loss in some update (a host read when used)."""
-        return self.buffers["agent.nonfinite"].any(-1)
+        return self.buffers_["agent.nonfinite"].any(-1)
 
     def unpack(self, i: int, agent: Agent) -> Agent:
         """Write seed i's parameters, buffers and optimizer state into a solo `agent`."""
         with torch.no_grad():
             own = {**dict(agent.named_parameters()), **dict(agent.named_buffers())}
-            for k, v in {**self.trained, **self.frozen, **self.buffers}.items():
+            for k, v in self.tensors().items():
                 own[k.removeprefix("agent.")].copy_(v[i])
             agent.opt.count.copy_(self.opt.count)
             for dst, src in zip(agent.opt.nu + agent.opt.mu, self.opt.nu + self.opt.mu):

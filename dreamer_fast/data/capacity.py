@@ -38,8 +38,9 @@ SPEC_CAPACITY = 5_000_000
 
 def replay_capacity(spec: dict, requested: int, saved: int | None = None,
                     fraction: float = 0.75, reserve: int = 0, steps: int | None = None,
-                    minimum: int = 0, ceiling: int | None = None) -> int:
-    """The replay capacity in steps, printed with its memory.
+                    minimum: int = 0, ceiling: int | None = None, copies: int = 1) -> int:
+    """The replay capacity in steps, printed with its memory (of `copies` replays of that
+    capacity: one per packed seed).
 
     requested 0 (the default) means the official 5e6 steps, or as many as fit in `fraction`
     of the RAM left free after `reserve` bytes (the model's training memory, estimated by
@@ -48,8 +49,9 @@ def replay_capacity(spec: dict, requested: int, saved: int | None = None,
     saved capacity and only warns when it and the training memory exceed the available RAM.
     An explicit capacity that does not fit fails at once naming a value that does.
     """
-    per_step = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-                   for shape, dtype in spec.values())
+    per_step = copies * sum(int(np.prod(shape, dtype=np.int64))
+                            * torch.empty((), dtype=dtype).element_size()
+                            for shape, dtype in spec.values())
     avail = mem_available()
     room = max(0.0, fraction * (avail - reserve))
     fits = int(room / per_step) // 1000 * 1000 if avail else SPEC_CAPACITY
@@ -63,7 +65,9 @@ def replay_capacity(spec: dict, requested: int, saved: int | None = None,
             capacity = min(capacity, steps)
         capacity = max(capacity, minimum)
     need = per_step * capacity
-    print(f"replay: {capacity:,} steps x {per_step:,} bytes = {need / 2**30:.2f} GiB "
+    each = f" per seed x {copies} seeds" if copies > 1 else ""
+    print(f"replay: {capacity:,} steps{each} x {per_step // copies:,} bytes = "
+          f"{need / 2**30:.2f} GiB "
           f"(MemAvailable {avail / 2**30:.1f} GiB, {reserve / 2**30:.1f} GiB of it kept for "
           "training)", flush=True)
     if not requested and not saved and capacity < min(SPEC_CAPACITY, steps or SPEC_CAPACITY):

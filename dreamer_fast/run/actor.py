@@ -38,17 +38,11 @@ class Actor:
         self.device, self.steps = device, steps
         self.discrete = env.act_space.discrete
         self.obs_keys = list(env.obs_space)
-        self.float_keys = [k for k, (_, dtype) in env.obs_space.items()
-                           if np.issubdtype(np.dtype(dtype), np.floating)] + ["reward"]
+        self.float_keys = float_keys(env)
         self.carry = weights.copies[0].initial_carry(env.num_envs)
-        self.score = np.zeros(env.num_envs, np.float64)
-        self.length = np.zeros(env.num_envs, np.int64)
-        self.episodes: collections.deque = collections.deque(maxlen=10_000)
-        # Per-episode maxima of the env's log keys (e.g. Crafter achievement counts), one row
-        # per finished episode in `episode_logs`, in the order of `log_keys`.
-        self.log_keys = tuple(getattr(env, "log_keys", ()))
-        self.log_max = np.zeros((env.num_envs, len(self.log_keys)), np.float64)
-        self.episode_logs: collections.deque = collections.deque(maxlen=10_000)
+        self.tracker = EpisodeTracker(env)
+        self.episodes, self.episode_logs = self.tracker.episodes, self.tracker.episode_logs
+        self.log_keys = self.tracker.log_keys
         self.lock = threading.Lock()
         self.timer = Timer()
         self.stop = threading.Event()
@@ -109,21 +103,26 @@ class Actor:
             lock.release()
 
     def check_finite(self, obs: dict) -> None:
-        """NaN or inf in a float observation or the reward: RunError naming the key, the env
-        index and the value, before the step reaches the policy or the replay."""
-        for key in self.float_keys:
-            value = np.asarray(obs[key])
-            ok = np.isfinite(value)
-            if not ok.all():
-                row = int(np.argwhere(~ok.reshape(len(ok), -1).all(1))[0, 0])
-                bad = value.reshape(len(value), -1)[row][~ok.reshape(len(ok), -1)[row]][0]
-                raise RunError(
-                    f"env index {int(obs['env_id'][row])} returned a non-finite {key!r} "
-                    f"({bad}) at agent step {self.ring.inserted:,}; it never reached the replay. "
-                    f"Fix the env, or wrap it to clip or replace non-finite {key} values")
+        check_finite(obs, self.float_keys, self.ring.inserted)
 
     def track(self, obs: dict) -> None:
-        """Per-env episode return and length; finished episodes go to `episodes`."""
+        self.tracker.track(obs)
+
+
+class EpisodeTracker:
+    """Per-env episode return and length of one set of envs; finished episodes land in
+    `episodes` as (return, length), and the per-episode maxima of the env's `log_keys`
+    (e.g. Crafter achievement counts) in `episode_logs`, one row per episode."""
+
+    def __init__(self, env):
+        self.score = np.zeros(env.num_envs, np.float64)
+        self.length = np.zeros(env.num_envs, np.int64)
+        self.episodes: collections.deque = collections.deque(maxlen=10_000)
+        self.log_keys = tuple(getattr(env, "log_keys", ()))
+        self.log_max = np.zeros((env.num_envs, len(self.log_keys)), np.float64)
+        self.episode_logs: collections.deque = collections.deque(maxlen=10_000)
+
+    def track(self, obs: dict) -> None:
         ids = obs["env_id"]
         first = obs["is_first"]
         self.score[ids] = np.where(first, 0.0, self.score[ids] + obs["reward"])
@@ -136,6 +135,27 @@ class Actor:
             self.episodes.append((float(self.score[j]), int(self.length[j])))
             if self.log_keys:
                 self.episode_logs.append(self.log_max[j].copy())
+
+
+def float_keys(env) -> list[str]:
+    """The keys check_finite checks: the float observations and the reward."""
+    return [k for k, (_, dtype) in env.obs_space.items()
+            if np.issubdtype(np.dtype(dtype), np.floating)] + ["reward"]
+
+
+def check_finite(obs: dict, keys, step: int, who: str = "env index") -> None:
+    """NaN or inf in a float observation or the reward: RunError naming the key, the env
+    index and the value, before the step reaches the policy or the replay."""
+    for key in keys:
+        value = np.asarray(obs[key])
+        ok = np.isfinite(value)
+        if not ok.all():
+            row = int(np.argwhere(~ok.reshape(len(ok), -1).all(1))[0, 0])
+            bad = value.reshape(len(value), -1)[row][~ok.reshape(len(ok), -1)[row]][0]
+            raise RunError(
+                f"{who} {int(obs['env_id'][row])} returned a non-finite {key!r} "
+                f"({bad}) at agent step {step:,}; it never reached the replay. "
+                f"Fix the env, or wrap it to clip or replace non-finite {key} values")
 
 
 @torch.no_grad()

@@ -219,8 +219,9 @@ def load_checkpoint(file: str, map_location="cpu") -> dict:
         raise ConfigError(f"{file} is not a dreamer_fast checkpoint (torch.load with "
                           f"weights_only=True refused it: {type(e).__name__}); use a run folder "
                           "written by run.py, or another --logdir") from None
-    missing = [k for k in ("config", "agent", "opt", "counters") if
-               not isinstance(ckpt, dict) or k not in ckpt]
+    keys = (("config", "seeds", "counters") if isinstance(ckpt, dict) and "packed" in ckpt
+            else ("config", "agent", "opt", "counters"))  # a packed run's: every seed's state
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ConfigError(f"{file} is not a dreamer_fast checkpoint (it lacks "
                           f"{', '.join(missing)}); use a run folder written by run.py, or "
@@ -235,6 +236,17 @@ def check_compatible(ckpt: dict, cfg: Config, file: str) -> None:
         raise ConfigError(f"cannot resume from {file}: the config differs in "
                          f"{', '.join(d.split(':')[0] for d in diff)} ({'; '.join(diff)}). "
                          "Use the same flags or a new --logdir.")
+
+
+def check_seeds(ckpt: dict, seeds: int, file: str) -> None:
+    """Refuse to resume a packed run (--seeds N) with another number of seeds."""
+    saved = int(ckpt.get("packed", 1))
+    if saved == seeds:
+        return
+    alone = (f", or resume one seed alone: --logdir {os.path.join(os.path.dirname(file), 'seed0')}"
+             " --seed S (its seed, as in that folder's config.json)" if saved > 1 else "")
+    raise ConfigError(f"cannot resume from {file}: it holds {saved} packed seed(s), this run "
+                      f"has {seeds}; rerun with --seeds {saved}{alone}, or use a new --logdir")
 
 
 def check_world_size(ckpt: dict, world: int, file: str) -> None:

@@ -29,6 +29,7 @@ from dreamer_fast.envs import make_env, suite_of
 from dreamer_fast.run import checkpoint
 from dreamer_fast.run.actor import policy_act
 from dreamer_fast.run.logger import Logger
+from dreamer_fast.scores import summary
 
 MAX_EVAL_ENVS = 16
 
@@ -172,7 +173,15 @@ def render_episode(cfg, agent, greedy: bool, seed: int) -> np.ndarray | None:
 
 def evaluate(ecfg: EvalConfig) -> dict:
     """Evaluate the checkpoint in ecfg.logdir; writes <logdir>/eval/returns.json, episode.mp4
-    and eval/* to the run's TensorBoard. Returns the result (with `interrupted`)."""
+    and eval/* to the run's TensorBoard. Returns the result (with `interrupted`). A packed
+    run's logdir (--seeds N) evaluates each seed's own checkpoint (evaluate_seeds)."""
+    file = checkpoint.find(ecfg.logdir)
+    seeds = 1 if file is None else int(checkpoint.load_checkpoint(file).get("packed", 1))
+    if seeds > 1:
+        return evaluate_seeds(ecfg, file, seeds)
+    if ecfg.seed_index is not None:
+        raise ConfigError(f"--seed-index {ecfg.seed_index}: {ecfg.logdir} is a run of one seed "
+                          "(--seed-index picks a seed of a packed run, trained with --seeds N)")
     cfg, file, ckpt = load_agent(ecfg.logdir, ecfg.device)
     check_env_module(cfg.env, ecfg)
     seed = cfg.seed + 10_000 if ecfg.seed is None else ecfg.seed
@@ -201,6 +210,38 @@ def evaluate(ecfg: EvalConfig) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous)
     return write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted)
+
+
+def evaluate_seeds(ecfg: EvalConfig, file: str, seeds: int) -> dict:
+    """A packed run: evaluate seed --seed-index (its folder seed<i>), or every seed and then
+    the interquartile mean of their mean returns with its 95% bootstrap interval (scores.py),
+    written to <logdir>/eval/returns.json."""
+    if ecfg.seed_index is not None and ecfg.seed_index >= seeds:
+        raise ConfigError(f"--seed-index {ecfg.seed_index} but {file} packs {seeds} seeds "
+                          f"(0..{seeds - 1})")
+    logdir = os.path.dirname(os.path.abspath(file))
+    folder = lambda i: os.path.join(logdir, f"seed{i}")
+    if ecfg.seed_index is not None:
+        return evaluate(dataclasses.replace(ecfg, logdir=folder(ecfg.seed_index),
+                                            seed_index=None))
+    results = []
+    for i in range(seeds):
+        print(f"seed {i} of {seeds}: {folder(i)}", flush=True)
+        results.append(evaluate(dataclasses.replace(ecfg, logdir=folder(i))))
+        if results[-1]["interrupted"]:
+            break
+    means = [r["mean"] for r in results if r["mean"] is not None]
+    pooled = summary(means) if means else {}
+    if pooled:
+        print(f"eval {results[0]['env']}: {len(means)} seeds, IQM of their mean returns "
+              f"{pooled['iqm']:.1f} [95% CI {pooled['iqm_lo']:.1f}, {pooled['iqm_hi']:.1f}], "
+              f"mean {pooled['mean']:.1f}; per seed {', '.join(f'{m:.1f}' for m in means)}")
+    out = {"checkpoint": file, "seeds": results, "pooled": pooled,
+           "interrupted": any(r["interrupted"] for r in results)}
+    os.makedirs(os.path.join(logdir, "eval"), exist_ok=True)
+    with open(os.path.join(logdir, "eval", "returns.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
 
 
 def write_result(cfg, file, ecfg, seed, steps, episodes, frames, interrupted) -> dict:

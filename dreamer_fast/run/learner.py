@@ -21,12 +21,13 @@ from dreamer_fast.run.weights import PolicyWeights
 
 
 def annotate(batch: dict[str, torch.Tensor]) -> None:
-    """Mark is_last wherever the next step of the window is is_first (in place).
+    """Mark is_last wherever the next step of the window is is_first (in place; windows
+    (B, T+1), or (N, B, T+1) with packed seeds).
 
     Windows may cross episode boundaries; the step before an is_first is the last step of an
     episode even when the ring stored it otherwise (e.g. it was overwritten or the stream
     restarted after a resume)."""
-    batch["is_last"][:, :-1] |= batch["is_first"][:, 1:]
+    batch["is_last"][..., :-1] |= batch["is_first"][..., 1:]
 
 
 class Learner:

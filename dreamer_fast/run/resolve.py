@@ -110,9 +110,9 @@ def _with_replay(cfg: Config, spec: dict) -> Config:
         spec, cfg.replay.capacity, checkpoint.saved_capacity(cfg.logdir),
         # CPU: the page cache, the envs and the update's peaks need slack beyond the
         # estimate (Pong, size1m, 64 envs: 15.2 GB peak RSS with half the RAM as replay)
-        REPLAY_RAM_SHARE[cuda] / local, reserve=update_memory(cfg, spec) * local, steps=budget,
-        minimum=cfg.num_envs * (cfg.agent.batch_length + 1 + RING_MARGIN),
-        ceiling=None if cuda else CPU_REPLAY_STEPS)
+        REPLAY_RAM_SHARE[cuda] / local, reserve=update_memory(cfg, spec) * local * cfg.seeds,
+        steps=budget, minimum=cfg.num_envs * (cfg.agent.batch_length + 1 + RING_MARGIN),
+        ceiling=None if cuda else CPU_REPLAY_STEPS, copies=cfg.seeds)
     if D.world_size() > 1:  # ranks measure free RAM at slightly different moments: agree
         capacity = int(D.control_all_gather(
             torch.tensor([capacity], dtype=torch.float64))[:, 0].min())

@@ -42,6 +42,7 @@ def resume(run) -> bool:
         fresh(run, folder)
         return False
     ckpt = checkpoint.load_checkpoint(file, run.device)
+    checkpoint.check_seeds(ckpt, 1, file)
     checkpoint.check_compatible(ckpt, run.cfg, file)
     checkpoint.check_world_size(ckpt, run.world, file)
     run.agent.load_state_dict(ckpt["agent"])
