@@ -3,6 +3,7 @@
     python bench/learning.py                                   # the three tasks below, in turn
     python bench/learning.py --tasks CartPole-v1 Acrobot-v1 CartpoleBalance-v1 MyEnv-v0
     python bench/learning.py --tasks CartPole-v1 --tag lr1e-3 --flags --agent.optim.lr 1e-3
+    python bench/learning.py --seeds 4 --tasks CartPole-v1 Acrobot-v1 Pendulum-v1
 
 One run at a time (the machine's cores are the learner's), each `python run.py --env ID` with
 no flag beyond `--preset control` for an EnvPool DMC id (and `--flags`, for sweeps). A task
@@ -15,7 +16,16 @@ run per task.
 
 Targets (2-core CPU, one seed): CartPole-v1 >= 475 within 10 minutes; Acrobot-v1 >= -100
 within 20; CartpoleBalance-v1 >= 800 within 45 (the official DreamerV3 reaches 840 +- 91 at 100k
-env steps on it: danijar/dreamerv3, scores of dmc_proprio).
+env steps on it: danijar/dreamerv3, scores of dmc_proprio); Pendulum-v1 >= -200 within 15
+(Gymnasium's Pendulum has no reward threshold; -200 is the usual "solved" line, a swing-up
+held upright).
+
+`--seeds N` trains each task as one packed run (`run.py --seeds N`) and reports each seed
+(reached the target or not, and when) and the seeds pooled: how many met the target, and the
+interquartile mean (IQM) of the final evaluation's per-seed means with its 95% bootstrap
+interval. It stops when every seed has met the target. A CPU trains N seeds' updates in about
+N times one seed's time (bench/results/summary-packed.md), so the time limit is N times the
+task's (`--minutes` sets it).
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from bench.common import environment  # noqa: E402
 
 WINDOW = 10
 TARGETS = {"CartPole-v1": (475.0, 10.0), "Acrobot-v1": (-100.0, 20.0),
-           "CartpoleBalance-v1": (800.0, 45.0)}
+           "CartpoleBalance-v1": (800.0, 45.0), "Pendulum-v1": (-200.0, 15.0)}
 """Task -> (mean return of the last WINDOW training episodes, minutes)."""
 DEFAULT_MINUTES = 30.0  # for a task without a target
 
@@ -85,8 +95,17 @@ def first_reached(curve: list[dict], target: float) -> dict | None:
     return None
 
 
+def metrics_files(logdir: str, seeds: int) -> list[str]:
+    """The metrics.jsonl of each seed (a packed run writes one per seed<i>/ folder)."""
+    if seeds == 1:
+        return [os.path.join(logdir, "metrics.jsonl")]
+    return [os.path.join(logdir, f"seed{i}", "metrics.jsonl") for i in range(seeds)]
+
+
 def train(cmd: list[str], logdir: str, minutes: float, target: float | None,
-          full: bool) -> tuple[list[dict], float]:
+          full: bool, seeds: int = 1) -> tuple[list[list[dict]], float]:
+    """Run cmd until every seed's recent mean reached the target (unless full), the time
+    limit or its end; returns (each seed's curve, start time)."""
     log = open(os.path.join(logdir, "bench-stdout.txt"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -94,18 +113,20 @@ def train(cmd: list[str], logdir: str, minutes: float, target: float | None,
     try:
         while proc.poll() is None and time.time() - t0 < minutes * 60:
             time.sleep(5)
-            mean = recent_mean(read_curve(os.path.join(logdir, "metrics.jsonl"), t0))
-            if not full and target is not None and mean is not None and mean >= target:
+            means = [recent_mean(read_curve(path, t0)) for path in metrics_files(logdir, seeds)]
+            if (not full and target is not None
+                    and all(m is not None and m >= target for m in means)):
                 break
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # saves a checkpoint, then exits
             proc.wait(timeout=300)
         log.close()
-    return read_curve(os.path.join(logdir, "metrics.jsonl"), t0), t0
+    return [read_curve(path, t0) for path in metrics_files(logdir, seeds)], t0
 
 
-def plot(curve: list[dict], target: float | None, title: str, path: str) -> None:
+def plot(curves: list[list[dict]], target: float | None, title: str, path: str) -> None:
+    """Return vs wall-clock and vs agent steps, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +135,9 @@ def plot(curve: list[dict], target: float | None, title: str, path: str) -> None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, label in ((axes[0], "minutes", "wall-clock minutes"),
                            (axes[1], "steps", "agent steps")):
-        ax.plot([r[key] for r in curve], [r["return"] for r in curve], marker=".")
+        for i, curve in enumerate(curves):
+            ax.plot([r[key] for r in curve], [r["return"] for r in curve], marker=".",
+                    label=f"seed {i}" if len(curves) > 1 else None)
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
             ax.legend()
@@ -127,6 +150,13 @@ def plot(curve: list[dict], target: float | None, title: str, path: str) -> None
 
 
 def summary_row(r: dict) -> str:
+    if r.get("seeds", 1) > 1:
+        iqm = r["eval_iqm"]
+        return (f"| {r['task']} ({r['seeds']} seeds) | {r['target']} | {r['met']}/{r['seeds']} "
+                "met, at " + ", ".join(f"{x['minutes']:.1f}" if x else "-"
+                                       for x in r["reached_per_seed"]) + " min | "
+                + (f"IQM {iqm['iqm']:.1f} [{iqm['iqm_lo']:.1f}, {iqm['iqm_hi']:.1f}]"
+                   if iqm else "-") + f" | `{r['commit'][:12]}` |")
     reached = r["reached"]
     ev = r["eval"]
     return (f"| {r['task']}{' (' + r['tag'] + ')' if r['tag'] else ''} | "
@@ -155,21 +185,24 @@ def replot(out: str) -> None:
             with open(os.path.join(out, name)) as f:
                 r = json.load(f)
             if r.get("bench") == "learning-suite":
-                plot(r["curve"], r["target"], f"dreamer_fast: {r['command']}",
+                plot(r.get("curves", [r["curve"]]), r["target"], f"dreamer_fast: {r['command']}",
                      os.path.join(out, name[:-5] + ".png"))
     write_summary(out)
 
 
 def run_task(task: str, args) -> dict:
     target, minutes = TARGETS.get(task, (None, DEFAULT_MINUTES))
-    minutes = args.minutes or minutes
-    name = task.replace(":", "_").replace("/", "_") + (f"-{args.tag}" if args.tag else "")
+    minutes = args.minutes or minutes * args.seeds
+    packed = f"-seeds{args.seeds}" if args.seeds > 1 else ""
+    name = (task.replace(":", "_").replace("/", "_") + packed
+            + (f"-{args.tag}" if args.tag else ""))
     logdir = os.path.join(args.logroot, f"{name}-{int(time.time())}")
     os.makedirs(logdir, exist_ok=True)
-    flags = task_flags(task) + list(args.flags)
+    flags = task_flags(task) + (["--seeds", str(args.seeds)] if args.seeds > 1 else [])
+    flags += list(args.flags)
     cmd = [sys.executable, "run.py", *flags, "--logdir", logdir]
     print(f"[{task}] {' '.join(cmd[1:])}", flush=True)
-    curve, t0 = train(cmd, logdir, minutes, target, args.full)
+    curves, t0 = train(cmd, logdir, minutes, target, args.full, args.seeds)
     elapsed = (time.time() - t0) / 60
     subprocess.run([sys.executable, "run.py", "--eval", "--logdir", logdir, "--episodes",
                     str(WINDOW)], cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
@@ -178,18 +211,26 @@ def run_task(task: str, args) -> dict:
     if os.path.exists(eval_file):
         with open(eval_file) as f:
             evaluation = json.load(f)
-    reached = first_reached(curve, target) if target is not None else None
+    reached = [first_reached(c, target) if target is not None else None for c in curves]
     result = {"bench": "learning-suite", "task": task, "tag": args.tag, "target": target,
-              "target_minutes": minutes, "window": WINDOW, "reached": reached,
-              "final_recent_mean": recent_mean(curve),
-              "final_steps": curve[-1]["steps"] if curve else 0, "minutes": elapsed,
-              "command": "python " + " ".join(cmd[1:-2]), "curve": curve,
+              "target_minutes": minutes, "window": WINDOW, "seeds": args.seeds,
+              "reached": reached[0], "final_recent_mean": recent_mean(curves[0]),
+              "final_steps": curves[0][-1]["steps"] if curves[0] else 0, "minutes": elapsed,
+              "command": "python " + " ".join(cmd[1:-2]), "curve": curves[0],
               "eval": evaluation, **environment()}
+    if args.seeds > 1:
+        from dreamer_fast.scores import summary
+
+        finals = [recent_mean(c) for c in curves]
+        means = [s["mean"] for s in (evaluation or {}).get("seeds", []) if s["mean"] is not None]
+        result.update(reached_per_seed=reached, final_recent_means=finals,
+                      curves=curves, met=sum(r is not None for r in reached),
+                      eval_iqm=summary(means) if means else None)
     out = os.path.join(ROOT, "bench", "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"learning-{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(curve, target, f"dreamer_fast: python {' '.join(cmd[1:-2])}",
+    plot(curves, target, f"dreamer_fast: python {' '.join(cmd[1:-2])}",
          os.path.join(out, f"learning-{name}.png"))
     write_summary(out)
     print(f"[{task}] {summary_row(result)}", flush=True)
@@ -204,6 +245,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="do not stop at the target (run to the time limit or budget)")
     parser.add_argument("--tag", default="", help="suffix of the result files (sweeps)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each task as one packed run of N seeds (run.py --seeds N)")
     parser.add_argument("--logroot", default=os.path.join("/tmp", "dreamer-learning"))
     parser.add_argument("--replot", action="store_true",
                         help="redraw every learning-*.png and the summary from the JSON files")

@@ -66,8 +66,10 @@ def learning() -> str:
         if r.get("bench") == "learning-suite":
             runs.append((os.path.basename(path)[:-5], r))
     runs.sort(key=lambda x: x[1].get("time", ""))
+    solo = [x for x in runs if x[1].get("seeds", 1) == 1]
+    packed = [x for x in runs if x[1].get("seeds", 1) > 1]
     body = []
-    for name, r in latest(runs, lambda x: x[1]["task"]):
+    for name, r in latest(solo, lambda x: x[1]["task"]):
         reached, ev = r["reached"], r["eval"]
         body.append([r["task"], f"{r['target']:g} in {r['target_minutes']:g} min",
                      f"**{reached['minutes']:.1f} min**, {reached['steps']:,} steps" if reached
@@ -80,7 +82,29 @@ def learning() -> str:
             "10 training episodes reaches the target, then the final checkpoint is evaluated "
             "over 10 sampled episodes.\n\n"
             + table(["task", "target", "reached at", "eval", "command", "commit", "run file"],
-                    body))
+                    body) + (packed_learning(packed) if packed else ""))
+
+
+def packed_learning(runs: list) -> str:
+    """The learning suite's packed runs (`--seeds N`): per seed and pooled."""
+    body = []
+    for name, r in latest(runs, lambda x: (x[1]["task"], x[1]["seeds"])):
+        iqm = r.get("eval_iqm")
+        finals = ", ".join("-" if f is None else f"{f:.0f}" for f in r["final_recent_means"])
+        body.append([r["task"], str(r["seeds"]), f"{r['target']:g} in {r['target_minutes']:g} min",
+                     f"{r['met']}/{r['seeds']}: " + ", ".join(
+                         f"{x['minutes']:.1f}" if x else "not" for x in r["reached_per_seed"])
+                     + " min", finals,
+                     f"{iqm['iqm']:.1f} [{iqm['iqm_lo']:.1f}, {iqm['iqm_hi']:.1f}]" if iqm
+                     else "-",
+                     f"`python bench/learning.py --seeds {r['seeds']} --tasks {r['task']}`",
+                     commit(r), f"`{name}.json`"])
+    return ("\n\nPacked seeds (`--seeds N`: one process, one update for all seeds): per seed, "
+            "when it met the target (wall-clock minutes of the packed run) and the mean of its "
+            "last 10 training episodes at the stop; pooled, the IQM of the seeds' final "
+            "evaluation means (10 sampled episodes each) with its 95% bootstrap interval.\n\n"
+            + table(["task", "seeds", "target", "met at", "last 10 per seed", "eval IQM [95% CI]",
+                     "command", "commit", "run file"], body))
 
 
 def throughput() -> str:
