@@ -110,7 +110,8 @@ def packed_learning(runs: list) -> str:
 def throughput() -> str:
     items = [r for r in rows("throughput") if "p50" in r and r["p50"]]
     body = []
-    for r in latest(items, lambda r: (device(r), r["workload"], r["mode"], r.get("dtype"))):
+    for r in latest(items, lambda r: (device(r), r["workload"], r["mode"], r.get("dtype"),
+                                      r.get("seeds"))):
         what = (f"{r['tflops']:.2f} TFLOP/s" if r["workload"] == "matmul-peak" else
                 f"{r['p50']:.3f} s / update" if "updates_per_s" in r and
                 r["workload"].startswith("learner") else
@@ -118,6 +119,11 @@ def throughput() -> str:
         if r["workload"] == "e2e-pong-64":
             what = (f"{r['updates_per_s']:.2f} updates/s, {r['agent_steps_per_s']:.1f} agent "
                     f"steps/s ({r.get('env', 'Pong-v5')})")
+        if r.get("seeds"):  # packed seeds end to end: aggregates over the seeds
+            what = (f"{r['seeds']} seed{'s' * (r['seeds'] > 1)}: {r['agent_steps_per_s']:,.1f} "
+                    f"agent steps/s, {r['updates_per_s']:.2f} seed-updates/s in all"
+                    + (f" ({r['vs_fewest_seeds']:.2f}x)" if r["seeds"] > 1 and
+                       "vs_fewest_seeds" in r else ""))
         modes = "" if r["workload"] in ("matmul-peak", "env-pong-64") else f" --modes {r['mode']}"
         body.append([device(r), r["workload"], r["mode"], r.get("dtype", "-"), what,
                      f"`python bench/throughput.py --workloads {r['workload']}{modes}`",

@@ -16,6 +16,13 @@ Triton kernels). Graph modes need CUDA; on a CPU they are recorded as skipped.
 e2e-pong-64 runs `run.py` on Pong (atari100k preset, 64 envs) as a subprocess and reports the
 agent steps/s and updates/s it sustains, and how busy that keeps the learner: e2e updates/s
 divided by the same model's standalone updates/s (measured first, same mode).
+
+Packed seeds, side by side in one run (`--seeds 1 4`, the default): e2e-seeds-control runs
+`run.py --env CartPole-v1` (the control preset: size300k, B16 x T16) and e2e-seeds-size1m-vec
+`run.py --env Pendulum-v1 --model size1m --agent.batch-length 64 --train-ratio 1024` (the
+learner-size1m-vec workload's model, batch and ratio) with `--seeds N` for each N, and report
+the aggregate agent steps/s and seed-updates/s (N x the run's per-seed rates, after the
+prefill) and their ratio to one seed's.
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ LEARNER = {
 LEARNER_AGENT = {"learner-control-vec": dict(batch_length=16)}
 """Agent settings of a learner workload other than the default B16 x T64, H15."""
 OTHER = ("matmul-peak", "policy-64envs", "env-pong-64", "e2e-pong-64")
+SEEDS = {  # packed seeds end to end: name -> (run.py flags, agent steps per seed)
+    "e2e-seeds-control": (["--env", "CartPole-v1"], 1_500),
+    "e2e-seeds-size1m-vec": (["--env", "Pendulum-v1", "--model", "size1m",
+                              "--agent.batch-length", "64", "--train-ratio", "1024"], 1_330),
+}
 MODES = ("eager", "fused", "compile", "graph", "graph+triton")
 DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-paper-s-img-strided",
                     "learner-size1m-vec",
@@ -267,9 +279,43 @@ def e2e_pong(mode: str, device: str, precision: str, steps: int, price: float,
             "p20": None, "p50": 1.0 / updates, "p80": None}
 
 
+def e2e_seeds(name: str, mode: str, device: str, seeds: int, steps: int | None,
+              log_every: int) -> dict:
+    """One `run.py ... --seeds N` of a SEEDS workload to its step budget (per seed), in a
+    subprocess with a temporary logdir; aggregate rates averaged over the log rows after the
+    prefill (N x the per-seed rates the pooled rows carry)."""
+    flags, default_steps = SEEDS[name]
+    steps = steps or default_steps
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as logdir:
+        cmd = [sys.executable, os.path.join(root, "run.py"), *flags, "--seeds", str(seeds),
+               "--steps", str(steps), "--logdir", logdir, "--device", device,
+               "--log-every", str(log_every), "--save-every", "100000",
+               "--report-every", "100000", "--agent.kernels", agent_cfg(mode, "float32").kernels]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=root)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"run.py exited {done.returncode}: {done.stderr[-500:]}")
+        rows = [json.loads(line) for line in open(os.path.join(logdir, "metrics.jsonl"))]
+    rows = [r for r in rows if r.get("counts/updates", 0) > 0][1:]
+    if not rows:
+        raise RuntimeError("the run logged no row after the prefill; raise --e2e-steps")
+    mean = lambda k: float(np.mean([r.get(k, 0.0) for r in rows]))  # noqa: E731
+    return {"workload": name, "mode": mode, "seeds": seeds, "steps": steps, "wall_s": wall,
+            "log_rows": len(rows), "update_mode": rows[-1].get("update_mode"),
+            "updates_per_s": seeds * mean("throughput/updates_per_s"),
+            "agent_steps_per_s": seeds * mean("throughput/steps_per_s"),
+            "per_seed_updates_per_s": mean("throughput/updates_per_s"),
+            "p20": None, "p50": 1.0 / mean("throughput/updates_per_s"), "p80": None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", nargs="+", choices=[*LEARNER, *OTHER])
+    parser.add_argument("--workloads", nargs="+", choices=[*LEARNER, *OTHER, *SEEDS])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4],
+                        help="the e2e-seeds-* workloads: a run per --seeds N, side by side")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--precision", default=None, choices=["float32", "bfloat16"],
                         help="matmul/conv precision; default float32 on CPU, bfloat16 on CUDA")
@@ -306,9 +352,18 @@ def main() -> None:
     peak, written = None, 0
     for name in args.workloads or DEFAULTS[kind]:
         fixed = {"env-pong-64": ["envpool"], "matmul-peak": ["gemm"]}
-        for mode in fixed.get(name, args.modes):
+        runs = ([(m, n) for m in fixed.get(name, args.modes) for n in args.seeds]
+                if name in SEEDS else [(m, None) for m in fixed.get(name, args.modes)])
+        base = None
+        for mode, seeds in runs:
             try:
-                row = measure(name, mode, args, kind, precision, e2e_steps, flops, peak)
+                row = (measure_seeds(name, mode, args, kind, seeds) if seeds else
+                       measure(name, mode, args, kind, precision, e2e_steps, flops, peak))
+                if seeds and "updates_per_s" in row:
+                    base = row if seeds == min(args.seeds) else base
+                    if base is not None:
+                        row["vs_fewest_seeds"] = row["agent_steps_per_s"] / base[
+                            "agent_steps_per_s"]
             except KeyboardInterrupt:  # SIGINT (a stage's time limit): the rows so far stay
                 row = {"workload": name, "mode": mode, "error": "interrupted (SIGINT)"}
                 _record(out, env, name, precision, args.price, row)
@@ -348,6 +403,18 @@ def measure(name: str, mode: str, args, kind: str, precision: str, e2e_steps: in
         return {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
 
 
+def measure_seeds(name: str, mode: str, args, kind: str, seeds: int) -> dict:
+    """One e2e-seeds row, or why it was skipped or failed."""
+    if mode not in ("eager", "fused"):
+        return {"workload": name, "mode": mode, "seeds": seeds,
+                "skipped": "packed seeds run eager (reference or fused ops)"}
+    try:
+        return e2e_seeds(name, mode, args.device, seeds, args.e2e_steps, args.e2e_log_every)
+    except Exception as e:  # keep the other rows; record why this one failed
+        return {"workload": name, "mode": mode, "seeds": seeds,
+                "error": f"{type(e).__name__}: {e}"}
+
+
 def _record(out: str, env: dict, name: str, precision: str, price: float, row: dict) -> None:
     """Append one row the moment it is measured (a run cut short keeps the rows so far)."""
     batch = f"B16xT{LEARNER_AGENT.get(name, {}).get('batch_length', 64)}"
@@ -365,6 +432,12 @@ def _print(row: dict) -> None:
     if row["workload"] == "matmul-peak":
         print(f"{'matmul-peak':<22} {row['mode']:<12} p50 {row['p50']:9.4f} s "
               f"{row['tflops']:8.2f} TFLOP/s ({row['size']}^3)", flush=True)
+        return
+    if row["workload"] in SEEDS:
+        print(f"{row['workload']:<22} {row['mode']:<7} {row['seeds']:>2} seeds "
+              f"{row['updates_per_s']:8.3f} seed-updates/s {row['agent_steps_per_s']:8.1f} "
+              f"agent/s in all ({row.get('vs_fewest_seeds', 1.0):.2f}x the fewest seeds')",
+              flush=True)
         return
     if row["workload"] == "e2e-pong-64":
         print(f"{row['workload']:<22} {row['mode']:<12} {row['updates_per_s']:8.3f} upd/s "

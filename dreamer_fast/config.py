@@ -326,7 +326,7 @@ class Config:
     seeds: int = 1
     """Independent runs packed into this one process (seeds seed, seed+1, ...): each its own
     agent, envs, replay and logs under <logdir>/seed<i>/, all trained by one vmapped update
-    (float32, fused or reference ops; one process). The logdir's own log pools them."""
+    (fused or reference ops; one process). The logdir's own log pools them."""
     logdir: str | None = None
     """Run folder; default logdir/<name>-<timestamp>. Rerun with the same one to resume."""
     name: str | None = None
@@ -390,9 +390,7 @@ class Config:
                     (self.offline is not None, "--offline", "train each seed offline alone"),
                     (self.compile, "--compile", "leave out --compile"),
                     (self.agent.kernels == "triton", "--agent.kernels triton",
-                     "use --agent.kernels fused or ref (or auto)"),
-                    (self.agent.precision == "bfloat16", "--agent.precision bfloat16",
-                     "use --agent.precision float32 (or auto)")):
+                     "use --agent.kernels fused or ref (or auto)")):
                 require(not bad, "seeds", self.seeds, f"1 with {flag} (packed seeds do not "
                         f"support it yet); {fix}, or run the seeds one by one")
 

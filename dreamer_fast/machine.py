@@ -70,12 +70,11 @@ def settle_precision(precision: str, device: str) -> str:
 
 def settle(cfg: Config) -> Config:
     """cfg with every 'auto' of the machine settled: device, graphs, kernels, precision.
-    Packed seeds (cfg.seeds > 1) run under torch.func.vmap, which the Triton kernels and
-    bfloat16 autocast do not support yet: their 'auto' is 'fused' and 'float32' everywhere."""
+    Packed seeds (cfg.seeds > 1) run under torch.func.vmap, which the Triton kernels do not
+    support yet: their kernels' 'auto' is 'fused' on every device."""
     device = settle_device(cfg.device)
-    packed = getattr(cfg, "seeds", 1) > 1
+    packed = cfg.seeds > 1
     agent = replace(cfg.agent, kernels=settle_kernels(cfg.agent.kernels,
                                                       "cpu" if packed else device),
-                    precision=settle_precision(cfg.agent.precision,
-                                               "cpu" if packed else device))
+                    precision=settle_precision(cfg.agent.precision, device))
     return replace(cfg, device=device, graphs=settle_graphs(cfg.graphs, device), agent=agent)

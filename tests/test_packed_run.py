@@ -137,7 +137,6 @@ def test_the_packed_policy_step_acts_as_each_seed_alone():
 @pytest.mark.parametrize("flags, says", [
     (dict(offline="data"), "--offline"), (dict(compile=True), "--compile"),
     (dict(agent=AgentConfig(kernels="triton")), "--agent.kernels triton"),
-    (dict(agent=AgentConfig(precision="bfloat16")), "--agent.precision bfloat16"),
     (dict(seeds=0), "seeds=0")])
 def test_packed_seeds_refuse_what_they_cannot_run_in_one_line(flags, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -153,11 +152,14 @@ def test_packed_seeds_under_torchrun_are_refused_before_anything_is_built(monkey
         packed.open_run(Config(env="CartPole-v1", seeds=2))
 
 
-def test_packed_seeds_settle_auto_to_what_vmap_runs():
+def test_packed_seeds_settle_auto_to_what_vmap_runs(monkeypatch):
     from dreamer_fast.machine import settle
 
     cfg = settle(Config(env="CartPole-v1", seeds=2, device="cpu"))
     assert (cfg.agent.kernels, cfg.agent.precision) == ("fused", "float32")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = settle(Config(env="CartPole-v1", seeds=2, device="cuda"))
+    assert (cfg.agent.kernels, cfg.agent.precision, cfg.graphs) == ("fused", "bfloat16", "on")
 
 
 def test_the_plot_pools_a_packed_runs_seeds(tmp_path, capsys):
@@ -175,3 +177,42 @@ def test_the_plot_pools_a_packed_runs_seeds(tmp_path, capsys):
     main([str(logdir), "--out", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "CartPole-v1 (2 runs)" in out and "mean 40.0" in out
+
+
+class _Rows:
+    """A Logger that keeps its rows."""
+
+    def __init__(self):
+        self.rows = []
+
+    def scalars(self, step, values):
+        self.rows.append((step, dict(values)))
+
+    def video(self, *args, **kwargs):
+        pass
+
+
+def test_periodic_evals_log_per_seed_and_pool_once_every_seed_has_one():
+    import threading
+
+    from dreamer_fast.run.packed_loop import Logs
+
+    results = {0: [{"step": 100, "returns": [10.0, 20.0], "lengths": [5, 6], "frames": None}],
+               1: [], 2: [{"step": 100, "returns": [30.0], "lengths": [7], "frames": None}]}
+    evaluators = [SimpleNamespace(pop=lambda i=i: results[i], trigger=None) for i in range(3)]
+    logs = Logs.__new__(Logs)
+    logs.run = SimpleNamespace(evaluators=evaluators, n=3, learner=SimpleNamespace(
+        lock=threading.Lock()))
+    logs.seeds, logs.pool, logs.evals = [_Rows() for _ in range(3)], _Rows(), {}
+    logs.evaluation(None)
+    assert logs.seeds[0].rows == [(100, {"eval/return": 15.0, "eval/return_std": 5.0,
+                                         "eval/length": 5.5, "eval/episodes": 2})]
+    assert logs.pool.rows == []  # seed 1's eval of step 100 has not finished
+    results[0], results[2] = [], []
+    results[1] = [{"step": 100, "returns": [50.0], "lengths": [9], "frames": None}]
+    logs.evaluation(None)
+    (step, row), = logs.pool.rows
+    assert step == 100 and row["pooled/eval_return_mean"] == pytest.approx(95 / 3)
+    assert row["pooled/eval_seeds"] == 3 and row["pooled/eval_return_iqm"] == pytest.approx(95 / 3)
+    assert row["pooled/eval_return_iqm_lo"] <= 95 / 3 <= row["pooled/eval_return_iqm_hi"]
+    assert logs.evals == {}  # a pooled trigger is forgotten

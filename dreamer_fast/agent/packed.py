@@ -10,8 +10,9 @@ batching could give, so on a CPU packing gains little; the GPU, where small upda
 by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.1-1.2 times
 the kernels of one solo update with the same ops: bench/kernel_count.py --seeds). vmap needs
 PyTorch ops: the packed update runs the reference ops or the CPU fast path's fused ops
-(kernels/fused.py generates their vmap rules). The Triton ops cannot run under torch.func yet:
-the autograd that torch.library.register_autograd generates has no setup_context.
+(kernels/fused.py generates their vmap rules), in float32 or under bfloat16 autocast. The
+Triton ops cannot run under torch.func yet: the autograd that
+torch.library.register_autograd generates has no setup_context.
 
 Independence: every tensor of seed i (parameters, optimizer moments, return normaliser,
 non-finite flags) is row i of a stacked tensor, and nothing in the update reduces over the
@@ -21,8 +22,8 @@ optim.LaProp(seeds=N)). Randomness: 'different' draws independent noise per seed
 how tests/test_packed.py proves that seed i packed equals seed i alone.
 
 Capture: the update does nothing a CUDA graph capture rejects (tests/test_packed.py traces it
-under tests/capture.py's rules on the CPU and on fake tensors standing in for the GPU); run/
-graphs.py does not capture it yet, and no run trains packed yet (no --seeds flag).
+under tests/capture.py's rules on the CPU and on fake tensors standing in for the GPU). A run
+with --seeds N (run/packed.py) trains with it, captured by graphs.GraphedTrainStep on CUDA.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class _Loss(nn.Module):
 class PackedAgents:
     """N agents of one config, trained together: `train_step` is one vmapped update.
 
-    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32
-    (their tensors are copied; `unpack` writes seed i back into a solo Agent, e.g. to save or
-    evaluate it).
+    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32 or
+    bfloat16 autocast (their tensors are copied; `unpack` writes seed i back into a solo
+    Agent, e.g. to save or evaluate it).
     """
 
     def __init__(self, agents: list[Agent],
@@ -72,8 +73,6 @@ class PackedAgents:
         if first.ops.impl not in ("ref", "fused"):
             raise ConfigError(f"packed seeds need agent.kernels='ref' or 'fused' (the Triton "
                               f"ops cannot run under torch.func yet), got {first.ops.impl!r}")
-        if first.autocast_dtype is not None:
-            raise ConfigError("packed seeds train in float32 for now (agent.precision=float32)")
         space = lambda a: (a.obs_space, a.act_space.discrete, a.act_space.size)
         for a in agents[1:]:
             if a.cfg != first.cfg or a.net != first.net or space(a) != space(first):
@@ -122,7 +121,8 @@ class PackedAgents:
         flags updated in place, as the solo loss does). batch: as Agent.train_step's with a
         leading seed dim N. Returns ({trained name: (N, *shape)}, (metrics {name: (N,)},
         latents {deter (N, B, T, D) bf16, stoch (N, B, T, S) int16}))."""
-        return self._grads(self.trained, self.frozen, self.buffers_, batch)
+        with self.template.agent.autocast():  # bfloat16 matmuls when configured, as solo
+            return self._grads(self.trained, self.frozen, self.buffers_, batch)
 
     def train_step(self, batch: dict[str, torch.Tensor]):
         """One update of every seed (see grads): the optimizer per seed, then the slow
@@ -136,6 +136,14 @@ class PackedAgents:
             torch._foreach_lerp_([s for s, _ in self.slow], [v for _, v in self.slow],
                                  self.cfg.slow_rate)
         return metrics, latents
+
+    @property
+    def autocast_cache(self) -> bool:
+        return self.template.agent.autocast_cache
+
+    @autocast_cache.setter
+    def autocast_cache(self, value: bool) -> None:  # graphs.py: off for a captured update
+        self.template.agent.autocast_cache = value
 
     @property
     def device(self) -> torch.device:
