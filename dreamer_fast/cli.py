@@ -31,7 +31,11 @@ def train(argv: list[str], prog: str = "dreamer-fast train") -> None:
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
         for note in choice.notes:
             print(note, flush=True)
-    if cfg.offline is not None:
+    if cfg.offline is not None and cfg.seeds > 1:
+        from dreamer_fast.run.packed_offline import train as train_packed_offline
+
+        train_packed_offline(cfg)
+    elif cfg.offline is not None:
         from dreamer_fast.run.offline import train_offline
 
         train_offline(cfg)

@@ -387,7 +387,6 @@ class Config:
         require(self.seeds >= 1, "seeds", self.seeds, "an int >= 1")
         if self.seeds > 1:  # what the packed update cannot run yet
             for bad, flag, fix in (
-                    (self.offline is not None, "--offline", "train each seed offline alone"),
                     (self.compile, "--compile", "leave out --compile"),
                     (self.agent.kernels == "triton", "--agent.kernels triton",
                      "use --agent.kernels fused or ref (or auto)")):

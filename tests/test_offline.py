@@ -276,3 +276,27 @@ def test_offline_one_line_errors(tmp_path, minari_root, capsys):
     out = capsys.readouterr()
     printed = " ".join((out.out + out.err).split())
     assert "updates=5; allowed: 0 without" in printed, printed
+
+
+def test_packed_seeds_train_offline_evaluate_pooled_and_resume(tmp_path, minari_root):
+    """--offline with --seeds 2: one packed learner on one dataset, each seed's folder an
+    offline run of its own, the final evals pooled, and the packed run resumes."""
+    collect("CartPole-v1", "test/cartpole-v1", 40)
+    logdir = tmp_path / "packed"
+    code, out = run(["--offline", "test/cartpole-v1", *OFFLINE, "--seeds", "2", "--updates",
+                     "6", "--eval-every", "1", "--eval-episodes", "2"], logdir)
+    assert code == 0, out
+    assert "2 seeds packed (--seed 0..1" in out and "final eval pooled: 2/2 seeds: IQM" in out
+    top = load(logdir)
+    assert top["packed"] == 2 and top["counters"]["offline"] == 1
+    for i in range(2):
+        own = load(logdir / f"seed{i}")
+        assert own["counters"]["updates"] == 6 and json.loads(own["config"])["seed"] == i
+        rows = [json.loads(line) for line in open(logdir / f"seed{i}" / "metrics.jsonl")]
+        assert {"loss/dyn", "eval/return"} <= set().union(*rows)
+    pooled = set().union(*(json.loads(line) for line in open(logdir / "metrics.jsonl")))
+    assert "pooled/eval_return_iqm" in pooled
+    code, out = run(["--offline", "test/cartpole-v1", *OFFLINE, "--seeds", "2", "--updates",
+                     "9"], logdir)
+    assert code == 0 and "6 offline updates each" in out, out
+    assert load(logdir)["counters"]["updates"] == 9

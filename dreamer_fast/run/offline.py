@@ -284,9 +284,10 @@ def log(run: OfflineRun, logger: Logger) -> None:
                        f"without saving them: {run.kept()}")
 
 
-def final_eval(run: OfflineRun, logger: Logger) -> None:
+def final_eval(run: OfflineRun, logger: Logger) -> float:
     """With --eval-every, a finished offline run ends with an evaluation of its final weights
-    (--eval-episodes on envs of their own, in this thread: the learner has stopped)."""
+    (--eval-episodes on envs of their own, in this thread: the learner has stopped). Returns
+    the mean return."""
     cfg, returns, lengths = run.cfg, [], []
     env = make_env(cfg.env, min(cfg.eval_episodes, MAX_EVAL_ENVS), cfg.env_opts,
                    seed=cfg.seed + 20_000)
@@ -303,6 +304,7 @@ def final_eval(run: OfflineRun, logger: Logger) -> None:
         logger.video(step, "eval/episode", np.stack(frames), fps=30)
     logger.message(f"final eval: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over "
                    f"{len(returns)} episodes at {step:,} updates")
+    return float(np.mean(returns))
 
 
 def finish(run: OfflineRun, logger: Logger, finished: bool) -> None:

@@ -252,11 +252,11 @@ class PackedLearner(Learner):
     """The learner thread of a packed run: a batch of windows from every seed's ring, one
     packed update, each seed's fresh latents back into its ring (Learner's pipeline)."""
 
-    def __init__(self, packed: PackedAgents, seeds: list[Seed], limiter, weights,
+    def __init__(self, packed: PackedAgents, rings: list, limiter, weights,
                  batch_size: int):
-        super().__init__(packed, seeds[0].ring, limiter, weights, batch_size)
-        self.rings = [s.ring for s in seeds]
-        n, pin = len(seeds), self.device.type == "cuda"
+        super().__init__(packed, rings[0], limiter, weights, batch_size)
+        self.rings = rings
+        n, pin = len(rings), self.device.type == "cuda"
         ring = self.rings[0]
         self.staging = [{k: torch.empty((n, batch_size, ring.length, *shape), dtype=dtype,
                                         pin_memory=pin) for k, (shape, dtype) in ring.spec.items()}
@@ -354,8 +354,8 @@ class PackedRun:
         self.weights = PackedWeights(self.packed, self.scratch)
         self.actor = PackedActor(self.seeds, self.limiter, self.weights, self.device,
                                  self.budget)
-        self.learner = PackedLearner(self.packed, self.seeds, self.limiter, self.weights,
-                                     self.cfg.agent.batch_size)
+        self.learner = PackedLearner(self.packed, [s.ring for s in self.seeds], self.limiter,
+                                     self.weights, self.cfg.agent.batch_size)
         self.learner.updates = int(self.counters["updates"])
         self.update_mode = self.prepare_update()
         self.threads = [threading.Thread(target=self.actor.run, name="actor", daemon=True),
@@ -370,22 +370,10 @@ class PackedRun:
     def prepare_update(self) -> str:
         """With CUDA graphs, capture the packed update (falling back to eager with one line
         if the capture fails); the policy step runs eagerly. Returns the update mode."""
-        impl = self.scratch.ops.impl
-        mode = "packed+eager" + ("+fused" if impl == "fused" else "")
-        if not self.graphs:
-            return mode
-        from dreamer_fast.run.graphs import GraphedTrainStep
-
-        example = {k: torch.zeros_like(v) for k, v in self.learner.staging[0].items()}
-        try:
-            self.learner.graph = GraphedTrainStep(self.packed, example)
-        except Exception as e:  # noqa: BLE001 (the update runs eagerly instead)
-            print(f"the packed update's graph failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200]}); it runs eagerly (--graphs off selects "
-                  "that directly)", flush=True)
-            return mode
-        self.weights.publish()
-        return "packed+graph"
+        mode = prepare_update(self.packed, self.learner, self.graphs,
+                              self.scratch.ops.impl)
+        self.weights.publish()  # the copies' weights again, in case warm-up touched them
+        return mode
 
     def _write_replay(self) -> None:
         """Replay writer thread (session.Run's), over every seed's replay folder."""
@@ -444,26 +432,12 @@ class PackedRun:
 
     # ------------------------------------------------------------ health
     def nonfinite(self) -> dict[int, list[str]]:
-        """{seed index: names of its losses that were ever non-finite (or ['parameters'])}
-        (host reads; call on the log and save clocks)."""
-        if self.packed is None:
-            return {}
-        flags = self.packed.tensors()["agent.nonfinite"].cpu()
-        finite = torch.stack([torch.isfinite(p.flatten(1)).all(1)
-                              for p in self.packed.parameters()]).all(0).cpu()
-        bad = {}
-        for i in range(self.n):
-            names = [k for k, f in zip(LOSSES, flags[i].tolist()) if f]
-            if names or not bool(finite[i]):
-                bad[i] = names or ["parameters"]
-        return bad
+        """nonfinite_seeds of the packed agents ({} before start)."""
+        return {} if self.packed is None else nonfinite_seeds(self.packed)
 
     def nonfinite_message(self, bad: dict[int, list[str]]) -> str:
-        seeds = "; ".join(f"seed {i} (--seed {self.seeds[i].cfg.seed}): {', '.join(names)}"
-                          for i, names in bad.items())
-        return (f"non-finite {seeds} by update {self.learner.updates:,}; stopping every seed "
-                f"without saving them: {self.kept()}. Lower --agent.optim.lr or check the "
-                "env's rewards and observations")
+        return nonfinite_message(bad, self.cfg.seed, self.learner.updates, self.kept(),
+                                 "the env's rewards and observations")
 
     def unpack(self, i: int) -> Agent:
         """Seed i's state in the scratch solo Agent (hold the learner's lock)."""
@@ -478,6 +452,49 @@ class PackedRun:
 
     def save(self) -> bool:
         return save(self)
+
+
+def nonfinite_seeds(packed: PackedAgents) -> dict[int, list[str]]:
+    """{seed index: names of its losses that were ever non-finite (or ['parameters'])} (host
+    reads; call on the log and save clocks)."""
+    flags = packed.tensors()["agent.nonfinite"].cpu()
+    finite = torch.stack([torch.isfinite(p.flatten(1)).all(1)
+                          for p in packed.parameters()]).all(0).cpu()
+    bad = {}
+    for i in range(packed.n):
+        names = [k for k, f in zip(LOSSES, flags[i].tolist()) if f]
+        if names or not bool(finite[i]):
+            bad[i] = names or ["parameters"]
+    return bad
+
+
+def nonfinite_message(bad: dict[int, list[str]], seed: int, updates: int, kept: str,
+                      check: str) -> str:
+    """The line that stops a packed run: each non-finite seed with its --seed, what is kept."""
+    seeds = "; ".join(f"seed {i} (--seed {seed + i}): {', '.join(names)}"
+                      for i, names in bad.items())
+    return (f"non-finite {seeds} by update {updates:,}; stopping every seed without saving "
+            f"them: {kept}. Lower --agent.optim.lr or check {check}")
+
+
+def prepare_update(packed: PackedAgents, learner: PackedLearner, graphs: bool,
+                   impl: str) -> str:
+    """The packed update: with CUDA graphs captured as one (graphs.GraphedTrainStep), eager
+    with one line if the capture fails. Returns the update mode (start line, metrics)."""
+    mode = "packed+eager" + ("+fused" if impl == "fused" else "")
+    if not graphs:
+        return mode
+    from dreamer_fast.run.graphs import GraphedTrainStep
+
+    example = {k: torch.zeros_like(v) for k, v in learner.staging[0].items()}
+    try:
+        learner.graph = GraphedTrainStep(packed, example)
+    except Exception as e:  # noqa: BLE001 (the update runs eagerly instead)
+        print(f"the packed update's graph failed ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}); it runs eagerly (--graphs off selects that "
+              "directly)", flush=True)
+        return mode
+    return "packed+graph"
 
 
 def resume(run: PackedRun) -> bool:
