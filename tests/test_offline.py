@@ -300,3 +300,11 @@ def test_packed_seeds_train_offline_evaluate_pooled_and_resume(tmp_path, minari_
                      "9"], logdir)
     assert code == 0 and "6 offline updates each" in out, out
     assert load(logdir)["counters"]["updates"] == 9
+
+
+def test_a_packed_runs_folder_is_every_seeds_replay(tmp_path):
+    for i in range(2):
+        (tmp_path / f"seed{i}" / "replay").mkdir(parents=True)
+        (tmp_path / f"seed{i}" / "replay" / "manifest.json").write_text("{}")
+    assert datasets.replay_folders(str(tmp_path)) == [
+        str(tmp_path / "seed0" / "replay"), str(tmp_path / "seed1" / "replay")]

@@ -77,12 +77,14 @@ class Dataset:
 
 def replay_folders(path: str) -> list[str]:
     """The replay folders of this project at path (a replay folder, or a logdir holding
-    `replay` or `replay-rank*`); [] when there are none."""
+    `replay`, `replay-rank*` (data parallel) or `seed*/replay` (packed seeds)); [] when there
+    are none."""
     if os.path.isfile(os.path.join(path, store.MANIFEST)):
         return [path]
     found = [os.path.dirname(m) for m in
              sorted(glob.glob(os.path.join(path, "replay", store.MANIFEST)) +
-                    glob.glob(os.path.join(path, "replay-rank*", store.MANIFEST)))]
+                    glob.glob(os.path.join(path, "replay-rank*", store.MANIFEST)) +
+                    glob.glob(os.path.join(path, "seed*", "replay", store.MANIFEST)))]
     return found
 
 
