@@ -22,7 +22,7 @@ dtype casts it launches count too):
     losses), imagine (the H-step rollout), actor-critic (returns and losses on imagined
     trajectories, replay value loss), backward, optimizer (LaProp + AGC + slow critic).
 
-  * packed seeds (`--seeds N`, N > 1, modes `ref` / `fused`, float32): one update of N
+  * packed seeds (`--seeds N`, N > 1, modes `ref` / `fused`): one update of N
     agents by agent/packed.py (torch.func.vmap over those ops); the row's `kernels` is the
     whole update's, `per_seed` that over N. Not split into phases.
 
@@ -167,12 +167,13 @@ def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloa
             torch.cuda.is_available()}
 
 
-def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu") -> dict:
-    """count() of one packed update of `seeds` agents (mode ref or fused, float32)."""
+def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu",
+                 precision: str = "bfloat16") -> dict:
+    """count() of one packed update of `seeds` agents (mode ref or fused)."""
     from dreamer_fast.agent.packed import PackedAgents
 
     net, obs, act = WORKLOADS[workload]
-    cfg = AgentConfig(kernels=mode, precision="float32")
+    cfg = AgentConfig(kernels=mode, precision=precision)
     agents = []
     for i in range(seeds):
         torch.manual_seed(i)
@@ -189,7 +190,7 @@ def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu") -> d
     total = sum(counter.ops.values())
     return {"bench": "kernel-count", "workload": workload, "mode": f"packed-{mode}",
             "seeds": seeds,
-            "kernels": total, "per_seed": total / seeds, "precision": "float32",
+            "kernels": total, "per_seed": total / seeds, "precision": precision,
             "B": cfg.batch_size, "T": cfg.batch_length, "H": cfg.imag_horizon,
             "phases": dict(counter.phases), "top_ops": dict(counter.ops.most_common(25)),
             "top_by_phase": {}, "target": None, "interpreted": False}
@@ -204,8 +205,7 @@ def main() -> None:
                         help="autocast dtype of matmuls/convs (bfloat16: what a GPU runs by "
                         "default, casts included; CPU autocast runs it here)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="N > 1: count one packed update of N seeds (modes ref, fused; "
-                        "float32)")
+                        help="N > 1: count one packed update of N seeds (modes ref, fused)")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--by-phase", action="store_true", help="print each phase's top ops")
     parser.add_argument("--no-record", action="store_true")
@@ -215,12 +215,12 @@ def main() -> None:
     kind = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"kernel-count-{kind}.jsonl")
-    if args.seeds > 1 and (set(args.modes) - {"ref", "fused"} or args.precision != "float32"):
-        parser.error("--seeds N > 1 counts the packed update: use --modes ref and/or fused "
-                     "--precision float32")
+    if args.seeds > 1 and set(args.modes) - {"ref", "fused"}:
+        parser.error("--seeds N > 1 counts the packed update: use --modes ref and/or fused")
     for workload in args.workloads:
         for mode in args.modes:
-            row = {**env, **(count_packed(workload, mode, args.seeds, args.device)
+            row = {**env, **(count_packed(workload, mode, args.seeds, args.device,
+                                          args.precision)
                              if args.seeds > 1 else
                              count(workload, mode, args.device, args.precision))}
             phases = ", ".join(f"{k} {v:,}" for k, v in row["phases"].items())
