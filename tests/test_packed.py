@@ -247,3 +247,24 @@ def test_the_packed_update_is_capture_safe(space, device):
             metrics, latents = packed.train_step(batch)
         assert python_state(packed) == before
     assert latents["deter"].shape[:2] == (2, 2) and metrics["loss/policy"].shape == (2,)
+
+
+def test_the_vmapped_quantile_is_torch_quantile_per_seed():
+    """losses.quantile under vmap (out of place, batched) gives each seed exactly what
+    torch.quantile gives it alone, ties, an even count and a NaN included."""
+    from torch.func import vmap
+
+    from dreamer_fast.agent.losses import quantile
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1001, generator=gen)
+    x[1, :500] = 0.5  # ties
+    x[3, 7] = float("nan")
+    q = torch.tensor([0.05, 0.95])
+    got = vmap(quantile, in_dims=(0, None))(x, q)
+    for i in range(4):
+        want = torch.quantile(x[i], q)
+        assert torch.equal(got[i], want) or (want.isnan().all() and got[i].isnan().all()), i
+    even = torch.randn(3, 64, generator=gen)
+    got = vmap(quantile, in_dims=(0, None))(even, q)
+    assert all(torch.equal(got[i], torch.quantile(even[i], q)) for i in range(3))

@@ -32,10 +32,23 @@ def percentile_scale(returns: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, 
     captured update, which a CUDA graph capture rejects).
     """
     flat = returns.detach().float().flatten()
-    q = torch.quantile(flat, quantiles)
+    q = quantile(flat, quantiles)
     lo.mul_(1.0 - rate).add_(rate * q[0])
     hi.mul_(1.0 - rate).add_(rate * q[1])
     return (hi - lo).clamp(min=limit)
+
+
+def quantile(flat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """torch.quantile(flat, q) (linear interpolation). Under torch.func transforms (packed
+    seeds' vmap) the same computation out of place: torch.quantile's in-place lerp_ has no
+    batching rule and would run once per seed."""
+    if not torch._C._are_functorch_transforms_active():
+        return torch.quantile(flat, q)
+    ranks = q * (flat.numel() - 1)  # torch.quantile's steps, as ATen takes them
+    below = ranks.long()
+    ordered = flat.sort().values
+    value = torch.lerp(ordered[below], ordered[ranks.ceil().long()], ranks - below)
+    return torch.where(flat.isnan().any(), flat.new_full((), float("nan")), value)
 
 
 def policy_loss(logp: torch.Tensor, ent: torch.Tensor, adv: torch.Tensor,

@@ -29,7 +29,6 @@ with --seeds N (run/packed.py) trains with it, captured by graphs.GraphedTrainSt
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Literal
 
 import torch
@@ -39,13 +38,6 @@ from torch.func import functional_call, grad, vmap
 from dreamer_fast.agent.agent import TRAINED, Agent
 from dreamer_fast.agent.optim import LaProp
 from dreamer_fast.checks import ConfigError
-
-
-# torch.quantile's lerp_ runs through vmap's per-seed fallback (its cost is in
-# bench/packed.py's figures); the warning would repeat at every run start.
-warnings.filterwarnings("ignore", category=UserWarning, message=(
-    "There is a performance drop because we have not yet implemented the batching rule for "
-    "aten::lerp_"))
 
 
 class _Loss(nn.Module):
