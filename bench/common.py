@@ -76,3 +76,12 @@ def append(path: str, rows: list[dict]) -> None:
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def catch_sigint() -> None:
+    """SIGINT raises KeyboardInterrupt here even when this process started with it ignored
+    (a background job of a non-interactive shell, or a child of one): the benches keep their
+    rows on a stage's SIGINT only if it reaches them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)

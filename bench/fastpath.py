@@ -26,7 +26,7 @@ if not torch.cuda.is_available():  # before kernels import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import append, environment  # noqa: E402
+from bench.common import append, catch_sigint, environment  # noqa: E402
 from bench.throughput import LEARNER, LEARNER_AGENT  # noqa: E402
 from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig  # noqa: E402
@@ -71,6 +71,7 @@ def run(name: str, device: str, precision: str, batch_length: int | None) -> dic
 
 
 def main() -> None:
+    catch_sigint()
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),

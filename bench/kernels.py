@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # before kernels import triton (must precede 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import append, environment, percentiles  # noqa: E402
+from bench.common import append, catch_sigint, environment, percentiles  # noqa: E402
 from dreamer_fast.config import SIZES  # noqa: E402
 from dreamer_fast.run.device import keep_freed_memory  # noqa: E402
 from dreamer_fast.agent.rssm import RSSM  # noqa: E402
@@ -256,6 +256,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    catch_sigint()
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["size12m", "size200m"] if cuda else

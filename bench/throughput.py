@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import append, environment, percentiles, time_calls  # noqa: E402
+from bench.common import append, catch_sigint, environment, percentiles, time_calls  # noqa: E402
 from dreamer_fast.run.weights import PolicyWeights  # noqa: E402
 from dreamer_fast.agent.agent import Agent  # noqa: E402
 from dreamer_fast.config import SIZES, AgentConfig, NetConfig  # noqa: E402
@@ -312,6 +312,7 @@ def e2e_seeds(name: str, mode: str, device: str, seeds: int, steps: int | None,
 
 
 def main() -> None:
+    catch_sigint()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=[*LEARNER, *OTHER, *SEEDS])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4],
