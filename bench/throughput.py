@@ -74,7 +74,7 @@ OTHER = ("matmul-peak", "policy-64envs", "env-pong-64", "e2e-pong-64")
 SEEDS = {  # packed seeds end to end: name -> (run.py flags, agent steps per seed)
     "e2e-seeds-control": (["--env", "CartPole-v1"], 1_500),
     "e2e-seeds-size1m-vec": (["--env", "Pendulum-v1", "--model", "size1m",
-                              "--agent.batch-length", "64", "--train-ratio", "1024"], 1_330),
+                              "--agent.batch-length", "64", "--train-ratio", "1024"], 1_404),
 }
 MODES = ("eager", "fused", "compile", "graph", "graph+triton")
 DEFAULTS = {"cpu": ["learner-paper-s-vec", "learner-paper-s-img", "learner-paper-s-img-strided",
