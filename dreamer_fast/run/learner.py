@@ -92,7 +92,8 @@ class Learner:
         k, self.k = self.k, 1 - self.k
         if self.events[k] is not None:
             self.events[k].synchronize()  # the H2D copy of two updates ago has finished
-        staging, keys = self.ring.sample(self.batch_size, out=self.staging[k])
+        staging = self.staging[k]
+        keys = self.sample_into(staging)
         annotate(staging)
         if self.device.type == "cpu":
             return staging, keys  # not refilled before the next-but-one update
@@ -120,8 +121,17 @@ class Learner:
         keys, (host, event) = self.pending
         if event is not None:
             event.synchronize()
-        self.ring.write_latents(keys, host)
+        self.write_latents(keys, host)
         self.pending = None
+
+    def sample_into(self, staging: dict[str, torch.Tensor]):
+        """Fill the staging buffers with B windows of the ring; returns their keys (packed
+        seeds: a batch per seed's ring, run/packed.PackedLearner)."""
+        return self.ring.sample(self.batch_size, out=staging)[1]
+
+    def write_latents(self, keys, host: dict[str, torch.Tensor]) -> None:
+        """Write an update's fresh latents back into the ring (sample_into's keys)."""
+        self.ring.write_latents(keys, host)
 
     def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         with self._metrics_lock:

@@ -23,7 +23,6 @@ seed's checkpoint, then the replay folders drop their older save points.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import os
 import threading
@@ -50,7 +49,8 @@ from dreamer_fast.run import distributed as D
 from dreamer_fast.run.actor import EpisodeTracker, check_finite, float_keys
 from dreamer_fast.run.clocks import Timer
 from dreamer_fast.run.device import set_cpu_threads, warn_large_on_cpu
-from dreamer_fast.run.learner import Learner, annotate
+from dreamer_fast.run.learner import Learner
+from dreamer_fast.run.session import Run
 from dreamer_fast.run.weights import POLICY_MODULES, Policy, PolicyWeights
 
 
@@ -262,30 +262,14 @@ class PackedLearner(Learner):
                                         pin_memory=pin) for k, (shape, dtype) in ring.spec.items()}
                         for _ in range(2)]
 
-    def load(self):
-        k, self.k = self.k, 1 - self.k
-        if self.events[k] is not None:
-            self.events[k].synchronize()
-        staging = self.staging[k]
-        keys = [ring.sample(self.batch_size, out={key: v[i] for key, v in staging.items()})[1]
+    def sample_into(self, staging: dict[str, torch.Tensor]) -> list:
+        """A batch of windows from every seed's ring into its row of the staging buffers."""
+        return [ring.sample(self.batch_size, out={key: v[i] for key, v in staging.items()})[1]
                 for i, ring in enumerate(self.rings)]
-        annotate(staging)
-        if self.device.type == "cpu":
-            return staging, keys
-        batch = {key: v.to(self.device, non_blocking=True) for key, v in staging.items()}
-        self.events[k] = torch.cuda.Event()
-        self.events[k].record()
-        return batch, keys
 
-    def write_back(self) -> None:
-        if self.pending is None:
-            return
-        keys, (host, event) = self.pending
-        if event is not None:
-            event.synchronize()
+    def write_latents(self, keys: list, host: dict[str, torch.Tensor]) -> None:
         for i, ring in enumerate(self.rings):
             ring.write_latents(keys[i], {k: v[i] for k, v in host.items()})
-        self.pending = None
 
     def pop_seed_metrics(self) -> list[dict[str, float]]:
         """Every seed's mean metrics since the last call (one host sync)."""
@@ -375,31 +359,11 @@ class PackedRun:
         self.weights.publish()  # the copies' weights again, in case warm-up touched them
         return mode
 
-    def _write_replay(self) -> None:
-        """Replay writer thread (session.Run's), over every seed's replay folder."""
-        told = False
-        while not self._writer_stop.wait(0.5):
-            try:
-                for s in self.seeds:
-                    s.store.write_ready()
-                told = False
-            except DiskFull as e:
-                if not told:
-                    print(f"warning: replay chunk not written: {e}; retrying every 0.5 s",
-                          flush=True)
-                    told = True
-            except BaseException as e:  # surfaced by check_threads
-                self.writer_error = e
-                return
+    def replay_stores(self) -> list[ChunkStore]:
+        return [s.store for s in self.seeds]
 
-    def check_threads(self) -> None:
-        for part in (self.actor, self.learner):
-            if isinstance(part.error, RunError):
-                raise RunError(f"{part.error}; {self.kept()}") from None
-            if part.error is not None:
-                raise RuntimeError(f"{type(part).__name__.lower()} thread failed") from part.error
-        if self.writer_error is not None:
-            raise RuntimeError("replay writer thread failed") from self.writer_error
+    _write_replay = Run._write_replay  # the replay writer thread, over every seed's store
+    check_threads = Run.check_threads
 
     def actor_alive(self) -> bool:
         return bool(self.threads) and self.threads[0].is_alive()

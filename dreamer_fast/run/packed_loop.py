@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from dreamer_fast.checks import RunError
 from dreamer_fast.config import Config
@@ -24,7 +23,7 @@ from dreamer_fast.run.evaluate import PeriodicEval
 from dreamer_fast.run.logger import Logger, openloop_frames
 from dreamer_fast.run.loop import StopSignals
 from dreamer_fast.run.packed import PackedRun, open_run
-from dreamer_fast.run.stats import LAST_EPISODES, Progress, Stats
+from dreamer_fast.run.stats import Progress, Stats
 from dreamer_fast.scores import iqm, stratified_bootstrap
 
 SHARED = ("throughput/", "wait/", "time/", "limiter/", "counts/", "weights/")

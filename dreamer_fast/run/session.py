@@ -173,7 +173,8 @@ class Run:
         told = False
         while not self._writer_stop.wait(0.5):
             try:
-                self.store.write_ready()
+                for store in self.replay_stores():
+                    store.write_ready()
                 told = False
             except DiskFull as e:
                 if not told:
@@ -183,6 +184,10 @@ class Run:
             except BaseException as e:  # surfaced by check_threads
                 self.writer_error = e
                 return
+
+    def replay_stores(self) -> list[ChunkStore]:
+        """The replay folders the writer thread fills (one; a packed run's: one per seed)."""
+        return [self.store]
 
     def save(self) -> bool:
         """The next save point (saves.save): False when the disk is full."""
