@@ -32,17 +32,26 @@ def test_a_packed_run_saves_resumes_packed_and_alone_and_evaluates(tmp_path):
     top = load(logdir)
     assert top["packed"] == 2 and len(top["seeds"]) == 2
     for i in range(2):  # each seed a run of its own, at most one save behind (a kill)
+        assert (logdir / f"seed{i}" / "replay" / "manifest.json").exists()
+        if not (logdir / f"seed{i}" / "checkpoint.pt").exists():
+            assert top["save_id"] == 1  # killed between the two writes of the first save
+            continue
         own = load(logdir / f"seed{i}")
         assert json.loads(own["config"])["seed"] == 3 + i
         assert json.loads(own["config"])["seeds"] == 1
         assert top["save_id"] - 1 <= own["save_id"] <= top["save_id"]
-        assert (logdir / f"seed{i}" / "replay" / "manifest.json").exists()
     a, b = (s["agent"]["pol.out.weight"] if "pol.out.weight" in s["agent"] else
             next(v for k, v in s["agent"].items() if k.startswith("pol.")) for s in top["seeds"])
     assert not torch.equal(a, b)  # two agents, not one
 
+    # A kill between the packed checkpoint and seed 1's own at the first save (as if): seed 1
+    # alone says how to get it, and the packed resume writes it again.
+    (logdir / "seed1" / "checkpoint.pt").unlink(missing_ok=True)
+    code, out = run(["--eval", "--episodes", "1", "--videos", "0"], logdir / "seed1", timeout=60)
+    assert code != 0 and "stopped before writing this seed's own; resume it once" in out, out
     code, out = run(PACKED, logdir)  # the same command resumes packed, to the end
     assert code == 0, out
+    assert re.search(r"seed1/checkpoint.pt was missing .* written again from", out), out
     m = re.search(r"resumed from .*2 seeds\): ([\d,]+) agent steps", out)
     assert m and int(m.group(1).replace(",", "")) == top["counters"]["steps"], out
     assert "2 seeds packed (--seed 3..4" in out and re.search(r"final: 2/2 seeds: IQM", out)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -38,6 +39,12 @@ def load_agent(path: str, device: str = "auto"):
     """(config, agent, checkpoint dict) from a logdir or a checkpoint file."""
     file = checkpoint.find(path)
     if file is None:
+        parent = os.path.dirname(os.path.abspath(path))
+        if checkpoint.find(parent) and re.fullmatch(r"seed\d+", os.path.basename(
+                os.path.abspath(path))):
+            raise ConfigError(f"no checkpoint at {path!r}: the packed run in {parent} "
+                              "stopped before writing this seed's own; resume it once "
+                              f"(python run.py --logdir {parent} ...) to write it")
         raise ConfigError(f"no checkpoint at {path!r} (expected a logdir holding "
                           f"{checkpoint.CHECKPOINT} or the file itself)")
     device = settle_device(device)

@@ -17,7 +17,9 @@ every save point. So `--eval --logdir <logdir>/seed<i>` evaluates one seed and `
 <logdir>/seed<i> --seed S+i` resumes it alone; the packed run resumes from <logdir>'s own
 checkpoint, which is written first (one file, atomic: a kill leaves every seed at one save
 point). The save order is: every seed's replay save point, the packed checkpoint, every
-seed's checkpoint, then the replay folders drop their older save points.
+seed's checkpoint, then the replay folders drop their older save points. A kill between the
+packed checkpoint and a seed's own leaves that one a save behind (missing after the first
+save); the packed resume writes it again.
 """
 
 from __future__ import annotations
@@ -492,10 +494,46 @@ def resume(run: PackedRun) -> bool:
         s.run_id, s.counters = state["run_id"], dict(run.counters)
         s.store = ChunkStore(folder, s.ring, s.run_id, cfg.replay.keep_chunks)
         saves.load_replay(s, file, folder)
+    for s, state in zip(run.seeds, ckpt["seeds"]):
+        repair_seed_checkpoint(s, state, ckpt, file)
     print(f"resumed from {file} (run {run.run_id}, save {run.counters['save_id']}, "
           f"{run.n} seeds): {run.inserted:,} agent steps and {run.counters['updates']:,} "
           f"updates each, replay {run.fill():.0%} full", flush=True)
     return True
+
+
+def write_seed_checkpoint(s: Seed, state: dict, save_id: int, limiter: dict, counters: dict,
+                          rng: dict) -> None:
+    """Seed s's own checkpoint.pt (the solo format) of packed save point `save_id`."""
+    checkpoint.write_checkpoint(s.cfg.logdir, {
+        **state, "save_id": save_id,
+        "config": checkpoint.config_json(s.cfg), "limiter": limiter, "counters": counters,
+        "rng": rng, "world_size": 1})
+
+
+def own_save_id(logdir: str) -> int | None:
+    """The save id of logdir's checkpoint.pt; None when it is missing or unreadable."""
+    file = os.path.join(logdir, checkpoint.CHECKPOINT)
+    try:
+        return int(torch.load(file, map_location="cpu", weights_only=True, mmap=True)["save_id"])
+    except Exception:  # noqa: BLE001 (missing or damaged: written again from the packed one)
+        return None
+
+
+def repair_seed_checkpoint(s: Seed, state: dict, ckpt: dict, file: str) -> None:
+    """A kill between the packed checkpoint and the seeds' own (the save order) leaves a
+    seed's checkpoint one save behind, or missing after the first save: write it again from
+    the packed one, so every seed can be evaluated or resumed alone. A seed checkpoint ahead
+    of the packed one is a seed resumed alone since, and is left as it is."""
+    save_id = int(ckpt["save_id"])
+    own = own_save_id(s.cfg.logdir)
+    if own is not None and own != save_id - 1:
+        return
+    was = "missing" if own is None else f"at save {own}"
+    write_seed_checkpoint(s, checkpoint.cpu_copy(state), save_id, ckpt["limiter"],
+                          ckpt["counters"], checkpoint.cpu_copy(ckpt["rng"]))
+    print(f"note: {os.path.join(s.cfg.logdir, checkpoint.CHECKPOINT)} was {was} (the run "
+          f"stopped during save {save_id}); written again from {file}", flush=True)
 
 
 def save(run: PackedRun) -> bool:
@@ -542,9 +580,7 @@ def save(run: PackedRun) -> bool:
     run.counters = counters
     try:  # each seed as a run of its own (derived: the packed checkpoint is the save point)
         for s, state in zip(run.seeds, states):
-            checkpoint.write_checkpoint(s.cfg.logdir, {
-                **state, "save_id": save_id, "config": checkpoint.config_json(s.cfg),
-                "limiter": limiter, "counters": counters, "rng": rng, "world_size": 1})
+            write_seed_checkpoint(s, state, save_id, limiter, counters, rng)
     except DiskFull as e:
         print(f"warning: the seeds' own checkpoints of save {save_id} were not all written "
               f"({e}); the packed run's is, and the next save writes them again", flush=True)
