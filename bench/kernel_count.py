@@ -22,9 +22,11 @@ dtype casts it launches count too):
     losses), imagine (the H-step rollout), actor-critic (returns and losses on imagined
     trajectories, replay value loss), backward, optimizer (LaProp + AGC + slow critic).
 
-  * packed seeds (`--seeds N`, N > 1, modes `ref` / `fused`): one update of N
-    agents by agent/packed.py (torch.func.vmap over those ops); the row's `kernels` is the
-    whole update's, `per_seed` that over N. Not split into phases.
+  * packed seeds (`--seeds N`, N > 1): one update of N agents by agent/packed.py
+    (torch.func.vmap over the mode's ops; a Triton op counts once per launch of its vmap rule:
+    once for all seeds when it folds them into its rows, N times when it has a per-seed
+    parameter); the row's `kernels` is the whole update's, `per_seed` that over N. Not split
+    into phases.
 
 Rows (device, versions, commit, workload, mode, seeds, total, per phase, the most frequent
 ops) are appended to bench/results/kernel-count-<device>.jsonl; docs/benchmarks.md shows the
@@ -169,7 +171,7 @@ def count(workload: str, mode: str, device: str = "cpu", precision: str = "bfloa
 
 def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu",
                  precision: str = "bfloat16") -> dict:
-    """count() of one packed update of `seeds` agents (mode ref or fused)."""
+    """count() of one packed update of `seeds` agents."""
     from dreamer_fast.agent.packed import PackedAgents
 
     net, obs, act = WORKLOADS[workload]
@@ -193,7 +195,8 @@ def count_packed(workload: str, mode: str, seeds: int, device: str = "cpu",
             "kernels": total, "per_seed": total / seeds, "precision": precision,
             "B": cfg.batch_size, "T": cfg.batch_length, "H": cfg.imag_horizon,
             "phases": dict(counter.phases), "top_ops": dict(counter.ops.most_common(25)),
-            "top_by_phase": {}, "target": None, "interpreted": False}
+            "top_by_phase": {}, "target": None,
+            "interpreted": mode == "triton" and not torch.cuda.is_available()}
 
 
 def main() -> None:
@@ -205,7 +208,7 @@ def main() -> None:
                         help="autocast dtype of matmuls/convs (bfloat16: what a GPU runs by "
                         "default, casts included; CPU autocast runs it here)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="N > 1: count one packed update of N seeds (modes ref, fused)")
+                        help="N > 1: count one packed update of N seeds")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--by-phase", action="store_true", help="print each phase's top ops")
     parser.add_argument("--no-record", action="store_true")
@@ -215,8 +218,6 @@ def main() -> None:
     kind = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"kernel-count-{kind}.jsonl")
-    if args.seeds > 1 and set(args.modes) - {"ref", "fused"}:
-        parser.error("--seeds N > 1 counts the packed update: use --modes ref and/or fused")
     for workload in args.workloads:
         for mode in args.modes:
             row = {**env, **(count_packed(workload, mode, args.seeds, args.device,

@@ -6,8 +6,9 @@ batch (what batching alone can give).
 
 Rows go to bench/results/packed-<device>.jsonl (or --out) the moment each is measured:
 workload, mode (solo-fused on a CPU, solo-triton on CUDA: one seed's eager update on the
-device's fast kernels; solo-ref: the reference ops; packed-ref and, on a CPU, packed-fused:
-the vmapped update of N seeds on those ops; batch-ref: one solo update of N x B sequences),
+device's fast kernels; solo-ref: the reference ops; packed-ref and packed-fused on a CPU,
+packed-fused and packed-triton on CUDA: the vmapped update of N seeds on those ops; batch-ref:
+one solo update of N x B sequences),
 seeds, p20/p50/p80 seconds per call, and the aggregate seed-updates per second (N / p50 for
 the packed modes and batch-ref, 1 / p50 for the solo modes). The learner alone: no envs, no actor,
 with the learner's CPU threads of a run (half the cores: run/device.set_cpu_threads).
@@ -55,7 +56,7 @@ def measure(workload: str, seeds: int, iters: int, burnin: int, device: str = "c
         solo = Agent(obs, act, net, agent_cfg(workload, kernels), device)
         cases[f"solo-{kernels}"] = (1, lambda a=solo: a.train_step(batches[0]))
     stacked = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
-    for kernels in ("ref",) if device.startswith("cuda") else ("ref", "fused"):
+    for kernels in ("fused", "triton") if device.startswith("cuda") else ("ref", "fused"):
         agents = []
         for i in range(seeds):
             torch.manual_seed(i)

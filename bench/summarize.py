@@ -146,8 +146,9 @@ def kernel_count() -> str:
                      f"{mode} --precision {r['precision']}"
                      + (f" --seeds {seeds}`" if seeds > 1 else "`"), commit(r)])
     return ("Kernels one update launches (B16 x T64, H15), counted on the CPU: every dispatched "
-            "op that launches a kernel on a GPU, a Triton op once. packed-ref / packed-fused: "
-            "one update of N seeds (agent/packed.py).\n\n"
+            "op that launches a kernel on a GPU, a Triton op once. packed-ref / packed-fused / "
+            "packed-triton: one update of N seeds (agent/packed.py; a Triton op with a per-seed "
+            "parameter launches once per seed).\n\n"
             + table(["workload", "mode", "seeds", "precision", "kernels", "per seed", "target",
                      "command", "commit"], body))
 
@@ -260,7 +261,8 @@ def packed() -> str:
                      f"{r['seed_updates_per_s']:.2f}", ratio,
                      f"`python bench/packed.py --workloads {r['workload']} --seeds {r['seeds']}`",
                      commit(r)])
-    return ("N seeds' learner updates as one vmapped update (packed-ref, packed-fused) "
+    return ("N seeds' learner updates as one vmapped update (packed-ref, packed-fused, "
+            "packed-triton) "
             "against one seed's "
             "solo update (solo-fused / solo-triton: the device's fast kernels, eager; "
             "solo-ref: the reference ops the packed update runs) and one solo update of N "

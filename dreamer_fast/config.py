@@ -326,7 +326,7 @@ class Config:
     seeds: int = 1
     """Independent runs packed into this one process (seeds seed, seed+1, ...): each its own
     agent, envs, replay and logs under <logdir>/seed<i>/, all trained by one vmapped update
-    (fused or reference ops; one process). The logdir's own log pools them."""
+    (one process). The logdir's own log pools them."""
     logdir: str | None = None
     """Run folder; default logdir/<name>-<timestamp>. Rerun with the same one to resume."""
     name: str | None = None
@@ -385,13 +385,10 @@ class Config:
                ", ".join(DOMAIN_NAMES))
         require(self.model is None or self.model in SIZES, "model", self.model, ", ".join(SIZES))
         require(self.seeds >= 1, "seeds", self.seeds, "an int >= 1")
-        if self.seeds > 1:  # what the packed update cannot run yet
-            for bad, flag, fix in (
-                    (self.compile, "--compile", "leave out --compile"),
-                    (self.agent.kernels == "triton", "--agent.kernels triton",
-                     "use --agent.kernels fused or ref (or auto)")):
-                require(not bad, "seeds", self.seeds, f"1 with {flag} (packed seeds do not "
-                        f"support it yet); {fix}, or run the seeds one by one")
+        # What the packed update cannot run yet: torch.compile of the vmapped update.
+        require(self.seeds == 1 or not self.compile, "seeds", self.seeds, "1 with --compile "
+                "(packed seeds do not support it yet); leave out --compile, or run the seeds "
+                "one by one")
 
     @property
     def updates_per_step(self) -> float:

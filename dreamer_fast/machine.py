@@ -70,8 +70,9 @@ def settle_precision(precision: str, device: str) -> str:
 
 def settle(cfg: Config) -> Config:
     """cfg with every 'auto' of the machine settled: device, graphs, kernels, precision.
-    Packed seeds (cfg.seeds > 1) run under torch.func.vmap, which the Triton kernels do not
-    support yet: their kernels' 'auto' is 'fused' on every device."""
+    Packed seeds (cfg.seeds > 1): kernels 'auto' is 'fused' on every device. The Triton
+    kernels run under their torch.func.vmap (--agent.kernels triton), but no GPU has measured
+    them packed yet, while the fused ops are what the packed CPU runs were measured with."""
     device = settle_device(cfg.device)
     packed = cfg.seeds > 1
     agent = replace(cfg.agent, kernels=settle_kernels(cfg.agent.kernels,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import kernel_op, launch, row_tiling
+from .launch import differentiable, kernel_op, launch, row_tiling
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def _sample_fake(logits, unimix, noise):
     return logits.new_empty(logits.shape)
 
 
-@kernel_op("latent_sample", _sample_fake)
+@kernel_op("latent_sample", _sample_fake, fold=True)
 def _sample_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return _sample_launch(logits, noise, None, 1, (out,), unimix)[0]
@@ -200,7 +200,7 @@ def _sample_keep_fake(logits, unimix, noise, keep, head):
     return _sample_keep_outputs(logits, head)
 
 
-@kernel_op("latent_sample_keep", _sample_keep_fake)
+@kernel_op("latent_sample_keep", _sample_keep_fake, fold=True)
 def _sample_keep_fwd(logits: torch.Tensor, unimix: float, noise: torch.Tensor,
                      keep: torch.Tensor, head: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,7 +234,7 @@ def _sample_bwd_fake(dz, logits, unimix):
     return logits.new_empty(logits.shape)
 
 
-@kernel_op("latent_sample_bwd", _sample_bwd_fake)
+@kernel_op("latent_sample_bwd", _sample_bwd_fake, fold=True)
 def _sample_bwd(dz: torch.Tensor, logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return _sample_bwd_launch(dz[:, None], None, None, None, logits, unimix)
 
@@ -243,7 +243,7 @@ def _sample_keep_bwd_fake(dz, dm, dc, keep, logits, unimix):
     return logits.new_empty(logits.shape)
 
 
-@kernel_op("latent_sample_keep_bwd", _sample_keep_bwd_fake)
+@kernel_op("latent_sample_keep_bwd", _sample_keep_bwd_fake, fold=True)
 def _sample_keep_bwd(dz: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, keep: torch.Tensor,
                      logits: torch.Tensor, unimix: float) -> torch.Tensor:
     N, S, K = logits.shape
@@ -277,8 +277,9 @@ def _sample_keep_backward(ctx, dz, dm, dc):
     return _sample_keep_bwd(dz, dm, dc, keep, logits, ctx.unimix), None, None, None, dhead
 
 
-_sample_fwd.register_autograd(_sample_backward, setup_context=_sample_setup)
-_sample_keep_fwd.register_autograd(_sample_keep_backward, setup_context=_sample_keep_setup)
+_sample_fwd = differentiable(_sample_fwd, _sample_backward, _sample_setup)
+_sample_keep_fwd = differentiable(_sample_keep_fwd, _sample_keep_backward,
+                                  _sample_keep_setup)
 
 
 def latent_sample(logits: torch.Tensor, unimix: float, noise: torch.Tensor,

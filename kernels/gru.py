@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import kernel_op, launch, warps
+from .launch import differentiable, kernel_op, launch, warps
 
 from .norms import _upcast
 
@@ -106,7 +106,7 @@ def _gru_fwd_fake(gates, deter, blocks):
     return deter.new_empty(deter.shape)
 
 
-@kernel_op("gru_update", _gru_fwd_fake)
+@kernel_op("gru_update", _gru_fwd_fake, fold=True)
 def _gru_fwd(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
     rows, D = deter.shape
     out = torch.empty((rows, D), dtype=deter.dtype, device=deter.device)
@@ -122,7 +122,7 @@ def _gru_bwd_fake(dout, gates, deter, blocks):
     return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
 
 
-@kernel_op("gru_update_bwd", _gru_bwd_fake)
+@kernel_op("gru_update_bwd", _gru_bwd_fake, fold=True)
 def _gru_bwd(dout: torch.Tensor, gates: torch.Tensor, deter: torch.Tensor,
              blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, D = deter.shape
@@ -149,7 +149,7 @@ def _gru_backward(ctx, dout):
     return dgates, ddeter, None
 
 
-_gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
+_gru_fwd = differentiable(_gru_fwd, _gru_backward, _gru_setup)
 
 
 def gru_update(gates: torch.Tensor, deter: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -323,7 +323,7 @@ def _gru_cell_fwd_fake(gates, bias, deter, blocks, dtype, tail):
     return tuple(_gru_cell_outputs(deter, dtype, 2, tail))
 
 
-@kernel_op("gru_cell", _gru_cell_fwd_fake)
+@kernel_op("gru_cell", _gru_cell_fwd_fake, fold=True, shared=("bias",))
 def _gru_cell_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,
                   dtype: torch.dtype, tail: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +335,7 @@ def _gru_cell_keep_fake(gates, bias, deter, keep, blocks, dtype, tail):
     return tuple(_gru_cell_outputs(deter, dtype, 5, tail))
 
 
-@kernel_op("gru_cell_keep", _gru_cell_keep_fake)
+@kernel_op("gru_cell_keep", _gru_cell_keep_fake, fold=True, shared=("bias",))
 def _gru_cell_keep_fwd(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
                        keep: torch.Tensor, blocks: int, dtype: torch.dtype,
                        tail: torch.Tensor | None
@@ -349,7 +349,7 @@ def _gru_cell_bwd_fake(dout, dlow, gates, bias, deter, blocks):
     return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
 
 
-@kernel_op("gru_cell_bwd", _gru_cell_bwd_fake)
+@kernel_op("gru_cell_bwd", _gru_cell_bwd_fake, fold=True, shared=("bias",))
 def _gru_cell_bwd(dout: torch.Tensor, dlow: torch.Tensor, gates: torch.Tensor,
                   bias: torch.Tensor, deter: torch.Tensor,
                   blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +361,7 @@ def _gru_cell_keep_bwd_fake(dout, dlow, dmout, dmlow, dmlow2, keep, gates, bias,
     return gates.new_empty(gates.shape), deter.new_empty(deter.shape)
 
 
-@kernel_op("gru_cell_keep_bwd", _gru_cell_keep_bwd_fake)
+@kernel_op("gru_cell_keep_bwd", _gru_cell_keep_bwd_fake, fold=True, shared=("bias",))
 def _gru_cell_keep_bwd(dout: torch.Tensor, dlow: torch.Tensor, dmout: torch.Tensor,
                        dmlow: torch.Tensor, dmlow2: torch.Tensor, keep: torch.Tensor,
                        gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor,
@@ -413,8 +413,9 @@ def _gru_cell_keep_backward(ctx, *grads):
     return dgates, _bias_grad(ctx, dgates, bias), ddeter, None, None, None, dtail
 
 
-_gru_cell_fwd.register_autograd(_gru_cell_backward, setup_context=_gru_cell_setup)
-_gru_cell_keep_fwd.register_autograd(_gru_cell_keep_backward, setup_context=_gru_cell_keep_setup)
+_gru_cell_fwd = differentiable(_gru_cell_fwd, _gru_cell_backward, _gru_cell_setup)
+_gru_cell_keep_fwd = differentiable(_gru_cell_keep_fwd, _gru_cell_keep_backward,
+                                   _gru_cell_keep_setup)
 
 
 def gru_cell(gates: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, blocks: int,

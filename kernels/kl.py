@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .categorical import _unimix, unimix_logprobs
-from .launch import kernel_op, launch, warps
+from .launch import differentiable, kernel_op, launch, warps
 
 
 def kl_free_ref(post: torch.Tensor, prior: torch.Tensor, unimix: float,
@@ -94,7 +94,7 @@ def _kl_fake(post, prior, unimix, free):
                                                                          dtype=torch.float32)
 
 
-@kernel_op("kl_free", _kl_fake)
+@kernel_op("kl_free", _kl_fake, fold=True)
 def _kl_fwd(post: torch.Tensor, prior: torch.Tensor, unimix: float,
             free: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows, S, K = post.shape
@@ -112,7 +112,7 @@ def _kl_bwd_fake(ddyn, drep, post, prior, unimix, free):
     return post.new_empty(post.shape), prior.new_empty(prior.shape)
 
 
-@kernel_op("kl_free_bwd", _kl_bwd_fake)
+@kernel_op("kl_free_bwd", _kl_bwd_fake, fold=True)
 def _kl_bwd(ddyn: torch.Tensor, drep: torch.Tensor, post: torch.Tensor, prior: torch.Tensor,
             unimix: float, free: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows, S, K = post.shape
@@ -139,7 +139,7 @@ def _kl_backward(ctx, ddyn, drep):
     return dpost, dprior, None, None
 
 
-_kl_fwd.register_autograd(_kl_backward, setup_context=_kl_setup)
+_kl_fwd = differentiable(_kl_fwd, _kl_backward, _kl_setup)
 
 
 def kl_free(post: torch.Tensor, prior: torch.Tensor, unimix: float,

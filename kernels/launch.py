@@ -5,11 +5,19 @@ and CUDA graphs capture them. Under `TRITON_INTERPRET=1` (CPU tests) `triton.jit
 interpreted function that torch.compile cannot trace (it would run it on fake tensors), so there
 the same function becomes an opaque `torch.library.custom_op` with an explicit fake (shape) rule.
 Set DREAMER_FAST_OPAQUE_KERNELS=1 to take the opaque path on a GPU too.
+
+Under torch.func transforms (vmap over packed seeds, grad): every op has a vmap rule, and each
+differentiable op pair is also an autograd.Function in setup_context style (`differentiable`),
+which torch.func requires and the op's own autograd registration is not. A row-wise op
+(`fold=True`) folds the vmapped dimension into its rows: one launch for every seed. An op
+holding a per-seed parameter (a norm's scale, the GRU's bias) launches once per seed.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import inspect
 import os
 from typing import Callable
 
@@ -24,12 +32,19 @@ NAMESPACE = "dreamer_fast"
 # the interpreter pays per program in Python, so it gets bigger tiles.
 TILE = 1 << 14 if INTERPRET else 4096
 
+# How often each op ran under vmap, and how: {(name, "fold" or "loop"): calls} (tests read it).
+VMAPPED: collections.Counter = collections.Counter()
 
-def kernel_op(name: str, fake: Callable) -> Callable:
+
+def kernel_op(name: str, fake: Callable, fold: bool = False,
+              shared: tuple[str, ...] = ()) -> Callable:
     """Decorator: register fn as the op `dreamer_fast::<name>` (see the module docstring).
 
     fake(*args) returns empty outputs of the right shapes and dtypes (used only on the opaque
-    path; a triton_op derives its own by tracing fn).
+    path; a triton_op derives its own by tracing fn). Its vmap rule: with fold, every tensor
+    argument but those named in `shared` (constants such as the twohot bins) holds rows along
+    its first axis and every output too, so the vmapped dimension folds into the rows (one
+    launch) while the shared ones are not vmapped; otherwise one launch per vmapped slice.
     """
     def register(fn):
         qualname = f"{NAMESPACE}::{name}"
@@ -38,8 +53,72 @@ def kernel_op(name: str, fake: Callable) -> Callable:
             op.register_fake(fake)
         else:
             op = torch.library.triton_op(qualname, mutates_args=())(fn)
+        names = list(inspect.signature(fn).parameters)
+        skip = {names.index(n) for n in shared}
+        op.register_vmap(functools.partial(_fold_rule if fold else _loop_rule, name, op, skip))
         return op
     return register
+
+
+def _tensors(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _loop_rule(name, op, skip, info, in_dims, *args):
+    """vmap rule: the op once per slice of the vmapped dimension, outputs stacked."""
+    VMAPPED[name, "loop"] += 1
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))))
+    if isinstance(outs[0], tuple):
+        stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        return stacked, (0,) * len(stacked)
+    return torch.stack(outs), 0
+
+
+def _fold_rule(name, op, skip, info, in_dims, *args):
+    """vmap rule of a row-wise op: the vmapped dimension folded into every row argument's
+    rows (an unmapped one repeated), one launch, outputs unfolded."""
+    if any(in_dims[i] is not None for i in skip):
+        return _loop_rule(name, op, skip, info, in_dims, *args)
+    VMAPPED[name, "fold"] += 1
+    n = info.batch_size
+    folded = []
+    for i, (a, d) in enumerate(zip(args, in_dims)):
+        if isinstance(a, torch.Tensor) and i not in skip:
+            a = a.movedim(d, 0) if d is not None else a.expand(n, *a.shape)
+            a = a.reshape(n * a.shape[1], *a.shape[2:])
+        folded.append(a)
+    out = op(*folded)
+    unfolded = tuple(o.unflatten(0, (n, o.shape[0] // n)) for o in _tensors(out))
+    if isinstance(out, tuple):
+        return unfolded, (0,) * len(unfolded)
+    return unfolded[0], 0
+
+
+def differentiable(op, backward: Callable, setup_context: Callable) -> Callable:
+    """Register op's autograd formula (backward, setup_context as for register_autograd) and
+    return the op to call: op itself, or under a torch.func transform the same formula as a
+    setup_context-style autograd.Function with a generated vmap rule (its forward and backward
+    run the ops' own vmap rules)."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def backward_once(ctx, *grads):  # no double backward: the backward ops untracked
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    function = type(f"{op._name.split('::')[-1]}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward_once)})
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        return op(*args)
+    call.op = op
+    return call
 
 
 def launch(kernel):

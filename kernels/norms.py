@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import kernel_op, launch, max_programs, row_tiling
+from .launch import differentiable, kernel_op, launch, max_programs, row_tiling
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _rms_silu_fwd_fake(x, scale, eps):
     return x.new_empty(x.shape)
 
 
-@kernel_op("rms_silu", _rms_silu_fwd_fake)
+@kernel_op("rms_silu", _rms_silu_fwd_fake, fold=True, shared=("scale",))
 def _rms_silu_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     rows, C = x.shape
     y = torch.empty((rows, C), dtype=x.dtype, device=x.device)
@@ -143,7 +143,7 @@ def _rms_silu_backward(ctx, dy):
     return dx, dscale, None
 
 
-_rms_silu_fwd.register_autograd(_rms_silu_backward, setup_context=_rms_silu_setup)
+_rms_silu_fwd = differentiable(_rms_silu_fwd, _rms_silu_backward, _rms_silu_setup)
 
 
 def rms_silu(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _rms_silu_cat_fake(a, b, c, sa, sb, sc, eps):
     return a.new_empty((a.shape[0], sa.shape[0] + sb.shape[0] + c.shape[1]))
 
 
-@kernel_op("rms_silu_cat", _rms_silu_cat_fake)
+@kernel_op("rms_silu_cat", _rms_silu_cat_fake, fold=True, shared=("sa", "sb", "sc"))
 def _rms_silu_cat_fwd(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
                       sa: torch.Tensor, sb: torch.Tensor, sc: torch.Tensor | None,
                       eps: float) -> torch.Tensor:
@@ -308,7 +308,8 @@ def _rms_silu_cat_backward(ctx, dy):
     return (da, db, dc, ds[:Ca].to(sa.dtype), ds[Ca:Ca + Cb].to(sb.dtype), dsc, None)
 
 
-_rms_silu_cat_fwd.register_autograd(_rms_silu_cat_backward, setup_context=_rms_silu_cat_setup)
+_rms_silu_cat_fwd = differentiable(_rms_silu_cat_fwd, _rms_silu_cat_backward,
+                                   _rms_silu_cat_setup)
 
 
 def rms_silu_cat(a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
@@ -362,7 +363,7 @@ def _rms_silu_add_fake(x, y, scale, eps):
     return x.new_empty(x.shape)
 
 
-@kernel_op("rms_silu_add", _rms_silu_add_fake)
+@kernel_op("rms_silu_add", _rms_silu_add_fake, fold=True, shared=("scale",))
 def _rms_silu_add_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                       eps: float) -> torch.Tensor:
     rows, C = x.shape
@@ -390,7 +391,8 @@ def _rms_silu_add_backward(ctx, dout):
     return ds.to(x.dtype), ds.to(y.dtype), dscale, None
 
 
-_rms_silu_add_fwd.register_autograd(_rms_silu_add_backward, setup_context=_rms_silu_add_setup)
+_rms_silu_add_fwd = differentiable(_rms_silu_add_fwd, _rms_silu_add_backward,
+                                   _rms_silu_add_setup)
 
 
 def rms_silu_add(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,

@@ -60,7 +60,7 @@ def _action_sample_fake(mean, std, noise, minstd, maxstd, dtype):
             mean.new_empty(mean.shape, dtype=dtype))
 
 
-@kernel_op("action_sample", _action_sample_fake)
+@kernel_op("action_sample", _action_sample_fake, fold=True)
 def _action_sample(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor, minstd: float,
                    maxstd: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     N, A = mean.shape

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import kernel_op, launch
+from .launch import differentiable, kernel_op, launch
 
 
 # ------------------------------------------------------------------------------ mask_rows
@@ -51,7 +51,7 @@ def _mask_rows_fake(keep, a, b, c):
     return a.new_empty(a.shape), b.new_empty(b.shape), c.new_empty(c.shape)
 
 
-@kernel_op("mask_rows", _mask_rows_fake)
+@kernel_op("mask_rows", _mask_rows_fake, fold=True)
 def _mask_rows(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (a, b, c))
@@ -71,7 +71,7 @@ def _mask_rows_backward(ctx, da, db, dc):
     return (None, *_mask_rows(keep, *(_rows(g) for g in (da, db, dc))))
 
 
-_mask_rows.register_autograd(_mask_rows_backward, setup_context=_mask_rows_setup)
+_mask_rows = differentiable(_mask_rows, _mask_rows_backward, _mask_rows_setup)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _as_loadable(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
-@kernel_op("lambda_return", _lambda_return_fake)
+@kernel_op("lambda_return", _lambda_return_fake, fold=True)
 def _lambda_return(last: torch.Tensor, term: torch.Tensor, rew: torch.Tensor,
                    boot: torch.Tensor, disc: float, lam: float) -> torch.Tensor:
     N, L = rew.shape

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import kernel_op, launch, row_tiling
+from .launch import differentiable, kernel_op, launch, row_tiling
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,7 +153,7 @@ def _twohot_loss_fake(logits, target, bins, with_grad):
     return logits.new_empty((rows,), dtype=torch.float32), grad
 
 
-@kernel_op("twohot_loss", _twohot_loss_fake)
+@kernel_op("twohot_loss", _twohot_loss_fake, fold=True, shared=("bins",))
 def _twohot_loss_fwd(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor,
                      with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     rows, K = logits.shape
@@ -173,7 +173,7 @@ def _scale_rows_fake(grad, dloss, dtype):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
-@kernel_op("twohot_loss_bwd", _scale_rows_fake)
+@kernel_op("twohot_loss_bwd", _scale_rows_fake, fold=True)
 def _scale_rows(grad: torch.Tensor, dloss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows, K = grad.shape
     out = torch.empty((rows, K), dtype=dtype, device=grad.device)
@@ -203,7 +203,7 @@ def _twohot_loss_backward(ctx, dloss, _):
     return _scale_rows(grad, dloss, ctx.dtype), None, None, None
 
 
-_twohot_loss_fwd.register_autograd(_twohot_loss_backward, setup_context=_twohot_loss_setup)
+_twohot_loss_fwd = differentiable(_twohot_loss_fwd, _twohot_loss_backward, _twohot_loss_setup)
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -268,7 +268,7 @@ def _twohot_mean_fake(logits, bins):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
-@kernel_op("twohot_mean", _twohot_mean_fake)
+@kernel_op("twohot_mean", _twohot_mean_fake, fold=True, shared=("bins",))
 def _twohot_mean_fwd(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     rows, K = logits.shape
     out = torch.empty((rows,), dtype=torch.float32, device=logits.device)
@@ -284,7 +284,7 @@ def _twohot_mean_bwd_fake(dout, logits, bins, mean):
     return logits.new_empty(logits.shape)
 
 
-@kernel_op("twohot_mean_bwd", _twohot_mean_bwd_fake)
+@kernel_op("twohot_mean_bwd", _twohot_mean_bwd_fake, fold=True, shared=("bins",))
 def _twohot_mean_bwd(dout: torch.Tensor, logits: torch.Tensor, bins: torch.Tensor,
                      mean: torch.Tensor) -> torch.Tensor:
     rows, K = logits.shape
@@ -307,7 +307,7 @@ def _twohot_mean_backward(ctx, dout):
     return _twohot_mean_bwd(dout, logits, bins, mean), None
 
 
-_twohot_mean_fwd.register_autograd(_twohot_mean_backward, setup_context=_twohot_mean_setup)
+_twohot_mean_fwd = differentiable(_twohot_mean_fwd, _twohot_mean_backward, _twohot_mean_setup)
 
 
 def twohot_mean(logits: torch.Tensor) -> torch.Tensor:

@@ -515,6 +515,135 @@ def test_kl_free_gradient_routing():
     assert p.grad.abs().max() == 0 and q.grad.abs().max() > 0
 
 
+# ------------------------------------------------------------- under vmap: a seed dimension
+
+SEEDS = 3
+
+
+def check_seeds(fn, ref_fn, inputs: dict, grads: tuple[str, ...], seed=1) -> None:
+    """Every input has a leading seed dimension (packed seeds: agent/packed.py). fn under
+    torch.func.vmap, its values and (vmap of grad) its gradients with per-seed upstream
+    gradients, against ref_fn on each seed's float64 slice, as `check` compares them."""
+    from torch.func import grad, vmap
+
+    names, xs = list(inputs), list(inputs.values())
+    as_tuple = lambda o: o if isinstance(o, tuple) else (o,)
+    outs = as_tuple(vmap(fn)(*xs))
+    ups = [randn(*o.shape, dtype=o.dtype, seed=seed + j) for j, o in enumerate(outs)]
+    wrt = tuple(names.index(g) for g in grads)
+    if wrt:
+        def loss(*args):
+            got = as_tuple(fn(*args[:len(xs)]))
+            return sum((o.float() * u.float()).sum() for o, u in zip(got, args[len(xs):]))
+        got_grads = vmap(grad(loss, argnums=wrt))(*xs, *ups)
+    for s in range(SEEDS):
+        refs = [x[s].detach().double().requires_grad_(name in grads)
+                for name, x in zip(names, xs)]
+        ref_outs = as_tuple(ref_fn(*refs))
+        pairs = [(o, u[s].double()) for o, u in zip(ref_outs, ups) if o.requires_grad]
+        if wrt:
+            torch.autograd.backward([o for o, _ in pairs], [u for _, u in pairs])
+        for j, (out, ref) in enumerate(zip(outs, ref_outs)):
+            assert_close(f"seed {s} output {j}", out[s], ref)
+        for k, i in enumerate(wrt):
+            assert got_grads[k][s].dtype == xs[i].dtype
+            assert_close(f"seed {s} d{names[i]}", got_grads[k][s], refs[i].grad)
+
+
+def seeded(make, *shape, **kw):
+    """SEEDS different tensors stacked: (SEEDS, *shape)."""
+    return torch.stack([make(*shape, **{**kw, "seed": kw.get("seed", 0) + 10 * s})
+                        for s in range(SEEDS)])
+
+
+def _flags(*shape, p, seed):
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < p).to(DEVICE)
+
+
+def _vmap_cases(dtype):
+    """(name, op, reference, inputs with a seed dimension, grads, kernels and their vmap
+    rule): each op as the agent calls it, per-seed parameters included."""
+    r = lambda *shape, **kw: seeded(randn, *shape, dtype=dtype, **kw)
+    r32 = lambda *shape, **kw: seeded(randn, *shape, **kw)
+    keep = (seeded(lambda n, seed: _flags(n, 1, p=0.7, seed=seed), 7, seed=1)).to(dtype)
+    D, blocks = 64, 8
+    yield ("rms_silu", lambda x, s: norms.rms_silu(x, s), norms.rms_silu_ref,
+           {"x": r(7, 40, scale=2.0), "scale": r32(40, scale=0.5) + 1.0}, ("x", "scale"),
+           {"rms_silu": "loop", "rms_silu_bwd": "loop"})
+    yield ("rms_silu_cat", lambda a, b, c, sa, sb, sc: norms.rms_silu_cat(a, b, c, sa, sb, sc),
+           lambda a, b, c, sa, sb, sc: norms.rms_silu_cat_ref(a, b, c, sa, sb, sc),
+           {"a": r(16, 40, scale=2.0), "b": r(16, 48, seed=3), "c": r(16, 24, seed=4),
+            "sa": r32(40, seed=5) + 1.0, "sb": r32(48, seed=6) + 1.0,
+            "sc": r32(24, seed=7) + 1.0}, ("a", "b", "c", "sa", "sb", "sc"),
+           {"rms_silu_cat": "loop", "rms_silu_cat_bwd": "loop"})
+    yield ("rms_silu_add", lambda x, y, s: norms.rms_silu_add(x, y, s, 1e-4),
+           lambda x, y, s: norms.rms_silu_add_ref(x, y, s, 1e-4),
+           {"x": r(16, 40, scale=2.0), "y": r(16, 40, seed=3),
+            "scale": r32(40, scale=0.5, seed=5) + 1.0}, ("x", "y", "scale"),
+           {"rms_silu_add": "loop", "rms_silu_bwd": "loop"})
+    yield ("gru_update", lambda g, h: gru.gru_update(g, h, blocks),
+           lambda g, h: gru.gru_update_ref(g, h, blocks),
+           {"gates": r(7, 3 * D, scale=3.0), "deter": r(7, D, seed=3)}, ("gates", "deter"),
+           {"gru_update": "fold", "gru_update_bwd": "fold"})
+    yield ("gru_cell", lambda g, b, h, k, x: gru.gru_cell(g, b, h, blocks, torch.bfloat16, k, x),
+           lambda g, b, h, k, x: gru.gru_cell_ref(g, b, h, blocks, torch.float64, k, x),
+           {"gates": r(7, 3 * D, scale=3.0), "bias": r32(3 * D, seed=4),
+            "deter": r32(7, D, seed=3), "keep": keep[..., None], "tail": r(7, 30, seed=6)},
+           ("gates", "deter", "tail") + ("bias",) * (dtype == torch.float32),
+           {"gru_cell_keep": "loop", "gru_cell_keep_bwd": "loop"})
+    yield ("twohot_loss", twohot.twohot_loss, twohot.twohot_loss_ref,
+           {"logits": r(7, 255, scale=2.0),
+            "target": torch.stack([twohot_targets(7, 255).roll(s) for s in range(SEEDS)])},
+           ("logits",), {"twohot_loss": "fold", "twohot_loss_bwd": "fold"})
+    yield ("twohot_mean", twohot.twohot_mean, twohot.twohot_mean_ref,
+           {"logits": r(7, 255, scale=2.0)}, ("logits",),
+           {"twohot_mean": "fold", "twohot_mean_bwd": "fold"})
+    noise = seeded(lambda *shape, seed: torch.rand(
+        *shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE), 7, 5, seed=5)
+    yield ("latent_sample", lambda a, n, k, h: categorical.latent_sample(a, 0.01, n, k, h),
+           lambda a, n, k, h: categorical.latent_sample_ref(a, 0.01, n, k, h),
+           {"logits": r(7, 5, 6, scale=2.0), "noise": noise, "keep": keep[..., None],
+            "head": r(7, 20, seed=4)}, ("logits", "head"),
+           {"latent_sample_keep": "fold", "latent_sample_keep_bwd": "fold"})
+    yield ("kl_free", lambda q, p: kl.kl_free(q, p, 0.01, 1.0),
+           lambda q, p: kl.kl_free_ref(q, p, 0.01, 1.0),
+           {"post": r(7, 5, 7, scale=3.0), "prior": r(7, 5, 7, scale=3.0, seed=6)},
+           ("post", "prior"), {"kl_free": "fold", "kl_free_bwd": "fold"})
+    yield ("mask_rows", resets.mask_rows, resets.mask_rows_ref,
+           {"keep": keep[..., None].float(), "a": r32(7, 40), "b": r(7, 12, seed=2),
+            "c": r32(7, 3, 12, seed=3)}, ("a", "b", "c"), {"mask_rows": "fold"})
+    yield ("action_sample",
+           lambda m, s, n: policy.action_sample(m, s, n, 0.1, 1.0, dtype),
+           lambda m, s, n: policy.action_sample_ref(m, s, n, 0.1, 1.0, torch.float64),
+           {"mean": r(7, 6, scale=4.0), "std": r(7, 6, seed=2), "noise": r32(7, 6, seed=3)},
+           (), {"action_sample": "fold"})
+    yield ("lambda_return", lambda a, b, c, d: returns.lambda_return(a, b, c, d, 0.997, 0.95),
+           lambda a, b, c, d: returns.lambda_return_ref(a, b, c, d, 0.997, 0.95),
+           {"last": seeded(lambda *s, seed: _flags(*s, p=0.1, seed=seed), 7, 16, seed=1),
+            "term": seeded(lambda *s, seed: _flags(*s, p=0.05, seed=seed), 7, 16, seed=2),
+            "rew": r32(7, 16, seed=3), "boot": r32(7, 16, seed=4, scale=10.0)}, (),
+           {"lambda_return": "fold"})
+
+
+VMAP_OPS = [case[0] for case in _vmap_cases(torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", VMAP_OPS)
+def test_ops_under_vmap_are_each_seeds_own(name, dtype):
+    """The Triton ops under torch.func (packed seeds vmap the agent's update over a seed
+    dimension): values and gradients of 3 seeds, each with its own inputs and parameters,
+    against the reference per seed. A row-wise op folds the seeds into its rows (one launch);
+    an op with a per-seed parameter (a norm's scale, the GRU's bias) launches once per seed."""
+    from dreamer_fast.kernels.launch import VMAPPED
+
+    _, op, ref, inputs, grads, rules = next(c for c in _vmap_cases(dtype) if c[0] == name)
+    VMAPPED.clear()
+    check_seeds(op, ref, inputs, grads)
+    for kernel, rule in rules.items():
+        assert VMAPPED[kernel, rule] > 0, f"{kernel} did not run its {rule} rule: {VMAPPED}"
+
+
 # ----------------------------------------------------------------------- registration, compile
 
 def test_every_op_has_a_triton_kernel_and_a_custom_op():

@@ -145,7 +145,6 @@ def test_the_packed_policy_step_acts_as_each_seed_alone():
 
 @pytest.mark.parametrize("flags, says", [
     (dict(compile=True), "--compile"),
-    (dict(agent=AgentConfig(kernels="triton")), "--agent.kernels triton"),
     (dict(seeds=0), "seeds=0")])
 def test_packed_seeds_refuse_what_they_cannot_run_in_one_line(flags, says):
     with pytest.raises(ConfigError, match=re.escape(says)):

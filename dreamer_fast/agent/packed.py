@@ -8,11 +8,13 @@ Measured on 2 CPU cores (bench/packed.py, bench/results/summary-packed.md): the 
 of N seeds costs 7-51% more than one solo update of an N times larger batch, the most that
 batching could give, so on a CPU packing gains little; the GPU, where small updates are bound
 by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.1-1.2 times
-the kernels of one solo update with the same ops: bench/kernel_count.py --seeds). vmap needs
-PyTorch ops: the packed update runs the reference ops or the CPU fast path's fused ops
-(kernels/fused.py generates their vmap rules), in float32 or under bfloat16 autocast. The
-Triton ops cannot run under torch.func yet: the autograd that
-torch.library.register_autograd generates has no setup_context.
+the kernels of one solo update with the same ops: bench/kernel_count.py --seeds). The packed
+update runs any of the agent's ops, in float32 or under bfloat16 autocast: the reference ops,
+the CPU fast path's fused ops (kernels/fused.py generates their vmap rules) or the Triton
+kernels (kernels/launch.py gives each op a vmap rule: a row-wise op folds the seeds into its
+rows, one launch; an op with a per-seed parameter, a norm's scale or the GRU's bias, launches
+once per seed). Deferred weight gradients (agent/deferred.py) stay off packed: their stash
+lives outside the transform, so the scans take autograd's per-step weight gradients.
 
 Independence: every tensor of seed i (parameters, optimizer moments, return normaliser,
 non-finite flags) is row i of a stacked tensor, and nothing in the update reduces over the
@@ -54,7 +56,7 @@ class _Loss(nn.Module):
 class PackedAgents:
     """N agents of one config, trained together: `train_step` is one vmapped update.
 
-    agents: N Agents with the same spaces and config, kernels 'ref' or 'fused', float32 or
+    agents: N Agents with the same spaces and config, any kernels, float32 or
     bfloat16 autocast (their tensors are copied; `unpack` writes seed i back into a solo
     Agent, e.g. to save or evaluate it).
     """
@@ -62,9 +64,6 @@ class PackedAgents:
     def __init__(self, agents: list[Agent],
                  randomness: Literal["different", "same"] = "different"):
         first = agents[0]
-        if first.ops.impl not in ("ref", "fused"):
-            raise ConfigError(f"packed seeds need agent.kernels='ref' or 'fused' (the Triton "
-                              f"ops cannot run under torch.func yet), got {first.ops.impl!r}")
         space = lambda a: (a.obs_space, a.act_space.discrete, a.act_space.size)
         for a in agents[1:]:
             if a.cfg != first.cfg or a.net != first.net or space(a) != space(first):
@@ -78,6 +77,9 @@ class PackedAgents:
         self.randomness = randomness
         self.cfg = first.cfg
         self.template = _Loss(copy.deepcopy(first))  # its own tensors are never read
+        # The Triton ops run under vmap by their vmap rules (kernels/launch.py); deferred
+        # weight gradients do not (a stash outside the transform), so autograd's own.
+        self.template.agent.defer = False
         for module in self.template.modules():  # vmap cannot clone into channels-last
             if hasattr(module, "memory_format"):
                 module.memory_format = torch.contiguous_format
