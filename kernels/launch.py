@@ -9,8 +9,9 @@ Set DREAMER_FAST_OPAQUE_KERNELS=1 to take the opaque path on a GPU too.
 Under torch.func transforms (vmap over packed seeds, grad): every op has a vmap rule, and each
 differentiable op pair is also an autograd.Function in setup_context style (`differentiable`),
 which torch.func requires and the op's own autograd registration is not. A row-wise op
-(`fold=True`) folds the vmapped dimension into its rows: one launch for every seed. An op
-holding a per-seed parameter (a norm's scale, the GRU's bias) launches once per seed.
+(`fold=True`) folds the vmapped dimension into its rows: one launch for every seed; a norm
+takes one scale row per seed (`grouped`). The GRU cell (its bias per seed; only the deferred
+path calls it) launches once per seed.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ TILE = 1 << 14 if INTERPRET else 4096
 VMAPPED: collections.Counter = collections.Counter()
 
 
-def kernel_op(name: str, fake: Callable, fold: bool = False,
-              shared: tuple[str, ...] = ()) -> Callable:
+def kernel_op(name: str, fake: Callable, fold: bool = False, shared: tuple[str, ...] = (),
+              grouped: tuple[str, ...] = (), grouped_out: tuple[int, ...] = ()) -> Callable:
     """Decorator: register fn as the op `dreamer_fast::<name>` (see the module docstring).
 
     fake(*args) returns empty outputs of the right shapes and dtypes (used only on the opaque
     path; a triton_op derives its own by tracing fn). Its vmap rule: with fold, every tensor
-    argument but those named in `shared` (constants such as the twohot bins) holds rows along
-    its first axis and every output too, so the vmapped dimension folds into the rows (one
-    launch) while the shared ones are not vmapped; otherwise one launch per vmapped slice.
+    argument but those named in `shared` (constants such as the twohot bins) or `grouped`
+    holds rows along its first axis and every output but those in `grouped_out` too, so the
+    vmapped dimension folds into the rows (one launch) while the shared ones are not vmapped.
+    A grouped argument is a per-row-group parameter: a vmapped (C,) one is passed as (N, C),
+    the op giving each of the N groups of folded rows its own row (a grouped output, e.g.
+    that parameter's gradient, comes back (N, C)). Otherwise one launch per vmapped slice.
     """
     def register(fn):
         qualname = f"{NAMESPACE}::{name}"
@@ -54,8 +58,9 @@ def kernel_op(name: str, fake: Callable, fold: bool = False,
         else:
             op = torch.library.triton_op(qualname, mutates_args=())(fn)
         names = list(inspect.signature(fn).parameters)
-        skip = {names.index(n) for n in shared}
-        op.register_vmap(functools.partial(_fold_rule if fold else _loop_rule, name, op, skip))
+        spec = ({names.index(n) for n in shared}, {names.index(n) for n in grouped},
+                set(grouped_out))
+        op.register_vmap(functools.partial(_fold_rule if fold else _loop_rule, name, op, spec))
         return op
     return register
 
@@ -64,7 +69,7 @@ def _tensors(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def _loop_rule(name, op, skip, info, in_dims, *args):
+def _loop_rule(name, op, spec, info, in_dims, *args):
     """vmap rule: the op once per slice of the vmapped dimension, outputs stacked."""
     VMAPPED[name, "loop"] += 1
     outs = []
@@ -76,21 +81,29 @@ def _loop_rule(name, op, skip, info, in_dims, *args):
     return torch.stack(outs), 0
 
 
-def _fold_rule(name, op, skip, info, in_dims, *args):
+def _fold_rule(name, op, spec, info, in_dims, *args):
     """vmap rule of a row-wise op: the vmapped dimension folded into every row argument's
-    rows (an unmapped one repeated), one launch, outputs unfolded."""
-    if any(in_dims[i] is not None for i in skip):
-        return _loop_rule(name, op, skip, info, in_dims, *args)
+    rows (an unmapped one repeated), a grouped argument one row per group, one launch,
+    outputs unfolded."""
+    shared, grouped, grouped_out = spec
+    if any(in_dims[i] is not None for i in shared) or any(
+            isinstance(args[i], torch.Tensor) and args[i].dim() != 1 + (in_dims[i] is not None)
+            for i in grouped):  # a shared constant vmapped, or a parameter already grouped
+        return _loop_rule(name, op, spec, info, in_dims, *args)
     VMAPPED[name, "fold"] += 1
     n = info.batch_size
     folded = []
     for i, (a, d) in enumerate(zip(args, in_dims)):
-        if isinstance(a, torch.Tensor) and i not in skip:
+        if isinstance(a, torch.Tensor) and i not in shared:
             a = a.movedim(d, 0) if d is not None else a.expand(n, *a.shape)
-            a = a.reshape(n * a.shape[1], *a.shape[2:])
+            if i in grouped:  # (N, C): one row per group
+                a = a.contiguous()
+            else:
+                a = a.reshape(n * a.shape[1], *a.shape[2:])
         folded.append(a)
     out = op(*folded)
-    unfolded = tuple(o.unflatten(0, (n, o.shape[0] // n)) for o in _tensors(out))
+    unfolded = tuple(o if j in grouped_out else o.unflatten(0, (n, o.shape[0] // n))
+                     for j, o in enumerate(_tensors(out)))
     if isinstance(out, tuple):
         return unfolded, (0,) * len(unfolded)
     return unfolded[0], 0

@@ -44,31 +44,47 @@ def _rms_silu_tile(x, scale_ptr, c, C, eps):
 
 
 @triton.jit
-def _rms_silu_fwd_kernel(x_ptr, scale_ptr, y_ptr, rows, C, sx_r, sx_c, eps,
+def _group_rows(R, tiles, BLOCK_R: tl.constexpr):
+    """This program's row tile when the rows form groups of R (one scale row per group, e.g.
+    packed seeds), `tiles` programs per group: (group, rows (BLOCK_R, 1), their end)."""
+    pid = tl.program_id(0)
+    g = pid // tiles
+    r = g * R + (pid % tiles) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    return g, r, (g + 1) * R
+
+
+@triton.jit
+def _rms_silu_fwd_kernel(x_ptr, scale_ptr, y_ptr, R, C, tiles, sx_r, sx_c, eps,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    """Rows in groups of R, each group with its scale row (one group: R = all rows)."""
+    g, r, end = _group_rows(R, tiles, BLOCK_R)
     c = tl.arange(0, BLOCK_C)[None, :]
-    mask = (r < rows) & (c < C)
+    mask = (r < end) & (c < C)
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
-    y = _rms_silu_tile(x, scale_ptr, c, C, eps)
+    y = _rms_silu_tile(x, scale_ptr + g * C, c, C, eps)
     tl.store(y_ptr + r * C + c, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rms_silu_bwd_rows(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy_r, sdy_c,
-                       sx_r, sx_c, sdx_r, off, eps, BLOCK_R: tl.constexpr,
+def _rms_silu_bwd_rows(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, R, C, tiles, programs, sdy_r,
+                       sdy_c, sx_r, sx_c, sdx_r, off, eps, BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """rms_silu's backward over this program's `tiles` row tiles: dx (row stride sdx_r) from
     dy's columns off.. (one part of a concatenated output, or all of it with off 0), and the
-    program's partial dscale row written at ds_ptr + off."""
+    program's partial dscale row written at ds_ptr + off. The rows form groups of R, each
+    with its scale row (C values) and `programs` programs (one group: R is every row)."""
     pid = tl.program_id(0)
+    g = pid // programs
+    pid = pid % programs
+    start = g * R
+    end = start + R
     c = tl.arange(0, BLOCK_C)[None, :]
-    scale = tl.load(s_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + g * C + c, mask=c < C, other=0.0).to(tl.float32)
     dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(tiles):
-        r = (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        mask = (r < rows) & (c < C)
+        r = start + (pid * tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        mask = (r < end) & (c < C)
         r = r.to(tl.int64)
         x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + r * sdy_r + (off + c) * sdy_c, mask=mask,
@@ -87,26 +103,39 @@ def _rms_silu_bwd_rows(dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, rows, C, tiles, sdy
 
 
 @triton.jit
-def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, rows, C, tiles,
+def _rms_silu_bwd_kernel(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr, R, C, tiles, programs,
                          sdy_r, sdy_c, sx_r, sx_c, eps,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Each program loops over `tiles` row tiles and writes its partial dscale row."""
+    """Rows in groups of R with `programs` programs each; each program loops over `tiles` row
+    tiles of its group and writes its partial dscale row."""
     _rms_silu_bwd_rows(dy_ptr, x_ptr, scale_ptr, dx_ptr, dscale_ptr + tl.program_id(0) * C,
-                       rows, C, tiles, sdy_r, sdy_c, sx_r, sx_c, C, 0, eps, BLOCK_R, BLOCK_C)
+                       R, C, tiles, programs, sdy_r, sdy_c, sx_r, sx_c, C, 0, eps, BLOCK_R,
+                       BLOCK_C)
 
 
 def _rms_silu_fwd_fake(x, scale, eps):
     return x.new_empty(x.shape)
 
 
-@kernel_op("rms_silu", _rms_silu_fwd_fake, fold=True, shared=("scale",))
+def _groups(rows: int, scale: torch.Tensor) -> tuple[int, int]:
+    """(G, R): scale (C,) is one group of all rows; scale (G, C) gives each group of R =
+    rows / G consecutive rows its own scale row (packed seeds fold their rows: launch.py)."""
+    G = 1 if scale.dim() == 1 else scale.shape[0]
+    if rows % G:
+        raise ValueError(f"rms_silu: {rows} rows do not split into {G} scale groups")
+    return G, rows // G
+
+
+@kernel_op("rms_silu", _rms_silu_fwd_fake, fold=True, grouped=("scale",))
 def _rms_silu_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     rows, C = x.shape
     y = torch.empty((rows, C), dtype=x.dtype, device=x.device)
     if rows:
-        block_r, block_c, num_warps = row_tiling(rows, C)
-        launch(_rms_silu_fwd_kernel)[(triton.cdiv(rows, block_r),)](
-            x, scale, y, rows, C, x.stride(0), x.stride(1), eps,
+        G, R = _groups(rows, scale)
+        block_r, block_c, num_warps = row_tiling(R, C)
+        tiles = triton.cdiv(R, block_r)
+        launch(_rms_silu_fwd_kernel)[(G * tiles,)](
+            x, scale, y, R, C, tiles, x.stride(0), x.stride(1), eps,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return y
 
@@ -115,20 +144,26 @@ def _rms_silu_bwd_fake(dy, x, scale, eps):
     return x.new_empty(x.shape), scale.new_empty(scale.shape)
 
 
-@kernel_op("rms_silu_bwd", _rms_silu_bwd_fake)
+@kernel_op("rms_silu_bwd", _rms_silu_bwd_fake, fold=True, grouped=("scale",),
+           grouped_out=(1,))
 def _rms_silu_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dscale); scale (G, C) (rows in G groups): dscale (G, C), each group's own."""
     rows, C = x.shape
+    G, R = _groups(rows, scale)
     dx = torch.empty((rows, C), dtype=x.dtype, device=x.device)
-    block_r, block_c, num_warps = row_tiling(rows, C)
-    programs = max(1, min(triton.cdiv(rows, block_r), max_programs(x.device)))
-    tiles = triton.cdiv(triton.cdiv(rows, block_r), programs)
-    partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)
-    launch(_rms_silu_bwd_kernel)[(programs,)](
-        dy, x, scale, dx, partial, rows, C, tiles, dy.stride(0), dy.stride(1),
+    block_r, block_c, num_warps = row_tiling(R, C)
+    programs = max(1, min(triton.cdiv(R, block_r), max_programs(x.device) // G))
+    tiles = triton.cdiv(triton.cdiv(R, block_r), programs)
+    partial = torch.empty((G * programs, C), dtype=torch.float32, device=x.device)
+    launch(_rms_silu_bwd_kernel)[(G * programs,)](
+        dy, x, scale, dx, partial, R, C, tiles, programs, dy.stride(0), dy.stride(1),
         x.stride(0), x.stride(1), eps, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-    dscale = partial.sum(0) if programs > 1 else partial.view(C)
-    return dx, dscale.to(scale.dtype)
+    if G == 1:
+        dscale = partial.sum(0) if programs > 1 else partial.view(C)
+    else:
+        dscale = partial.view(G, programs, C).sum(1) if programs > 1 else partial
+    return dx, dscale.view(scale.shape).to(scale.dtype)
 
 
 def _rms_silu_setup(ctx, inputs, output):
@@ -210,21 +245,21 @@ def _rms_silu_cat_fwd_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, y_ptr,
 @triton.jit
 def _rms_silu_cat_bwd_kernel(dy_ptr, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, sc_ptr, da_ptr,
                              db_ptr, dc_ptr, partial_ptr, rows, Ca, Cb, Cc, tiles,
-                             sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, sda_r, sdb_r,
-                             eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             programs, sdy_r, sdy_c, sa_r, sa_c, sb_r, sb_c, sc_r, sc_c, sda_r,
+                             sdb_r, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (i, part): rows tiles i*tiles.. of part 0, 1 or 2 (2 only when c was
     normalised: the grid then has 3 parts); each writes its partial dscale row."""
     pid, part = tl.program_id(0), tl.program_id(1)
     ds_ptr = partial_ptr + pid * (Ca + Cb + Cc)
     if part == 0:
-        _rms_silu_bwd_rows(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, sdy_r,
-                          sdy_c, sa_r, sa_c, sda_r, 0, eps, BLOCK_R, BLOCK_C)
+        _rms_silu_bwd_rows(dy_ptr, a_ptr, sa_ptr, da_ptr, ds_ptr, rows, Ca, tiles, programs,
+                           sdy_r, sdy_c, sa_r, sa_c, sda_r, 0, eps, BLOCK_R, BLOCK_C)
     elif part == 1:
-        _rms_silu_bwd_rows(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, sdy_r,
-                          sdy_c, sb_r, sb_c, sdb_r, Ca, eps, BLOCK_R, BLOCK_C)
+        _rms_silu_bwd_rows(dy_ptr, b_ptr, sb_ptr, db_ptr, ds_ptr, rows, Cb, tiles, programs,
+                           sdy_r, sdy_c, sb_r, sb_c, sdb_r, Ca, eps, BLOCK_R, BLOCK_C)
     else:
-        _rms_silu_bwd_rows(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, sdy_r,
-                          sdy_c, sc_r, sc_c, Cc, Ca + Cb, eps, BLOCK_R, BLOCK_C)
+        _rms_silu_bwd_rows(dy_ptr, c_ptr, sc_ptr, dc_ptr, ds_ptr, rows, Cc, tiles, programs,
+                           sdy_r, sdy_c, sc_r, sc_c, Cc, Ca + Cb, eps, BLOCK_R, BLOCK_C)
 
 
 def _cat_parts(a, b, sa):
@@ -284,7 +319,7 @@ def _rms_silu_cat_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
     partial = torch.empty((programs, Ca + Cb + Cc), dtype=torch.float32, device=a.device)
     launch(_rms_silu_cat_bwd_kernel)[(programs, 2 if sc is None else 3)](
         dy, a, b, c, sa, sb, sa if sc is None else sc, da_, db_, dc, partial, rows, Ca, Cb,
-        Cc, tiles, dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0),
+        Cc, tiles, programs, dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), c.stride(0), c.stride(1), da_.stride(0), db_.stride(0), eps,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     dscales = partial.sum(0) if programs > 1 else partial.view(-1)
@@ -347,15 +382,16 @@ def rms_silu_add_ref(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
 
 
 @triton.jit
-def _rms_silu_add_kernel(x_ptr, y_ptr, scale_ptr, out_ptr, rows, C, sx_r, sx_c, sy_r, sy_c,
-                         eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+def _rms_silu_add_kernel(x_ptr, y_ptr, scale_ptr, out_ptr, R, C, tiles, sx_r, sx_c, sy_r,
+                         sy_c, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows in groups of R, each group with its scale row (one group: R = all rows)."""
+    g, r, end = _group_rows(R, tiles, BLOCK_R)
     c = tl.arange(0, BLOCK_C)[None, :]
-    mask = (r < rows) & (c < C)
+    mask = (r < end) & (c < C)
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
     x += tl.load(y_ptr + r * sy_r + c * sy_c, mask=mask, other=0.0).to(tl.float32)
-    y = _rms_silu_tile(x, scale_ptr, c, C, eps)
+    y = _rms_silu_tile(x, scale_ptr + g * C, c, C, eps)
     tl.store(out_ptr + r * C + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -363,16 +399,18 @@ def _rms_silu_add_fake(x, y, scale, eps):
     return x.new_empty(x.shape)
 
 
-@kernel_op("rms_silu_add", _rms_silu_add_fake, fold=True, shared=("scale",))
+@kernel_op("rms_silu_add", _rms_silu_add_fake, fold=True, grouped=("scale",))
 def _rms_silu_add_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                       eps: float) -> torch.Tensor:
     rows, C = x.shape
     out = torch.empty((rows, C), dtype=x.dtype, device=x.device)
     if rows:
-        block_r, block_c, num_warps = row_tiling(rows, C)
-        launch(_rms_silu_add_kernel)[(triton.cdiv(rows, block_r),)](
-            x, y, scale, out, rows, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1), eps,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        G, R = _groups(rows, scale)
+        block_r, block_c, num_warps = row_tiling(R, C)
+        tiles = triton.cdiv(R, block_r)
+        launch(_rms_silu_add_kernel)[(G * tiles,)](
+            x, y, scale, out, R, C, tiles, x.stride(0), x.stride(1), y.stride(0),
+            y.stride(1), eps, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 

@@ -102,6 +102,22 @@ def test_rms_silu(op, shape, strided, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_silu_with_a_scale_per_row_group(dtype):
+    """scale (G, C): each of G groups of consecutive rows with its own scale row, and its own
+    scale gradient (how packed seeds fold into one launch: kernels/launch.py); 600 rows per
+    group: several backward programs per group, the last tile partly masked."""
+    G, R, C = 2, 600, 40
+    grouped = lambda x, s: norms.rms_silu(x, s)
+    per_group = lambda x, s: torch.cat([norms.rms_silu_ref(x[g * R:(g + 1) * R], s[g])
+                                        for g in range(G)])
+    check(grouped, per_group, {"x": randn(G * R, C, dtype=dtype, scale=2.0),
+                               "scale": randn(G, C, scale=0.5, seed=5) + 1.0},
+          grads=("x", "scale"))
+    with pytest.raises(ValueError, match="scale groups"):
+        norms.rms_silu(randn(5, C), randn(2, C))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [16, 600], ids=["rows16", "rows600"])
 @pytest.mark.parametrize("norm_c,joined", [(True, False), (False, False), (False, True)],
                          ids=["three-norms", "tail", "tail-a-and-b-joined"])
@@ -569,7 +585,7 @@ def _vmap_cases(dtype):
     D, blocks = 64, 8
     yield ("rms_silu", lambda x, s: norms.rms_silu(x, s), norms.rms_silu_ref,
            {"x": r(7, 40, scale=2.0), "scale": r32(40, scale=0.5) + 1.0}, ("x", "scale"),
-           {"rms_silu": "loop", "rms_silu_bwd": "loop"})
+           {"rms_silu": "fold", "rms_silu_bwd": "fold"})
     yield ("rms_silu_cat", lambda a, b, c, sa, sb, sc: norms.rms_silu_cat(a, b, c, sa, sb, sc),
            lambda a, b, c, sa, sb, sc: norms.rms_silu_cat_ref(a, b, c, sa, sb, sc),
            {"a": r(16, 40, scale=2.0), "b": r(16, 48, seed=3), "c": r(16, 24, seed=4),
@@ -580,7 +596,7 @@ def _vmap_cases(dtype):
            lambda x, y, s: norms.rms_silu_add_ref(x, y, s, 1e-4),
            {"x": r(16, 40, scale=2.0), "y": r(16, 40, seed=3),
             "scale": r32(40, scale=0.5, seed=5) + 1.0}, ("x", "y", "scale"),
-           {"rms_silu_add": "loop", "rms_silu_bwd": "loop"})
+           {"rms_silu_add": "fold", "rms_silu_bwd": "fold"})
     yield ("gru_update", lambda g, h: gru.gru_update(g, h, blocks),
            lambda g, h: gru.gru_update_ref(g, h, blocks),
            {"gates": r(7, 3 * D, scale=3.0), "deter": r(7, D, seed=3)}, ("gates", "deter"),
@@ -633,8 +649,9 @@ VMAP_OPS = [case[0] for case in _vmap_cases(torch.float32)]
 def test_ops_under_vmap_are_each_seeds_own(name, dtype):
     """The Triton ops under torch.func (packed seeds vmap the agent's update over a seed
     dimension): values and gradients of 3 seeds, each with its own inputs and parameters,
-    against the reference per seed. A row-wise op folds the seeds into its rows (one launch);
-    an op with a per-seed parameter (a norm's scale, the GRU's bias) launches once per seed."""
+    against the reference per seed. A row-wise op folds the seeds into its rows (one launch),
+    a norm with one scale row per seed; the GRU cell and the concatenating norm launch once
+    per seed."""
     from dreamer_fast.kernels.launch import VMAPPED
 
     _, op, ref, inputs, grads, rules = next(c for c in _vmap_cases(dtype) if c[0] == name)

@@ -11,9 +11,8 @@ by kernel launches, is what it is for (one update of 16 size1m seeds launches 1.
 the kernels of one solo update with the same ops: bench/kernel_count.py --seeds). The packed
 update runs any of the agent's ops, in float32 or under bfloat16 autocast: the reference ops,
 the CPU fast path's fused ops (kernels/fused.py generates their vmap rules) or the Triton
-kernels (kernels/launch.py gives each op a vmap rule: a row-wise op folds the seeds into its
-rows, one launch; an op with a per-seed parameter, a norm's scale or the GRU's bias, launches
-once per seed). Deferred weight gradients (agent/deferred.py) stay off packed: their stash
+kernels (kernels/launch.py gives each op a vmap rule: the seeds fold into its rows, one
+launch; a norm takes one scale row per seed). Deferred weight gradients (agent/deferred.py) stay off packed: their stash
 lives outside the transform, so the scans take autograd's per-step weight gradients.
 
 Independence: every tensor of seed i (parameters, optimizer moments, return normaliser,
