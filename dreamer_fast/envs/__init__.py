@@ -82,14 +82,16 @@ CRAFTER_IDS = ("crafter", "Crafter", "CrafterReward-v1")
 
 def suite_of(env_id: str) -> str:
     """'atari', 'dmc', 'crafter' or 'gymnasium' for a known id; ValueError naming close ids
-    otherwise."""
+    otherwise. Gymnasium's registry is asked first: EnvPool's loads every task family (JAX
+    among them, about 1.5 s), and no EnvPool Atari or DMC id is a Gymnasium one ('Pong-v5'
+    against Gymnasium's 'ALE/Pong-v5')."""
     if env_id in CRAFTER_IDS:
         return "crafter"
+    if _gymnasium_known(env_id):
+        return "gymnasium"
     family = _envpool_family(env_id)
     if family in _ENVPOOL_SUITES:
         return _ENVPOOL_SUITES[family]
-    if _gymnasium_known(env_id):
-        return "gymnasium"
     if family is not None:
         raise ValueError(f"env id {env_id!r} is an EnvPool {family} task, which dreamer_fast "
                          "does not support (EnvPool Atari, EnvPool DMC and Gymnasium ids do)")
