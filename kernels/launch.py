@@ -4,7 +4,9 @@ On a GPU every op is a `torch.library.triton_op`, so torch.compile sees the kern
 and CUDA graphs capture them. Under `TRITON_INTERPRET=1` (CPU tests) `triton.jit` returns an
 interpreted function that torch.compile cannot trace (it would run it on fake tensors), so there
 the same function becomes an opaque `torch.library.custom_op` with an explicit fake (shape) rule.
-Set DREAMER_FAST_OPAQUE_KERNELS=1 to take the opaque path on a GPU too.
+So it does on a machine without CUDA, where no kernel can run (a triton_op imports inductor:
+about 1 s at every start). Set DREAMER_FAST_OPAQUE_KERNELS=1 to take the opaque path on a GPU
+too.
 
 Under torch.func transforms (vmap over packed seeds, grad): every op has a vmap rule, and each
 differentiable op pair is also an autograd.Function in setup_context style (`differentiable`),
@@ -26,7 +28,8 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-OPAQUE = INTERPRET or os.environ.get("DREAMER_FAST_OPAQUE_KERNELS") == "1"
+OPAQUE = (INTERPRET or os.environ.get("DREAMER_FAST_OPAQUE_KERNELS") == "1"
+          or not torch.cuda.is_available())
 NAMESPACE = "dreamer_fast"
 
 # Elements per program tile. On a GPU 4096 fp32 values keep a tile in registers with 4-8 warps;
