@@ -147,8 +147,8 @@ def kernel_count() -> str:
                      + (f" --seeds {seeds}`" if seeds > 1 else "`"), commit(r)])
     return ("Kernels one update launches (B16 x T64, H15), counted on the CPU: every dispatched "
             "op that launches a kernel on a GPU, a Triton op once. packed-ref / packed-fused / "
-            "packed-triton: one update of N seeds (agent/packed.py; a Triton op with a per-seed "
-            "parameter launches once per seed).\n\n"
+            "packed-triton: one update of N seeds (agent/packed.py; each Triton op launches "
+            "once for every seed, without the solo update's deferred weight gradients).\n\n"
             + table(["workload", "mode", "seeds", "precision", "kernels", "per seed", "target",
                      "command", "commit"], body))
 
