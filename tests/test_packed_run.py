@@ -4,7 +4,6 @@ packed and alone, eval per seed and pooled, a non-finite seed named, refusals in
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 from types import SimpleNamespace
