@@ -3,6 +3,7 @@ points unchanged (run.py's own tests drive it through the same code)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,3 +53,21 @@ def test_the_installed_script_and_the_old_entry_points():
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                               text=True, cwd=ROOT)
         assert proc.returncode == 0 and proc.stdout.startswith("usage:"), module
+
+
+
+def test_a_gymnasium_run_starts_without_envpool_or_inductor():
+    """What a CartPole run imports before its first step: not EnvPool's registry (it loads
+    every EnvPool family, JAX among them: about 1.5 s) and, without CUDA, not inductor (a
+    Triton op registered for torch.compile: about 1 s); the suite runs hundreds of these."""
+    code = ("import json, sys, torch; from dreamer_fast.envs import suite_of; "
+            "import dreamer_fast.kernels; assert suite_of('CartPole-v1') == 'gymnasium'; "
+            "print(json.dumps([torch.cuda.is_available(), sorted(m for m in "
+            "('envpool', 'jax', 'torch._inductor') if m in sys.modules)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cuda, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not set(loaded) & {"envpool", "jax"}, loaded
+    assert cuda or "torch._inductor" not in loaded, loaded
