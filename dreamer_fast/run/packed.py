@@ -16,10 +16,7 @@ folder, metrics.jsonl and TensorBoard, and a checkpoint.pt of the solo format, w
 every save point. So `--eval --logdir <logdir>/seed<i>` evaluates one seed and `--logdir
 <logdir>/seed<i> --seed S+i` resumes it alone; the packed run resumes from <logdir>'s own
 checkpoint, which is written first (one file, atomic: a kill leaves every seed at one save
-point). The save order is: every seed's replay save point, the packed checkpoint, every
-seed's checkpoint, then the replay folders drop their older save points. A kill between the
-packed checkpoint and a seed's own leaves that one a save behind (missing after the first
-save); the packed resume writes it again.
+point; the order and its repair: run/packed_saves.py).
 """
 
 from __future__ import annotations
@@ -37,16 +34,16 @@ from torch.func import functional_call, vmap
 
 from dreamer_fast.agent.agent import LOSSES, Agent
 from dreamer_fast.agent.packed import PackedAgents
-from dreamer_fast.checks import ConfigError, RunError
+from dreamer_fast.checks import ConfigError
 from dreamer_fast.config import Config
 from dreamer_fast.data.capacity import replay_spec
-from dreamer_fast.data.files import DiskFull, remove_stale_temps
+from dreamer_fast.data.files import DiskFull
 from dreamer_fast.data.limiter import RateLimiter
 from dreamer_fast.data.ring import Ring
 from dreamer_fast.data.store import ChunkStore
 from dreamer_fast.envs import make_env
 from dreamer_fast.envs.base import STEP_KEYS
-from dreamer_fast.run import checkpoint, resolve, saves
+from dreamer_fast.run import packed_saves, resolve, saves
 from dreamer_fast.run import distributed as D
 from dreamer_fast.run.actor import EpisodeTracker, check_finite, float_keys
 from dreamer_fast.run.clocks import Timer
@@ -414,10 +411,10 @@ class PackedRun:
         return saves.kept(self)
 
     def resume(self) -> bool:
-        return resume(self)
+        return packed_saves.resume(self)
 
     def save(self) -> bool:
-        return save(self)
+        return packed_saves.save(self)
 
 
 def nonfinite_seeds(packed: PackedAgents) -> dict[int, list[str]]:
@@ -461,130 +458,3 @@ def prepare_update(packed: PackedAgents, learner: PackedLearner, graphs: bool,
               "directly)", flush=True)
         return mode
     return "packed+graph"
-
-
-def resume(run: PackedRun) -> bool:
-    """Restore the packed run's last save point (every seed's weights, optimizer, replay and
-    the shared limiter), or start every seed afresh. Before start()."""
-    cfg = run.cfg
-    os.makedirs(cfg.logdir, exist_ok=True)
-    if note := checkpoint.recover_killed_save(cfg.logdir):
-        print(note, flush=True)
-    remove_stale_temps(cfg.logdir, depth=0, mine=True)
-    file = checkpoint.find(cfg.logdir)
-    for s in run.seeds:
-        os.makedirs(s.cfg.logdir, exist_ok=True)
-        remove_stale_temps(s.cfg.logdir, depth=0, mine=True)
-    folders = [checkpoint.replay_dir(s.cfg.logdir) for s in run.seeds]
-    if file is None:
-        run.run_id = saves.new_run_id(run)
-        for s, folder in zip(run.seeds, folders):
-            saves.fresh(s, folder)
-        return False
-    ckpt = checkpoint.load_checkpoint(file, run.device)
-    checkpoint.check_seeds(ckpt, run.n, file)
-    checkpoint.check_compatible(ckpt, cfg, file)
-    checkpoint.set_rng_state(ckpt["rng"])
-    run.counters.update(ckpt["counters"])
-    run.counters["save_id"] = int(ckpt["save_id"])
-    run.run_id = ckpt["run_id"]
-    for s, agent, folder, state in zip(run.seeds, run.agents, folders, ckpt["seeds"]):
-        agent.load_state_dict(state["agent"])
-        agent.opt.load_state_dict(state["opt"])
-        s.run_id, s.counters = state["run_id"], dict(run.counters)
-        s.store = ChunkStore(folder, s.ring, s.run_id, cfg.replay.keep_chunks)
-        saves.load_replay(s, file, folder)
-    for s, state in zip(run.seeds, ckpt["seeds"]):
-        repair_seed_checkpoint(s, state, ckpt, file)
-    print(f"resumed from {file} (run {run.run_id}, save {run.counters['save_id']}, "
-          f"{run.n} seeds): {run.inserted:,} agent steps and {run.counters['updates']:,} "
-          f"updates each, replay {run.fill():.0%} full", flush=True)
-    return True
-
-
-def write_seed_checkpoint(s: Seed, state: dict, save_id: int, limiter: dict, counters: dict,
-                          rng: dict) -> None:
-    """Seed s's own checkpoint.pt (the solo format) of packed save point `save_id`."""
-    checkpoint.write_checkpoint(s.cfg.logdir, {
-        **state, "save_id": save_id,
-        "config": checkpoint.config_json(s.cfg), "limiter": limiter, "counters": counters,
-        "rng": rng, "world_size": 1})
-
-
-def own_save_id(logdir: str) -> int | None:
-    """The save id of logdir's checkpoint.pt; None when it is missing or unreadable."""
-    file = os.path.join(logdir, checkpoint.CHECKPOINT)
-    try:
-        return int(torch.load(file, map_location="cpu", weights_only=True, mmap=True)["save_id"])
-    except Exception:  # noqa: BLE001 (missing or damaged: written again from the packed one)
-        return None
-
-
-def repair_seed_checkpoint(s: Seed, state: dict, ckpt: dict, file: str) -> None:
-    """A kill between the packed checkpoint and the seeds' own (the save order) leaves a
-    seed's checkpoint one save behind, or missing after the first save: write it again from
-    the packed one, so every seed can be evaluated or resumed alone. A seed checkpoint ahead
-    of the packed one is a seed resumed alone since, and is left as it is."""
-    save_id = int(ckpt["save_id"])
-    own = own_save_id(s.cfg.logdir)
-    if own is not None and own != save_id - 1:
-        return
-    was = "missing" if own is None else f"at save {own}"
-    write_seed_checkpoint(s, checkpoint.cpu_copy(state), save_id, ckpt["limiter"],
-                          ckpt["counters"], checkpoint.cpu_copy(ckpt["rng"]))
-    print(f"note: {os.path.join(s.cfg.logdir, checkpoint.CHECKPOINT)} was {was} (the run "
-          f"stopped during save {save_id}); written again from {file}", flush=True)
-
-
-def save(run: PackedRun) -> bool:
-    """Save point counters['save_id'] + 1 of every seed (the module docstring's order). The
-    actor is paused to copy the replays' open tails, the learner also to unpack each seed's
-    weights; files are written after. A full disk: one line, False. A non-finite seed:
-    RunError naming it, nothing saved."""
-    save_id = int(run.counters["save_id"]) + 1
-    run.actor.lock.acquire()
-    run.learner.lock.acquire()
-    try:
-        try:
-            bad = run.nonfinite()
-            if bad:
-                raise RunError(run.nonfinite_message(bad))
-            counters = {**run.counters, "steps": run.inserted, "updates": run.learner.updates,
-                        "elapsed_s": time.time() - run.t0, "save_id": save_id}
-            snaps = [s.store.snapshot() for s in run.seeds]
-            limiter = run.limiter.state_dict()
-            rng = checkpoint.rng_state()
-        finally:
-            run.actor.lock.release()
-        states = []
-        for i, s in enumerate(run.seeds):
-            agent = run.unpack(i)
-            states.append({"run_id": s.run_id, "agent": checkpoint.cpu_copy(agent.state_dict()),
-                           "opt": checkpoint.cpu_copy(agent.opt.state_dict())})
-    finally:
-        run.learner.lock.release()
-    rng_meta, rng_arrays = checkpoint.rng_arrays(rng)
-    meta = {"limiter": limiter, "counters": counters, "rng": rng_meta, "arrays": rng_arrays}
-    try:
-        for s, snap in zip(run.seeds, snaps):
-            s.store.write_point(snap, save_id, meta)
-        checkpoint.write_checkpoint(run.cfg.logdir, {
-            "run_id": run.run_id, "save_id": save_id, "packed": run.n,
-            "config": checkpoint.config_json(run.cfg), "seeds": states, "limiter": limiter,
-            "counters": counters, "rng": rng, "world_size": 1})
-    except DiskFull as e:
-        intact = " and is intact" if run.counters.get("save_id") else ""
-        print(f"save {save_id} failed: {e}; {run.kept()}{intact}; its partial files were "
-              "removed; the next save tries again", flush=True)
-        return False
-    run.counters = counters
-    try:  # each seed as a run of its own (derived: the packed checkpoint is the save point)
-        for s, state in zip(run.seeds, states):
-            write_seed_checkpoint(s, state, save_id, limiter, counters, rng)
-    except DiskFull as e:
-        print(f"warning: the seeds' own checkpoints of save {save_id} were not all written "
-              f"({e}); the packed run's is, and the next save writes them again", flush=True)
-    for s, snap in zip(run.seeds, snaps):
-        s.counters = counters
-        s.store.commit(save_id, snap["state"]["count"])
-    return True
